@@ -1,0 +1,69 @@
+//! Named constants used on both sides: protocol numbers, frontend kinds, backend states and the
+//! indexes of the global per-CPU counters.
+
+/// IP protocol numbers stored in map keys (`proto` fields).
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `ServiceKeyV4::scope`: which slot set of a frontend a key addresses. Only `SCOPE_EXTERNAL`
+/// is used today; `SCOPE_INTERNAL` is reserved for traffic policies (node-local slot sets).
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// `ServiceEntry::flags`: what kind of frontend this is (one Service yields several).
+pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_F_NODE_PORT: u16 = 1 << 1;
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
+
+/// `BackendV4::state`.
+pub const BE_STATE_ACTIVE: u8 = 0;
+pub const BE_STATE_TERMINATING: u8 = 1;
+
+/// `CtKeyV4::dir`: a forward entry is keyed by the client's original tuple (to the frontend),
+/// a reply entry by the tuple of the backend's answer (backend -> client).
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// `CtEntry::flags`: a FIN or RST was seen on this flow.
+pub const CT_F_CLOSING: u8 = 1 << 0;
+
+/// Indexes into the global per-CPU `LB_STATS` array.
+pub const STAT_PACKETS: u32 = 0;
+/// Forward packets rewritten to a backend.
+pub const STAT_DNAT: u32 = 1;
+/// Reply packets rewritten back to the frontend address.
+pub const STAT_REVNAT: u32 = 2;
+/// New flows that created a conntrack entry.
+pub const STAT_CT_NEW: u32 = 3;
+/// Forward packets that followed an existing conntrack entry.
+pub const STAT_CT_HIT: u32 = 4;
+/// Established flows whose backend was removed and got a new one.
+pub const STAT_CT_RESELECT: u32 = 5;
+/// Packets to a frontend without backends that were answered with a reject.
+pub const STAT_NO_BACKEND: u32 = 6;
+/// Packets to a frontend without backends that could not be turned into a reject (dropped).
+pub const STAT_NO_BACKEND_DROP: u32 = 7;
+/// Packets left alone because they cannot be parsed safely (truncated, fragments, IP options).
+pub const STAT_PASS_UNPARSED: u32 = 8;
+/// Slot or backend missing while the agent updates a frontend (packet dropped, flow retries).
+pub const STAT_LOOKUP_MISS: u32 = 9;
+/// Conntrack map insert failed.
+pub const STAT_CT_FULL: u32 = 10;
+pub const STAT_COUNT: u32 = 16;
+
+/// Human names for the counters, in index order (for `svc-lb debug stats`).
+pub const STAT_NAMES: [&str; 11] = [
+    "packets",
+    "dnat",
+    "revnat",
+    "ct_new",
+    "ct_hit",
+    "ct_reselect",
+    "no_backend_reject",
+    "no_backend_drop",
+    "pass_unparsed",
+    "lookup_miss",
+    "ct_full",
+];

@@ -1,0 +1,13 @@
+//! Types and pure logic shared by the svc-lb datapath (`svc-lb-ebpf`) and the agent (`svc-lb`).
+//!
+//! Everything here is `no_std` so the eBPF crate can use it, and host-testable so the logic the
+//! datapath relies on (slot choice, checksum updates, key layout) is unit-tested without a kernel.
+#![no_std]
+
+pub mod csum;
+pub mod flags;
+pub mod maps;
+pub mod select;
+
+pub use flags::*;
+pub use maps::*;

@@ -1,0 +1,311 @@
+//! Map names, sizes, keys and values. Layout follows Cilium's slot-indirected LB maps.
+//!
+//! Byte order: addresses and ports are stored in network byte order, exactly as they appear in
+//! the packet, so the datapath compares raw header words. Ids, slots and counts are host order.
+//! Every type has explicit padding that must be zero, because hash keys are hashed bytewise.
+
+use core::net::Ipv4Addr;
+
+/// Frontend key (slot 0) → `ServiceEntry` with the backend count; backend slots `1..=count`
+/// → `ServiceEntry` with `backend_id`.
+pub const SERVICES_MAP: &str = "LB4_SERVICES";
+/// Backend id → backend address.
+pub const BACKENDS_MAP: &str = "LB4_BACKENDS";
+/// Rev-NAT id → the frontend address replies are rewritten to.
+pub const REVNAT_MAP: &str = "LB4_REVNAT";
+/// LRU conntrack: flow tuple → backend id + rev-NAT id.
+pub const CT_MAP: &str = "LB4_CT";
+/// Per-CPU packet/byte counters, array indexed by rev-NAT id (one per frontend).
+pub const SVC_STATS_MAP: &str = "LB4_SVC_STATS";
+/// Per-CPU packet/byte counters, array indexed by backend id.
+pub const BE_STATS_MAP: &str = "LB4_BE_STATS";
+/// Per-CPU global counters, indexed by `STAT_*`.
+pub const STATS_MAP: &str = "LB_STATS";
+/// Rev-NAT id → "namespace/name:port" of the Service, for debugging only (datapath never reads).
+pub const SVC_NAMES_MAP: &str = "LB_SVC_NAMES";
+
+pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
+/// Backend ids are `1..MAX_BACKENDS` and index `LB4_BE_STATS`; 0 means "no backend".
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Rev-NAT ids are `1..MAX_REVNAT` and index `LB4_SVC_STATS`; 0 is never allocated.
+pub const MAX_REVNAT: u32 = 65_536;
+pub const MAX_CT_ENTRIES: u32 = 262_144;
+pub const SVC_NAME_LEN: usize = 128;
+
+/// `LB4_SERVICES` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKeyV4 {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend L4 port, network order.
+    pub dport: u16,
+    /// 0 = the frontend itself; `1..=count` = backend slots.
+    pub backend_slot: u16,
+    /// `IPPROTO_TCP` / `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `LB4_SERVICES` value. Slot 0 uses `count`, `rev_nat_id`, `flags`; backend slots use
+/// `backend_id` (and repeat `rev_nat_id` so a slot can be checked against its frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceEntry {
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only). 0 = reject new flows.
+    pub count: u16,
+    pub rev_nat_id: u16,
+    /// `SVC_F_*`.
+    pub flags: u16,
+    pub _pad: u16,
+    /// sessionAffinity ClientIP timeout in seconds, 0 = no affinity (reserved).
+    pub affinity_timeout_s: u32,
+}
+
+/// `LB4_BACKENDS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendV4 {
+    /// Pod IPv4 address, network order.
+    pub addr: u32,
+    /// Target port, network order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BE_STATE_*`.
+    pub state: u8,
+}
+
+/// `LB4_REVNAT` value: the frontend a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNatV4 {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `LB4_CT` key: the tuple as seen on the wire in the entry's direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKeyV4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `LB4_CT` value. The same ids are stored in both directions of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtEntry {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_ns()` of the last packet (monotonic since boot).
+    pub last_seen_ns: u64,
+}
+
+/// `LB4_SVC_STATS` / `LB4_BE_STATS` value (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `LB_SVC_NAMES` value: NUL-padded UTF-8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcName {
+    pub name: [u8; SVC_NAME_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendV4>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNatV4>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
+
+/// Network-order `u32` of an address, as stored in maps and read from packets.
+#[inline(always)]
+pub fn ip_to_net(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+#[inline(always)]
+pub fn ip_from_net(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+/// Network-order `u16` of a port, as stored in maps and read from packets.
+#[inline(always)]
+pub fn port_to_net(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+#[inline(always)]
+pub fn port_from_net(raw: u16) -> u16 {
+    u16::from_be_bytes(raw.to_ne_bytes())
+}
+
+impl ServiceKeyV4 {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8, scope: u8, backend_slot: u16) -> Self {
+        Self {
+            addr: ip_to_net(addr),
+            dport: port_to_net(port),
+            backend_slot,
+            proto,
+            scope,
+            _pad: [0; 2],
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        ip_from_net(self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        port_from_net(self.dport)
+    }
+
+    /// The same frontend's key for another slot.
+    pub fn with_slot(mut self, backend_slot: u16) -> Self {
+        self.backend_slot = backend_slot;
+        self
+    }
+}
+
+impl BackendV4 {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8, state: u8) -> Self {
+        Self {
+            addr: ip_to_net(addr),
+            port: port_to_net(port),
+            proto,
+            state,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        ip_from_net(self.addr)
+    }
+
+    pub fn port_host(&self) -> u16 {
+        port_from_net(self.port)
+    }
+}
+
+impl RevNatV4 {
+    pub fn new(addr: Ipv4Addr, port: u16) -> Self {
+        Self {
+            addr: ip_to_net(addr),
+            port: port_to_net(port),
+            _pad: 0,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        ip_from_net(self.addr)
+    }
+
+    pub fn port_host(&self) -> u16 {
+        port_from_net(self.port)
+    }
+}
+
+impl CtKeyV4 {
+    pub fn ips(&self) -> (Ipv4Addr, Ipv4Addr) {
+        (ip_from_net(self.saddr), ip_from_net(self.daddr))
+    }
+
+    pub fn ports(&self) -> (u16, u16) {
+        (port_from_net(self.sport), port_from_net(self.dport))
+    }
+}
+
+impl SvcName {
+    /// Truncates at a UTF-8 boundary if longer than the field.
+    pub fn new(s: &str) -> Self {
+        let mut name = [0u8; SVC_NAME_LEN];
+        let mut end = s.len().min(SVC_NAME_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self { name }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(SVC_NAME_LEN);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("<invalid utf-8>")
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)], made only of integers and byte arrays, with explicit padding.
+    unsafe impl aya::Pod for ServiceKeyV4 {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendV4 {}
+    unsafe impl aya::Pod for RevNatV4 {}
+    unsafe impl aya::Pod for CtKeyV4 {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for SvcName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_key_bytes_are_network_order() {
+        let k = ServiceKeyV4::new(Ipv4Addr::new(10, 96, 0, 10), 80, 6, 0, 3);
+        // SAFETY: repr(C) with no implicit padding.
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(k) };
+        assert_eq!(&bytes[0..4], &[10, 96, 0, 10]);
+        assert_eq!(&bytes[4..6], &[0, 80]);
+        assert_eq!(u16::from_ne_bytes([bytes[6], bytes[7]]), 3);
+        assert_eq!(bytes[8], 6);
+        assert_eq!(&bytes[9..12], &[0, 0, 0]);
+        assert_eq!(k.ip(), Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!(k.port(), 80);
+    }
+
+    #[test]
+    fn backend_round_trip() {
+        let b = BackendV4::new(Ipv4Addr::new(10, 200, 1, 2), 8080, 17, 0);
+        assert_eq!(b.ip(), Ipv4Addr::new(10, 200, 1, 2));
+        assert_eq!(b.port_host(), 8080);
+        assert_eq!(port_to_net(8080).to_ne_bytes(), [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn svc_name_truncates_on_char_boundary() {
+        let long = "é".repeat(100); // 200 bytes
+        let n = SvcName::new(&long);
+        assert_eq!(n.as_str().len(), 128);
+        assert_eq!(
+            SvcName::new("default/web:http").as_str(),
+            "default/web:http"
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! Command-line interface (parsed here, executed in `main.rs`).
+
+use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svc-lb";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "svc-lb",
+    version,
+    about = "eBPF Service load balancer: a kube-proxy replacement",
+    long_about = "svc-lb programs XDP/TC eBPF maps so that Kubernetes Service frontends \
+                  (ClusterIP, NodePort, externalIPs, LoadBalancer ingress) reach their pods, \
+                  and lets you inspect what is programmed."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load and attach the datapath, then keep the maps in sync with the objects.
+    Run(RunArgs),
+    /// Inspect the pinned maps (works while the agent runs and after it stopped).
+    #[command(subcommand)]
+    Debug(DebugCommand),
+    /// Detach the programs and remove every pin under the pin directory.
+    Uninstall(PinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// bpffs directory where maps, programs and links are pinned.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "SVC_LB_PIN_DIR")]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Standalone mode: read Service, EndpointSlice, Pod and Node objects (YAML or JSON, as
+    /// Kubernetes writes them) from this directory and follow its changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+
+    /// Interface to attach the datapath to (repeatable). Traffic to Services enters the node
+    /// here, and replies from backends too.
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Node address that NodePort frontends listen on (repeatable). Default: the IPv4
+    /// addresses of the --iface interfaces.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<Ipv4Addr>,
+
+    /// Port range allowed for NodePorts, like the API server's --service-node-port-range.
+    #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
+    pub nodeport_range: PortRange,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Frontends and the backends they balance over, with counters.
+    Services(DebugArgs),
+    /// Backends and their counters.
+    Backends(DebugArgs),
+    /// Conntrack entries (flows and their backend).
+    Conntrack(DebugArgs),
+    /// Global datapath counters.
+    Stats(DebugArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DebugArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// An inclusive port range, written `MIN-MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self {
+            min: 30000,
+            max: 32767,
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))?;
+        let min: u16 = a
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad MIN {a:?}: {e}"))?;
+        let max: u16 = b
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad MAX {b:?}: {e}"))?;
+        if min == 0 || min > max {
+            return Err(format!("empty or invalid range {min}-{max}"));
+        }
+        Ok(Self { min, max })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_run() {
+        let cli = Cli::try_parse_from([
+            "svc-lb",
+            "run",
+            "--manifests",
+            "examples",
+            "--iface",
+            "eth0",
+            "--iface",
+            "veth1",
+            "--node-ip",
+            "10.0.0.1",
+            "--nodeport-range",
+            "30000-30100",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.ifaces, ["eth0", "veth1"]);
+        assert_eq!(run.node_ips, [Ipv4Addr::new(10, 0, 0, 1)]);
+        assert_eq!(
+            run.nodeport_range,
+            PortRange {
+                min: 30000,
+                max: 30100
+            }
+        );
+        assert_eq!(run.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn run_needs_an_interface() {
+        assert!(Cli::try_parse_from(["svc-lb", "run", "--manifests", "x"]).is_err());
+    }
+
+    #[test]
+    fn parse_debug_json() {
+        let cli = Cli::try_parse_from([
+            "svc-lb",
+            "debug",
+            "services",
+            "-o",
+            "json",
+            "--pin-dir",
+            "/sys/fs/bpf/x",
+        ])
+        .unwrap();
+        let Command::Debug(DebugCommand::Services(a)) = cli.command else {
+            panic!("not debug services")
+        };
+        assert_eq!(a.output, OutputFormat::Json);
+        assert_eq!(a.pin.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+    }
+
+    #[test]
+    fn port_range_errors() {
+        assert!("30000".parse::<PortRange>().is_err());
+        assert!("5-4".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("1-70000".parse::<PortRange>().is_err());
+        assert!("1-1".parse::<PortRange>().unwrap().contains(1));
+    }
+
+    #[test]
+    fn bad_node_ip_is_rejected() {
+        assert!(
+            Cli::try_parse_from([
+                "svc-lb",
+                "run",
+                "--manifests",
+                "x",
+                "--iface",
+                "a",
+                "--node-ip",
+                "300.1.1.1"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! The desired dataplane state, independent of where it came from (manifests or the API server)
+//! and of how it is stored in the maps. `translate` produces it; `reconcile` turns it into map
+//! contents.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use svc_lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT,
+};
+
+/// L4 protocols the datapath balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// Which Service field a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn flag(self) -> u16 {
+        match self {
+            FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_F_NODE_PORT,
+            FrontendKind::ExternalIp => SVC_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_flags(flags: u16) -> Option<Self> {
+        [
+            FrontendKind::ClusterIp,
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+        ]
+        .into_iter()
+        .find(|k| flags & k.flag() != 0)
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// An address:port/proto a client connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// A pod address:targetPort traffic is sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// `namespace/name:port` of the Service port a frontend belongs to (port = the port's name, or
+/// its number when unnamed).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortRef {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+    }
+}
+
+/// One frontend and the backends it balances over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    pub service: ServicePortRef,
+    /// Sorted and without duplicates. Empty = reject new connections.
+    pub backends: Vec<BackendAddr>,
+}
+
+/// Everything the dataplane should do, keyed by frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}

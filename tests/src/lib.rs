@@ -1,0 +1,1 @@
+//! Helpers for svc-lb's privileged tests.
