@@ -55,6 +55,10 @@ pub struct RunArgs {
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<Ipv4Addr>,
 
+    /// This node's name: addresses of the Node object with this name feed NodePort frontends.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
     /// Port range allowed for NodePorts, like the API server's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
     pub nodeport_range: PortRange,
