@@ -1,0 +1,70 @@
+use std::path::PathBuf;
+
+/// Errors while installing or removing the eBPF dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{path} is not on a bpf filesystem and it is not under /sys/fs/bpf")]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs on {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading directory {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map pin {0} missing after load")]
+    MissingPin(PathBuf),
+    #[error("program {0} missing from the eBPF object")]
+    ProgramNotFound(&'static str),
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to interface {iface}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("link of interface {iface} is not an fd link (TCX needs kernel >= 6.6)")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("writing sysctl {path}")]
+    Sysctl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

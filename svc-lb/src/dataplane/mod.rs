@@ -1,0 +1,183 @@
+//! Loads the embedded eBPF object, reuses or creates the pinned maps, and attaches the TC ingress
+//! program to the node's interfaces through pinned links, so the datapath keeps forwarding when
+//! the agent exits or is killed, and a restarted agent takes over without a gap.
+
+mod bpffs;
+mod error;
+mod links;
+mod logger;
+mod sysctl;
+
+use std::path::{Path, PathBuf};
+
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use svc_lb_common::maps;
+use tracing::{debug, info};
+
+pub use error::DataplaneError;
+
+/// Name of the TC ingress program in the eBPF object.
+pub const TC_INGRESS_PROG: &str = "svc_lb_tc_ingress";
+/// Sub-directory of the pin dir holding one pinned link per attached interface.
+pub const LINKS_DIR: &str = "links";
+
+/// Every map the object must create and pin; the agent and `svc-lb debug` open them by pin path.
+pub const PINNED_MAPS: [&str; 8] = [
+    maps::SERVICES_MAP,
+    maps::BACKENDS_MAP,
+    maps::REVNAT_MAP,
+    maps::CT_MAP,
+    maps::SVC_STATS_MAP,
+    maps::BE_STATS_MAP,
+    maps::STATS_MAP,
+    maps::SVC_NAMES_MAP,
+];
+
+/// The object built from `svc-lb-ebpf` by build.rs. Aligned because aya parses it in place.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svc-lb"));
+
+/// The embedded eBPF object bytes (program tests load it with their own pin directory).
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// bpffs directory holding the map pins and `links/`.
+    pub pin_dir: PathBuf,
+    /// Interfaces that get the TC ingress program.
+    pub ifaces: Vec<String>,
+}
+
+/// A loaded and attached dataplane. Dropping it stops log forwarding; programs stay attached
+/// through their pinned links until [`uninstall`].
+pub struct Dataplane {
+    // Keeps the program and map fds open for the agent's lifetime (the logger's ring buffer
+    // belongs to this object).
+    _ebpf: Ebpf,
+    _logger: Option<logger::LogForwarder>,
+    pin_dir: PathBuf,
+    ifaces: Vec<String>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pin_dir", &self.pin_dir)
+            .field("ifaces", &self.ifaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataplane {
+    /// Mounts bpffs if needed, loads the object reusing existing pinned maps (creating and
+    /// pinning absent ones), attaches `svc_lb_tc_ingress` at TC ingress of every interface with
+    /// pinned links (replacing a previous agent's links) and sets rp_filter=0.
+    pub fn load(cfg: &DataplaneConfig) -> Result<Dataplane, DataplaneError> {
+        bump_memlock_rlimit();
+        bpffs::ensure_bpffs(&cfg.pin_dir)?;
+        let links_dir = cfg.pin_dir.join(LINKS_DIR);
+        for dir in [&cfg.pin_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let mut ebpf = load_object(&cfg.pin_dir)?;
+        let logger = logger::LogForwarder::start(&mut ebpf);
+
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .ok_or(DataplaneError::ProgramNotFound(TC_INGRESS_PROG))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: TC_INGRESS_PROG,
+                source,
+            })?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            program: TC_INGRESS_PROG,
+            source,
+        })?;
+
+        for iface in &cfg.ifaces {
+            links::attach_pinned(prog, iface, &links_dir)?;
+        }
+        links::remove_stale(&links_dir, &cfg.ifaces)?;
+
+        sysctl::disable_rp_filter(&cfg.ifaces)?;
+
+        info!(
+            pin_dir = %cfg.pin_dir.display(),
+            ifaces = ?cfg.ifaces,
+            "dataplane loaded"
+        );
+        Ok(Dataplane {
+            _ebpf: ebpf,
+            _logger: logger,
+            pin_dir: cfg.pin_dir.clone(),
+            ifaces: cfg.ifaces.clone(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn ifaces(&self) -> &[String] {
+        &self.ifaces
+    }
+}
+
+/// Loads [`ebpf_object`] with `pin_dir` as the directory of its by-name pinned maps and checks
+/// that every map of [`PINNED_MAPS`] was created (the linker must not have dropped an unused one).
+fn load_object(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
+    let ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(ebpf_object())
+        .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+    for name in PINNED_MAPS {
+        if ebpf.map(name).is_none() {
+            return Err(DataplaneError::MissingMap(name));
+        }
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            return Err(DataplaneError::MissingPin(pin));
+        }
+    }
+    Ok(ebpf)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg, so failing to
+/// raise it (no CAP_SYS_RESOURCE) is harmless on the kernels we target.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; continuing (memcg accounting on kernels >= 5.11)"
+        );
+    }
+}
+
+/// Detaches every pinned link under `pin_dir/links`, removes all map pins and the directory.
+/// A missing `pin_dir` is not an error (nothing installed).
+pub fn uninstall(pin_dir: &Path) -> Result<(), DataplaneError> {
+    if !pin_dir.exists() {
+        info!(pin_dir = %pin_dir.display(), "nothing to uninstall");
+        return Ok(());
+    }
+    let links_dir = pin_dir.join(LINKS_DIR);
+    links::remove_stale(&links_dir, &[])?;
+    std::fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Remove {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    info!(pin_dir = %pin_dir.display(), "dataplane uninstalled");
+    Ok(())
+}
