@@ -1,0 +1,174 @@
+//! Runs the real `svc-lb run` agent inside a test topology's node namespace.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{bin_path, ensure_bpffs, netns::Topology};
+
+/// A running agent. Drop stops it (SIGTERM, then SIGKILL) and runs `svc-lb uninstall` on its pin
+/// directory, so no programs or pins outlive the test. On a failing test the agent log is printed.
+pub struct AgentGuard<'t> {
+    topo: &'t Topology,
+    bin: PathBuf,
+    pub manifests: PathBuf,
+    pub pin_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl<'t> AgentGuard<'t> {
+    /// Starts the agent on every node interface of `topo`, reading `manifests`.
+    pub fn start(topo: &'t Topology, manifests: &Path) -> AgentGuard<'t> {
+        ensure_bpffs();
+        let mut agent = AgentGuard {
+            topo,
+            bin: bin_path("svc-lb", "SVC_LB_BIN"),
+            manifests: manifests.to_path_buf(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)),
+            log: topo.dir.join("agent.log"),
+            child: None,
+            starts: 0,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.starts += 1;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--node-ip")
+            .arg(crate::netns::NODE_IP.to_string())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir);
+        for iface in self.topo.node_ifaces() {
+            cmd.args(["--iface", &iface]);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,svc_lb=debug");
+        }
+        self.topo.node.enter(&mut cmd);
+        // Append: a restarted agent's log follows the first one's.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
+        let log2 = log.try_clone().expect("clone log fd");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    /// Panics (with the log) if the agent exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!(
+                "svc-lb run exited early ({status}); log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// `kill -9`: the agent gets no chance to clean up; pinned programs and maps stay.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again with the same manifests and pin directory.
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        self.spawn();
+    }
+
+    /// Graceful stop: SIGTERM, up to 5 s to exit, then SIGKILL.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Runs `svc-lb <args> --pin-dir <pin_dir>` in the node namespace.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--pin-dir").arg(&self.pin_dir);
+        self.topo.node.enter(&mut cmd);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("run svc-lb {}: {e}", args.join(" ")))
+    }
+
+    /// Stops the agent and uninstalls, returning the uninstall output (for tests that check it).
+    pub fn shutdown(&mut self) -> Output {
+        self.stop();
+        self.cli(&["uninstall"])
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentGuard<'_> {
+    fn drop(&mut self) {
+        let failing = thread::panicking();
+        self.stop();
+        if self.pin_dir.exists() {
+            let out = self.cli(&["uninstall"]);
+            if !out.status.success() {
+                eprintln!(
+                    "warning: svc-lb uninstall --pin-dir {} failed: {}",
+                    self.pin_dir.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // Last resort so a broken uninstall cannot leak pins into later runs; removing
+            // pinned links from bpffs also detaches them.
+            if self.pin_dir.exists() {
+                eprintln!(
+                    "warning: {} still exists after uninstall; removing it",
+                    self.pin_dir.display()
+                );
+                let _ = fs::remove_dir_all(&self.pin_dir);
+            }
+        }
+        if failing {
+            eprintln!(
+                "---- svc-lb agent log ({} start(s), {}) ----\n{}---- end of agent log ----",
+                self.starts,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
