@@ -1,0 +1,186 @@
+//! Running external commands with step numbers, elapsed time and Ctrl-C awareness.
+
+use std::{
+    os::unix::process::CommandExt,
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C sets a flag instead of killing us, so the tasks unwind and their guards clean up.
+/// Long-running children are started in their own process group (see [`spawn_quiet_group`]) so
+/// the terminal's SIGINT reaches only us.
+pub fn install_sigint_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+/// Fails with "interrupted" once Ctrl-C was pressed.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted (Ctrl-C)");
+    }
+    Ok(())
+}
+
+/// Sleeps in small slices so Ctrl-C is noticed quickly.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupted()?;
+        thread::sleep(Duration::from_millis(50).min(end - Instant::now()));
+    }
+    Ok(())
+}
+
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd` with inherited stdio, printing a heartbeat with the elapsed time every 15 s
+/// (cargo install or apt can be silent for a long time). Returns the exit status.
+pub fn run_progress(label: &str, cmd: &mut Command) -> Result<ExitStatus> {
+    println!("    $ {}", describe(cmd));
+    let start = Instant::now();
+    let mut child = cmd
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("spawn {}", describe(cmd)))?;
+    let mut next_beat = Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted (Ctrl-C) during {label}");
+        }
+        if start.elapsed() >= next_beat {
+            println!(
+                "    ... {label}: still running, {}s",
+                start.elapsed().as_secs()
+            );
+            next_beat += Duration::from_secs(15);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Like [`run_progress`] but fails on a non-zero exit.
+pub fn run_ok(label: &str, cmd: &mut Command) -> Result<()> {
+    let st = run_progress(label, cmd)?;
+    if !st.success() {
+        bail!("{label} failed ({st}): {}", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` capturing its output (no failure on non-zero exit; callers decide).
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    check_interrupted()?;
+    cmd.stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {}", describe(cmd)))
+}
+
+/// Runs `cmd` quietly and fails with its stderr on a non-zero exit.
+pub fn quiet(cmd: &mut Command) -> Result<String> {
+    let out = output(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The cargo that runs us (so nested builds use the same toolchain).
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Numbered steps with their durations, for the summary at the end.
+pub struct Steps {
+    total: usize,
+    done: Vec<(String, Duration, StepResult)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepResult {
+    Ok,
+    Failed,
+    Skipped,
+}
+
+impl Steps {
+    pub fn new(total: usize) -> Steps {
+        Steps {
+            total,
+            done: Vec::new(),
+        }
+    }
+
+    /// Runs one step, printing "[n/N] name" before and its duration after.
+    pub fn step(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let n = self.done.len() + 1;
+        println!("\n[{n}/{}] {name}", self.total);
+        let start = Instant::now();
+        let res = f();
+        let took = start.elapsed();
+        let (mark, r) = match &res {
+            Ok(()) => ("ok", StepResult::Ok),
+            Err(_) => ("FAILED", StepResult::Failed),
+        };
+        println!(
+            "[{n}/{}] {name}: {mark} in {:.1}s",
+            self.total,
+            took.as_secs_f64()
+        );
+        self.done.push((name.to_string(), took, r));
+        res
+    }
+
+    pub fn skip(&mut self, name: &str, why: &str) {
+        let n = self.done.len() + 1;
+        println!("\n[{n}/{}] {name}: skipped ({why})", self.total);
+        self.done
+            .push((name.to_string(), Duration::ZERO, StepResult::Skipped));
+    }
+
+    pub fn failed(&self) -> bool {
+        self.done.iter().any(|(_, _, r)| *r == StepResult::Failed)
+    }
+
+    pub fn summary(&self, started: Instant) {
+        println!("\nsummary:");
+        for (name, took, r) in &self.done {
+            let mark = match r {
+                StepResult::Ok => "ok",
+                StepResult::Failed => "FAILED",
+                StepResult::Skipped => "skipped",
+            };
+            println!("  {mark:<8} {:>7.1}s  {name}", took.as_secs_f64());
+        }
+        println!("  total    {:>7.1}s", started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,145 @@
+//! `cargo xtask setup`: install only what is missing. Safe to run again and again.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Result, bail};
+
+use crate::run::{self, Steps};
+
+/// apt packages: LLVM 22 for bpf-linker, and the tools the tests and demo use.
+pub const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "curl",
+    "ethtool",
+    "tcpdump",
+    "bpftool",
+    "netcat-openbsd",
+];
+
+/// The eBPF crate's toolchain: its LLVM major (22) must match bpf-linker's.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+const BPF_LINKER: &str = "bpf-linker@0.13.0";
+
+pub fn setup() -> Result<()> {
+    let started = Instant::now();
+    let mut steps = Steps::new(3);
+    let res = run_setup(&mut steps);
+    steps.summary(started);
+    res
+}
+
+/// The three setup steps, numbered within `steps` (callers may add their own steps after).
+pub fn run_setup(steps: &mut Steps) -> Result<()> {
+    steps.step("apt packages", apt)?;
+    steps.step(
+        &format!("rust toolchain {EBPF_TOOLCHAIN} + rust-src"),
+        toolchain,
+    )?;
+    steps.step("bpf-linker 0.13 (LLVM 22)", bpf_linker)?;
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "install ok installed")
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("    all {} packages already installed", APT_PACKAGES.len());
+        return Ok(());
+    }
+    println!("    missing: {}", missing.join(" "));
+    let noninteractive = |c: &mut Command| {
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+    };
+    let mut update = Command::new("apt-get");
+    update.arg("update");
+    noninteractive(&mut update);
+    run::run_ok("apt-get update", &mut update)?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y"]).args(&missing);
+    noninteractive(&mut install);
+    run::run_ok("apt-get install", &mut install)?;
+    let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
+    if !still.is_empty() {
+        bail!("still not installed after apt-get: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn toolchain() -> Result<()> {
+    let list = run::quiet(Command::new("rustup").args(["toolchain", "list"]))?;
+    let have_toolchain = list.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
+    let have_src = have_toolchain
+        && run::quiet(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))?
+        .lines()
+        .any(|l| l.trim().starts_with("rust-src"));
+    if have_toolchain && have_src {
+        println!("    {EBPF_TOOLCHAIN} with rust-src already installed");
+        return Ok(());
+    }
+    run::run_ok(
+        "rustup toolchain install",
+        Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "-c",
+            "rust-src",
+            "--no-self-update",
+        ]),
+    )
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(v) = bpf_linker_version()
+        && v.split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with("0.13."))
+    {
+        println!("    {v} already installed");
+        return Ok(());
+    }
+    // The default feature links LLVM 23, which Debian does not ship: pick LLVM 22 explicitly.
+    run::run_ok(
+        "cargo install bpf-linker",
+        run::cargo()
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args(["install", BPF_LINKER, "--no-default-features"])
+            .args(["--features", "llvm-22"]),
+    )?;
+    match bpf_linker_version() {
+        Some(v) => {
+            println!("    installed {v}");
+            Ok(())
+        }
+        None => bail!("bpf-linker still not runnable (is ~/.cargo/bin on PATH?)"),
+    }
+}
