@@ -50,9 +50,6 @@ pub fn demo() -> Result<()> {
     let mut steps = Steps::new(9);
     let res = run_demo(&mut steps);
     steps.summary(started);
-    if let Err(e) = &res {
-        eprintln!("\ndemo failed: {e:#}");
-    }
     res
 }
 

@@ -8,7 +8,8 @@ mod run;
 mod setup;
 mod test;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -28,13 +29,21 @@ enum Task {
     Demo,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     run::install_sigint_handler();
-    match cli.task {
+    let res = match cli.task {
         Task::Setup => setup::setup(),
         Task::Test => test::test(),
         Task::Demo => demo::demo(),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Display with causes, not Debug: a backtrace (RUST_BACKTRACE) would bury the reason.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
