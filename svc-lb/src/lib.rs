@@ -3,3 +3,6 @@
 pub mod cli;
 pub mod dataplane;
 pub mod model;
+pub mod error;
+pub mod maps;
+pub mod reconcile;

@@ -1,0 +1,101 @@
+//! The agent's view of the LB maps: their contents as plain ordered maps (`MapState`), the
+//! single-entry writes the reconciler emits (`Op`), and the `LbMaps` trait with a BPF (pinned)
+//! and an in-memory implementation.
+
+mod bpf;
+mod dump;
+mod fake;
+
+use std::collections::BTreeMap;
+
+use svc_lb_common::{
+    BackendV4, Counter, CtEntry, CtKeyV4, RevNatV4, ServiceEntry, ServiceKeyV4, SvcName,
+};
+
+pub use bpf::BpfLbMaps;
+pub use dump::dump_text;
+pub use fake::FakeLbMaps;
+
+use crate::error::MapsError;
+
+/// Contents of the four maps the agent owns. Ordered so that dumps and diffs are deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKeyV4, ServiceEntry>,
+    pub backends: BTreeMap<u32, BackendV4>,
+    pub revnat: BTreeMap<u16, RevNatV4>,
+    pub names: BTreeMap<u16, SvcName>,
+}
+
+/// One write to one map. Applying a sequence of these moves the maps from one `MapState` to
+/// another; the reconciler orders them so the datapath never sees a half-built frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertService(ServiceKeyV4, ServiceEntry),
+    DeleteService(ServiceKeyV4),
+    UpsertBackend(u32, BackendV4),
+    DeleteBackend(u32),
+    UpsertRevNat(u16, RevNatV4),
+    DeleteRevNat(u16),
+    UpsertName(u16, SvcName),
+    DeleteName(u16),
+    /// Reset the per-frontend counters of a newly allocated rev-NAT id (a previous frontend may
+    /// have used the id; its counts must not show up under the new one).
+    ZeroSvcStats(u16),
+    /// Same for a newly allocated backend id.
+    ZeroBackendStats(u32),
+}
+
+impl Op {
+    /// Applies the op to an in-memory state, with the same semantics as the kernel maps
+    /// (upsert = insert or replace; deleting a missing key is not an error).
+    pub fn apply_to(&self, state: &mut MapState) {
+        match self {
+            Op::UpsertService(k, v) => {
+                state.services.insert(*k, *v);
+            }
+            Op::DeleteService(k) => {
+                state.services.remove(k);
+            }
+            Op::UpsertBackend(k, v) => {
+                state.backends.insert(*k, *v);
+            }
+            Op::DeleteBackend(k) => {
+                state.backends.remove(k);
+            }
+            Op::UpsertRevNat(k, v) => {
+                state.revnat.insert(*k, *v);
+            }
+            Op::DeleteRevNat(k) => {
+                state.revnat.remove(k);
+            }
+            Op::UpsertName(k, v) => {
+                state.names.insert(*k, *v);
+            }
+            Op::DeleteName(k) => {
+                state.names.remove(k);
+            }
+            Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) => {}
+        }
+    }
+}
+
+/// Read/write access to the LB maps, so the reconciler can run against the kernel or a fake.
+pub trait LbMaps {
+    /// Everything currently programmed.
+    fn dump(&self) -> Result<MapState, MapsError>;
+    /// One write. Deleting a key that is not there succeeds (the plan may be re-applied).
+    fn apply(&mut self, op: &Op) -> Result<(), MapsError>;
+}
+
+/// Read-only access to what the datapath writes: counters and conntrack. Used by `svc-lb debug`.
+pub trait LbStats {
+    /// Per-frontend counters (index = rev-NAT id), summed over CPUs.
+    fn svc_counter(&self, rev_nat_id: u16) -> Result<Counter, MapsError>;
+    /// Per-backend counters (index = backend id), summed over CPUs.
+    fn backend_counter(&self, backend_id: u32) -> Result<Counter, MapsError>;
+    /// Global counters (`STAT_*` index order), summed over CPUs.
+    fn global_counters(&self) -> Result<Vec<u64>, MapsError>;
+    /// All conntrack entries, in no particular order.
+    fn conntrack(&self) -> Result<Vec<(CtKeyV4, CtEntry)>, MapsError>;
+}

@@ -1,0 +1,574 @@
+//! Desired state -> map contents -> ordered writes. Pure except for `apply`/`reconcile`, which
+//! go through `LbMaps`.
+//!
+//! Ids are reused from what is programmed (so a restarted agent keeps them and established
+//! conntrack entries, which store ids, stay valid); new ids take the lowest free value. Writes
+//! are ordered so the datapath never follows a slot 0 to a slot, backend or rev-NAT entry that
+//! does not exist yet or any more.
+
+mod ids;
+mod slots;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use svc_lb_common::{
+    BE_STATE_ACTIVE, BackendV4, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4,
+    SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
+};
+use thiserror::Error;
+
+use self::ids::IdAllocator;
+use crate::{
+    error::MapsError,
+    maps::{LbMaps, MapState, Op},
+    model::{DesiredState, Frontend, FrontendKey, Proto},
+};
+
+/// Map capacities the plan must respect. `Default` = the sizes the datapath declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Rev-NAT ids are `1..max_revnat`.
+    pub max_revnat: u32,
+    /// Backend ids are `1..max_backends`.
+    pub max_backends: u32,
+    /// Entries in `LB4_SERVICES` (slot 0 + backend slots of every frontend).
+    pub max_service_entries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_revnat: MAX_REVNAT,
+            max_backends: MAX_BACKENDS,
+            max_service_entries: MAX_SERVICE_ENTRIES,
+        }
+    }
+}
+
+/// Why a frontend could not be programmed as desired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanErrorKind {
+    RevNatIdsExhausted,
+    BackendIdsExhausted,
+    ServiceMapFull,
+    /// More backends than a slot number can address.
+    TooManyBackends(usize),
+}
+
+/// A frontend the plan left out (or left as it was). Other frontends are unaffected.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub struct PlanError {
+    pub frontend: FrontendKey,
+    pub service: String,
+    pub kind: PlanErrorKind,
+    /// The frontend was already programmed and keeps its previous backends.
+    pub kept_previous: bool,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} frontend {}: ", self.service, self.frontend)?;
+        match &self.kind {
+            PlanErrorKind::RevNatIdsExhausted => f.write_str("no free rev-NAT id")?,
+            PlanErrorKind::BackendIdsExhausted => f.write_str("no free backend id")?,
+            PlanErrorKind::ServiceMapFull => f.write_str("service map is full")?,
+            PlanErrorKind::TooManyBackends(n) => {
+                write!(f, "{n} backends, at most {} fit", u16::MAX)?
+            }
+        }
+        f.write_str(if self.kept_previous {
+            "; keeping what is programmed"
+        } else {
+            "; not programmed"
+        })
+    }
+}
+
+/// What the maps should contain, and the writes that get them there from `current`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub target: MapState,
+    pub ops: Vec<Op>,
+    pub errors: Vec<PlanError>,
+}
+
+impl Plan {
+    /// Frontends (slot 0 entries) in the target.
+    pub fn frontend_count(&self) -> usize {
+        self.target
+            .services
+            .keys()
+            .filter(|k| k.backend_slot == 0)
+            .count()
+    }
+}
+
+type BackendIdent = (Ipv4Addr, u16, u8);
+
+/// A frontend as currently programmed (slot 0 with scope external).
+struct Programmed {
+    rev_nat_id: u16,
+    /// Backend id per slot `1..=count`; `None` = slot missing.
+    slots: Vec<Option<u32>>,
+}
+
+fn frontend_key(fe: &FrontendKey, slot: u16) -> ServiceKeyV4 {
+    ServiceKeyV4::new(fe.ip, fe.port, fe.proto.number(), SCOPE_EXTERNAL, slot)
+}
+
+fn programmed_frontends(current: &MapState) -> BTreeMap<FrontendKey, Programmed> {
+    current
+        .services
+        .iter()
+        .filter(|(k, _)| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL)
+        .filter_map(|(k, v)| {
+            let proto = Proto::from_number(k.proto)?;
+            let slots = (1..=v.count)
+                .map(|s| current.services.get(&k.with_slot(s)).map(|e| e.backend_id))
+                .collect();
+            let key = FrontendKey {
+                ip: k.ip(),
+                port: k.port(),
+                proto,
+            };
+            Some((
+                key,
+                Programmed {
+                    rev_nat_id: v.rev_nat_id,
+                    slots,
+                },
+            ))
+        })
+        .collect()
+}
+
+struct Planner<'a> {
+    current: &'a MapState,
+    limits: Limits,
+    programmed: BTreeMap<FrontendKey, Programmed>,
+    /// Backend address -> id, from current (lowest id wins if duplicated) plus new allocations.
+    backend_ids: HashMap<BackendIdent, u32>,
+    be_alloc: IdAllocator,
+    rev_alloc: IdAllocator,
+    /// Current rev-NAT ids claimed by a desired frontend (each id serves one frontend).
+    claimed_rev: BTreeSet<u16>,
+    /// Rev-NAT entries no programmed frontend points at, by value: what an interrupted apply
+    /// left behind. Adopted by the frontend they were written for, so a retry after a failed
+    /// write ends with the same ids as an uninterrupted apply.
+    orphan_rev: BTreeMap<RevNatV4, Vec<u16>>,
+    new_backend_ids: BTreeSet<u32>,
+    new_rev_ids: BTreeSet<u16>,
+    /// Entries `LB4_SERVICES` holds at the peak of applying the plan (current ∪ target).
+    peak_services: u64,
+    target: MapState,
+    errors: Vec<PlanError>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(current: &'a MapState, limits: Limits) -> Self {
+        let mut backend_ids = HashMap::new();
+        for (id, b) in &current.backends {
+            if (1..limits.max_backends).contains(id) {
+                backend_ids
+                    .entry((b.ip(), b.port_host(), b.proto))
+                    .or_insert(*id);
+            }
+        }
+        let used_be = current
+            .backends
+            .keys()
+            .copied()
+            .chain(current.services.values().map(|e| e.backend_id));
+        let used_rev = current
+            .revnat
+            .keys()
+            .chain(current.names.keys())
+            .copied()
+            .chain(current.services.values().map(|e| e.rev_nat_id))
+            .map(u32::from);
+        let referenced: BTreeSet<u16> = current
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
+        let mut orphan_rev: BTreeMap<RevNatV4, Vec<u16>> = BTreeMap::new();
+        for (id, r) in &current.revnat {
+            if !referenced.contains(id) && (1..limits.max_revnat).contains(&u32::from(*id)) {
+                orphan_rev.entry(*r).or_default().push(*id);
+            }
+        }
+        Self {
+            current,
+            limits,
+            programmed: programmed_frontends(current),
+            backend_ids,
+            be_alloc: IdAllocator::new(limits.max_backends, used_be),
+            rev_alloc: IdAllocator::new(limits.max_revnat, used_rev),
+            claimed_rev: BTreeSet::new(),
+            orphan_rev,
+            new_backend_ids: BTreeSet::new(),
+            new_rev_ids: BTreeSet::new(),
+            peak_services: current.services.len() as u64,
+            target: MapState::default(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// First pass: every programmed frontend that is still desired keeps its rev-NAT id, before
+    /// any new frontend can take an id.
+    fn claim_rev_ids(&mut self, desired: &DesiredState) {
+        for key in desired.frontends.keys() {
+            if let Some(p) = self.programmed.get(key) {
+                let id = p.rev_nat_id;
+                if (1..self.limits.max_revnat).contains(&u32::from(id)) {
+                    self.claimed_rev.insert(id);
+                }
+            }
+        }
+    }
+
+    fn reused_rev_id(&mut self, key: &FrontendKey) -> Option<u16> {
+        if let Some(p) = self.programmed.get(key) {
+            let id = p.rev_nat_id;
+            // Claimed in the first pass; taking it out makes a duplicated id serve only one
+            // frontend (the other gets a fresh one).
+            if self.claimed_rev.remove(&id) {
+                return Some(id);
+            }
+        }
+        let orphans = self.orphan_rev.get_mut(&RevNatV4::new(key.ip, key.port))?;
+        (!orphans.is_empty()).then(|| orphans.remove(0))
+    }
+
+    fn add(&mut self, fe: &Frontend) {
+        if let Err(kind) = self.try_add(fe) {
+            let kept_previous = self.keep_previous(&fe.key);
+            self.errors.push(PlanError {
+                frontend: fe.key,
+                service: fe.service.to_string(),
+                kind,
+                kept_previous,
+            });
+        }
+    }
+
+    fn try_add(&mut self, fe: &Frontend) -> Result<(), PlanErrorKind> {
+        if fe.backends.len() > usize::from(u16::MAX) {
+            return Err(PlanErrorKind::TooManyBackends(fe.backends.len()));
+        }
+        let proto = fe.key.proto.number();
+        let mut allocated_be = Vec::new();
+        let mut ids = Vec::with_capacity(fe.backends.len());
+        for b in &fe.backends {
+            let ident = (b.ip, b.port, proto);
+            let id = match self.backend_ids.get(&ident) {
+                Some(id) => *id,
+                None => match self.be_alloc.alloc() {
+                    Some(id) => {
+                        allocated_be.push((ident, id));
+                        self.backend_ids.insert(ident, id);
+                        id
+                    }
+                    None => {
+                        self.release_backends(&allocated_be);
+                        return Err(PlanErrorKind::BackendIdsExhausted);
+                    }
+                },
+            };
+            ids.push(id);
+        }
+
+        let old_slots = self
+            .programmed
+            .get(&fe.key)
+            .map(|p| p.slots.clone())
+            .unwrap_or_default();
+        let slot_ids = slots::layout(&old_slots, &ids);
+
+        // Entries this frontend adds that are not in the map yet: they exist alongside all
+        // current entries until the trailing deletes run.
+        let added = (0..=slot_ids.len())
+            .filter(|s| {
+                // Cannot truncate: slot_ids.len() <= u16::MAX was checked above.
+                let key = frontend_key(&fe.key, *s as u16);
+                !self.current.services.contains_key(&key)
+            })
+            .count() as u64;
+        if self.peak_services + added > u64::from(self.limits.max_service_entries) {
+            self.release_backends(&allocated_be);
+            return Err(PlanErrorKind::ServiceMapFull);
+        }
+
+        let rev_nat_id = match self.reused_rev_id(&fe.key) {
+            Some(id) => id,
+            None => match self.rev_alloc.alloc() {
+                // The allocator range is below MAX_REVNAT <= 65536, so the id fits.
+                Some(id) => {
+                    let id = id as u16;
+                    self.new_rev_ids.insert(id);
+                    id
+                }
+                None => {
+                    self.release_backends(&allocated_be);
+                    return Err(PlanErrorKind::RevNatIdsExhausted);
+                }
+            },
+        };
+
+        self.peak_services += added;
+        for (_, id) in &allocated_be {
+            self.new_backend_ids.insert(*id);
+        }
+        for (b, id) in fe.backends.iter().zip(&ids) {
+            self.target
+                .backends
+                .insert(*id, BackendV4::new(b.ip, b.port, proto, BE_STATE_ACTIVE));
+        }
+        self.target.services.insert(
+            frontend_key(&fe.key, 0),
+            ServiceEntry {
+                count: slot_ids.len() as u16,
+                rev_nat_id,
+                flags: fe.kind.flag(),
+                ..Default::default()
+            },
+        );
+        for (i, id) in slot_ids.iter().enumerate() {
+            self.target.services.insert(
+                frontend_key(&fe.key, (i + 1) as u16),
+                ServiceEntry {
+                    backend_id: *id,
+                    rev_nat_id,
+                    ..Default::default()
+                },
+            );
+        }
+        self.target
+            .revnat
+            .insert(rev_nat_id, RevNatV4::new(fe.key.ip, fe.key.port));
+        self.target
+            .names
+            .insert(rev_nat_id, SvcName::new(&fe.service.to_string()));
+        Ok(())
+    }
+
+    fn release_backends(&mut self, allocated: &[(BackendIdent, u32)]) {
+        for (ident, id) in allocated {
+            self.backend_ids.remove(ident);
+            self.be_alloc.free(*id);
+        }
+    }
+
+    /// Copies a programmed frontend unchanged into the target ("full maps" must not make a
+    /// working frontend disappear). Returns whether there was anything to keep.
+    fn keep_previous(&mut self, key: &FrontendKey) -> bool {
+        let Some(p) = self.programmed.get(key) else {
+            return false;
+        };
+        let cur = self.current;
+        let k0 = frontend_key(key, 0);
+        let Some(entry0) = cur.services.get(&k0) else {
+            return false;
+        };
+        self.target.services.insert(k0, *entry0);
+        for s in 1..=entry0.count {
+            let k = k0.with_slot(s);
+            if let Some(e) = cur.services.get(&k) {
+                self.target.services.insert(k, *e);
+                if let Some(b) = cur.backends.get(&e.backend_id) {
+                    self.target.backends.entry(e.backend_id).or_insert(*b);
+                }
+            }
+        }
+        let rev = p.rev_nat_id;
+        // Its rev-NAT id stays claimed (it was claimed in the first pass and nobody else can
+        // take a current id), so copying its entries cannot collide.
+        self.claimed_rev.remove(&rev);
+        if let Some(r) = cur.revnat.get(&rev) {
+            self.target.revnat.insert(rev, *r);
+        }
+        if let Some(n) = cur.names.get(&rev) {
+            self.target.names.insert(rev, *n);
+        }
+        true
+    }
+
+    fn into_plan(self) -> Plan {
+        let ops = diff(
+            self.current,
+            &self.target,
+            &self.new_backend_ids,
+            &self.new_rev_ids,
+        );
+        Plan {
+            target: self.target,
+            ops,
+            errors: self.errors,
+        }
+    }
+}
+
+/// Ordered writes from `current` to `target`:
+/// backends -> rev-NAT + names -> backend slots -> slot 0 -> delete slot 0 of removed
+/// frontends -> delete surplus slots -> delete rev-NAT + names -> delete backends.
+/// Only entries that differ are written.
+fn diff(
+    current: &MapState,
+    target: &MapState,
+    new_backend_ids: &BTreeSet<u32>,
+    new_rev_ids: &BTreeSet<u16>,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (id, b) in &target.backends {
+        if current.backends.get(id) != Some(b) {
+            if new_backend_ids.contains(id) {
+                ops.push(Op::ZeroBackendStats(*id));
+            }
+            ops.push(Op::UpsertBackend(*id, *b));
+        }
+    }
+    let rev_ids: BTreeSet<u16> = target
+        .revnat
+        .keys()
+        .chain(target.names.keys())
+        .copied()
+        .collect();
+    for id in rev_ids {
+        if new_rev_ids.contains(&id) {
+            ops.push(Op::ZeroSvcStats(id));
+        }
+        if let Some(r) = target.revnat.get(&id)
+            && current.revnat.get(&id) != Some(r)
+        {
+            ops.push(Op::UpsertRevNat(id, *r));
+        }
+        if let Some(n) = target.names.get(&id)
+            && current.names.get(&id) != Some(n)
+        {
+            ops.push(Op::UpsertName(id, *n));
+        }
+    }
+    let changed_services = || {
+        target
+            .services
+            .iter()
+            .filter(|(k, v)| current.services.get(k) != Some(v))
+    };
+    for (k, v) in changed_services().filter(|(k, _)| k.backend_slot != 0) {
+        ops.push(Op::UpsertService(*k, *v));
+    }
+    for (k, v) in changed_services().filter(|(k, _)| k.backend_slot == 0) {
+        ops.push(Op::UpsertService(*k, *v));
+    }
+    let removed_services = || {
+        current
+            .services
+            .keys()
+            .filter(|k| !target.services.contains_key(k))
+    };
+    for k in removed_services().filter(|k| k.backend_slot == 0) {
+        ops.push(Op::DeleteService(*k));
+    }
+    for k in removed_services().filter(|k| k.backend_slot != 0) {
+        ops.push(Op::DeleteService(*k));
+    }
+    for id in current.revnat.keys() {
+        if !target.revnat.contains_key(id) {
+            ops.push(Op::DeleteRevNat(*id));
+        }
+    }
+    for id in current.names.keys() {
+        if !target.names.contains_key(id) {
+            ops.push(Op::DeleteName(*id));
+        }
+    }
+    for id in current.backends.keys() {
+        if !target.backends.contains_key(id) {
+            ops.push(Op::DeleteBackend(*id));
+        }
+    }
+    ops
+}
+
+/// Plans with the datapath's map sizes.
+pub fn plan(desired: &DesiredState, current: &MapState) -> Plan {
+    plan_with_limits(desired, current, Limits::default())
+}
+
+/// Plans the map contents for `desired`, reusing ids from `current`, and the writes to get
+/// there. Frontends that do not fit are reported in `Plan::errors`; all others proceed.
+pub fn plan_with_limits(desired: &DesiredState, current: &MapState, limits: Limits) -> Plan {
+    let mut p = Planner::new(current, limits);
+    p.claim_rev_ids(desired);
+    for fe in desired.frontends.values() {
+        p.add(fe);
+    }
+    p.into_plan()
+}
+
+/// A write failed; the ones before it were applied. Re-planning from a fresh dump and applying
+/// again converges (every write is idempotent).
+#[derive(Debug, Error)]
+#[error("map write {index} of {total} ({op:?}) failed")]
+pub struct ApplyError {
+    pub index: usize,
+    pub total: usize,
+    /// Boxed: an `Op` carries a 128-byte name.
+    pub op: Box<Op>,
+    #[source]
+    pub source: MapsError,
+}
+
+/// Applies `ops` in order, stopping at the first error.
+pub fn apply(maps: &mut impl LbMaps, ops: &[Op]) -> Result<(), ApplyError> {
+    for (index, op) in ops.iter().enumerate() {
+        maps.apply(op).map_err(|source| ApplyError {
+            index,
+            total: ops.len(),
+            op: Box::new(op.clone()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    #[error("cannot read the programmed maps")]
+    Dump(#[source] MapsError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// What one reconcile did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub frontends: usize,
+    pub backends: usize,
+    pub ops: usize,
+    pub errors: Vec<PlanError>,
+}
+
+/// Dump -> plan -> apply: adopts whatever is programmed (a previous agent's ids included).
+pub fn reconcile(
+    maps: &mut impl LbMaps,
+    desired: &DesiredState,
+    limits: Limits,
+) -> Result<Outcome, ReconcileError> {
+    let current = maps.dump().map_err(ReconcileError::Dump)?;
+    let plan = plan_with_limits(desired, &current, limits);
+    apply(maps, &plan.ops)?;
+    Ok(Outcome {
+        frontends: plan.frontend_count(),
+        backends: plan.target.backends.len(),
+        ops: plan.ops.len(),
+        errors: plan.errors,
+    })
+}

@@ -1,0 +1,616 @@
+use std::net::Ipv4Addr;
+
+use svc_lb_common::{BE_STATE_TERMINATING, IPPROTO_TCP, ServiceKeyV4};
+
+use super::*;
+use crate::{
+    maps::{FakeLbMaps, dump_text},
+    model::{BackendAddr, FrontendKind, ServicePortRef},
+};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn fe(
+    addr: &str,
+    port: u16,
+    proto: Proto,
+    kind: FrontendKind,
+    svc: &str,
+    backends: &[(&str, u16)],
+) -> Frontend {
+    let (ns_name, port_name) = svc.split_once(':').unwrap();
+    let (namespace, name) = ns_name.split_once('/').unwrap();
+    let mut backends: Vec<BackendAddr> = backends
+        .iter()
+        .map(|(a, p)| BackendAddr {
+            ip: ip(a),
+            port: *p,
+        })
+        .collect();
+    backends.sort();
+    backends.dedup();
+    Frontend {
+        key: FrontendKey {
+            ip: ip(addr),
+            port,
+            proto,
+        },
+        kind,
+        service: ServicePortRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            port: port_name.into(),
+        },
+        backends,
+    }
+}
+
+fn state(frontends: impl IntoIterator<Item = Frontend>) -> DesiredState {
+    DesiredState {
+        frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
+    }
+}
+
+const PODS: [&str; 3] = ["10.244.1.2", "10.244.2.2", "10.244.3.2"];
+
+fn frontend_svc(n: usize) -> Frontend {
+    let b: Vec<_> = PODS[..n].iter().map(|p| (*p, 5000)).collect();
+    fe(
+        "10.96.0.10",
+        80,
+        Proto::Tcp,
+        FrontendKind::ClusterIp,
+        "default/frontend-svc:80",
+        &b,
+    )
+}
+
+/// The example topology: a ClusterIP service, a NodePort service (ClusterIP + NodePort
+/// frontends sharing backends) and a UDP service.
+fn example() -> DesiredState {
+    let web: Vec<_> = PODS.iter().map(|p| (*p, 80)).collect();
+    let dns: Vec<_> = PODS.iter().map(|p| (*p, 5353)).collect();
+    state([
+        frontend_svc(3),
+        fe(
+            "10.96.0.20",
+            8080,
+            Proto::Tcp,
+            FrontendKind::ClusterIp,
+            "default/web-service:http",
+            &web,
+        ),
+        fe(
+            "172.31.0.1",
+            30080,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            "default/web-service:http",
+            &web,
+        ),
+        fe(
+            "10.96.0.53",
+            53,
+            Proto::Udp,
+            FrontendKind::ClusterIp,
+            "kube-system/dns-like:dns",
+            &dns,
+        ),
+    ])
+}
+
+/// Every frontend the datapath can see (slot 0) leads only to existing entries: its rev-NAT
+/// entry, slots `1..=count` that belong to it, and the backends those slots name.
+fn check_consistent(s: &MapState) -> Result<(), String> {
+    for (k, v) in s.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+        if !s.revnat.contains_key(&v.rev_nat_id) {
+            return Err(format!("{k:?}: rev-NAT {} missing", v.rev_nat_id));
+        }
+        for slot in 1..=v.count {
+            let Some(e) = s.services.get(&k.with_slot(slot)) else {
+                return Err(format!("{k:?}: slot {slot} of {} missing", v.count));
+            };
+            if e.rev_nat_id != v.rev_nat_id {
+                return Err(format!("{k:?}: slot {slot} has rev-NAT {}", e.rev_nat_id));
+            }
+            if !s.backends.contains_key(&e.backend_id) {
+                return Err(format!(
+                    "{k:?}: slot {slot} backend {} missing",
+                    e.backend_id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies ops one at a time, checking consistency after every single write.
+fn apply_checked(start: &MapState, ops: &[Op]) -> MapState {
+    let mut s = start.clone();
+    check_consistent(&s).expect("start state consistent");
+    for (i, op) in ops.iter().enumerate() {
+        op.apply_to(&mut s);
+        if let Err(e) = check_consistent(&s) {
+            panic!("inconsistent after op {i} {op:?}: {e}\nops: {ops:#?}");
+        }
+    }
+    s
+}
+
+/// Plans from `current`, applies with the consistency check, and checks the plan reached its
+/// target and a re-plan is empty.
+fn step(current: &MapState, desired: &DesiredState) -> (MapState, Vec<Op>) {
+    let plan = plan(desired, current);
+    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+    let after = apply_checked(current, &plan.ops);
+    assert_eq!(after, plan.target);
+    let again = super::plan(desired, &after);
+    assert!(again.ops.is_empty(), "re-plan not empty: {:?}", again.ops);
+    (after, plan.ops)
+}
+
+fn svc_key(addr: &str, port: u16, slot: u16) -> ServiceKeyV4 {
+    ServiceKeyV4::new(ip(addr), port, IPPROTO_TCP, 0, slot)
+}
+
+/// Only map writes (not the stats resets), as (map, key) strings for compact assertions.
+fn touched(ops: &[Op]) -> Vec<String> {
+    ops.iter()
+        .map(|op| match op {
+            Op::UpsertService(k, _) => format!("+svc {}:{}#{}", k.ip(), k.port(), k.backend_slot),
+            Op::DeleteService(k) => format!("-svc {}:{}#{}", k.ip(), k.port(), k.backend_slot),
+            Op::UpsertBackend(id, _) => format!("+be {id}"),
+            Op::DeleteBackend(id) => format!("-be {id}"),
+            Op::UpsertRevNat(id, _) => format!("+rev {id}"),
+            Op::DeleteRevNat(id) => format!("-rev {id}"),
+            Op::UpsertName(id, _) => format!("+name {id}"),
+            Op::DeleteName(id) => format!("-name {id}"),
+            Op::ZeroSvcStats(id) => format!("0svc {id}"),
+            Op::ZeroBackendStats(id) => format!("0be {id}"),
+        })
+        .collect()
+}
+
+#[test]
+fn golden_example_dump() {
+    let (s, ops) = step(&MapState::default(), &example());
+    assert_eq!(
+        dump_text(&s),
+        "\
+SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=3 REVNAT=1 FLAGS=ClusterIP
+SVC: ADDR=10.96.0.10:80/TCP SLOT=1 BACKEND=1 REVNAT=1
+SVC: ADDR=10.96.0.10:80/TCP SLOT=2 BACKEND=2 REVNAT=1
+SVC: ADDR=10.96.0.10:80/TCP SLOT=3 BACKEND=3 REVNAT=1
+SVC: ADDR=10.96.0.20:8080/TCP SLOT=0 COUNT=3 REVNAT=2 FLAGS=ClusterIP
+SVC: ADDR=10.96.0.20:8080/TCP SLOT=1 BACKEND=4 REVNAT=2
+SVC: ADDR=10.96.0.20:8080/TCP SLOT=2 BACKEND=5 REVNAT=2
+SVC: ADDR=10.96.0.20:8080/TCP SLOT=3 BACKEND=6 REVNAT=2
+SVC: ADDR=10.96.0.53:53/UDP SLOT=0 COUNT=3 REVNAT=3 FLAGS=ClusterIP
+SVC: ADDR=10.96.0.53:53/UDP SLOT=1 BACKEND=7 REVNAT=3
+SVC: ADDR=10.96.0.53:53/UDP SLOT=2 BACKEND=8 REVNAT=3
+SVC: ADDR=10.96.0.53:53/UDP SLOT=3 BACKEND=9 REVNAT=3
+SVC: ADDR=172.31.0.1:30080/TCP SLOT=0 COUNT=3 REVNAT=4 FLAGS=NodePort
+SVC: ADDR=172.31.0.1:30080/TCP SLOT=1 BACKEND=4 REVNAT=4
+SVC: ADDR=172.31.0.1:30080/TCP SLOT=2 BACKEND=5 REVNAT=4
+SVC: ADDR=172.31.0.1:30080/TCP SLOT=3 BACKEND=6 REVNAT=4
+BE: ID=1 ADDR=10.244.1.2:5000/TCP STATE=active
+BE: ID=2 ADDR=10.244.2.2:5000/TCP STATE=active
+BE: ID=3 ADDR=10.244.3.2:5000/TCP STATE=active
+BE: ID=4 ADDR=10.244.1.2:80/TCP STATE=active
+BE: ID=5 ADDR=10.244.2.2:80/TCP STATE=active
+BE: ID=6 ADDR=10.244.3.2:80/TCP STATE=active
+BE: ID=7 ADDR=10.244.1.2:5353/UDP STATE=active
+BE: ID=8 ADDR=10.244.2.2:5353/UDP STATE=active
+BE: ID=9 ADDR=10.244.3.2:5353/UDP STATE=active
+REV: ID=1 ADDR=10.96.0.10:80
+REV: ID=2 ADDR=10.96.0.20:8080
+REV: ID=3 ADDR=10.96.0.53:53
+REV: ID=4 ADDR=172.31.0.1:30080
+NAME: ID=1 NAME=default/frontend-svc:80
+NAME: ID=2 NAME=default/web-service:http
+NAME: ID=3 NAME=kube-system/dns-like:dns
+NAME: ID=4 NAME=default/web-service:http
+"
+    );
+    // Fresh ids: every one gets its counters reset before it becomes reachable.
+    let zeroed_be = ops
+        .iter()
+        .filter(|o| matches!(o, Op::ZeroBackendStats(_)))
+        .count();
+    let zeroed_svc = ops
+        .iter()
+        .filter(|o| matches!(o, Op::ZeroSvcStats(_)))
+        .count();
+    assert_eq!((zeroed_be, zeroed_svc), (9, 4));
+}
+
+#[test]
+fn golden_frontend_without_backends() {
+    let (s, _) = step(&MapState::default(), &state([frontend_svc(0)]));
+    assert_eq!(
+        dump_text(&s),
+        "\
+SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=0 REVNAT=1 FLAGS=ClusterIP
+REV: ID=1 ADDR=10.96.0.10:80
+NAME: ID=1 NAME=default/frontend-svc:80
+"
+    );
+}
+
+#[test]
+fn exact_op_order_for_a_new_frontend() {
+    let p = plan(&state([frontend_svc(2)]), &MapState::default());
+    assert_eq!(
+        touched(&p.ops),
+        [
+            "0be 1",
+            "+be 1",
+            "0be 2",
+            "+be 2",
+            "0svc 1",
+            "+rev 1",
+            "+name 1",
+            "+svc 10.96.0.10:80#1",
+            "+svc 10.96.0.10:80#2",
+            "+svc 10.96.0.10:80#0",
+        ]
+    );
+}
+
+#[test]
+fn unchanged_state_plans_zero_ops() {
+    let (s, _) = step(&MapState::default(), &example());
+    assert!(plan(&example(), &s).ops.is_empty());
+}
+
+#[test]
+fn adding_a_backend_touches_only_its_slot_and_the_count() {
+    let (s, _) = step(&MapState::default(), &state([frontend_svc(2)]));
+    let (_, ops) = step(&s, &state([frontend_svc(3)]));
+    assert_eq!(
+        touched(&ops),
+        [
+            "0be 3",
+            "+be 3",
+            "+svc 10.96.0.10:80#3",
+            "+svc 10.96.0.10:80#0"
+        ]
+    );
+}
+
+#[test]
+fn removing_the_last_slot_backend_touches_only_that_slot_and_the_count() {
+    let (s, _) = step(&MapState::default(), &state([frontend_svc(3)]));
+    let (after, ops) = step(&s, &state([frontend_svc(2)]));
+    assert_eq!(
+        touched(&ops),
+        ["+svc 10.96.0.10:80#0", "-svc 10.96.0.10:80#3", "-be 3"]
+    );
+    assert_eq!(after.services[&svc_key("10.96.0.10", 80, 0)].count, 2);
+}
+
+#[test]
+fn removing_a_middle_backend_moves_the_last_into_its_slot() {
+    let (s, _) = step(&MapState::default(), &state([frontend_svc(3)]));
+    let only_a_c = state([fe(
+        "10.96.0.10",
+        80,
+        Proto::Tcp,
+        FrontendKind::ClusterIp,
+        "default/frontend-svc:80",
+        &[(PODS[0], 5000), (PODS[2], 5000)],
+    )]);
+    let (after, ops) = step(&s, &only_a_c);
+    assert_eq!(
+        touched(&ops),
+        [
+            "+svc 10.96.0.10:80#2",
+            "+svc 10.96.0.10:80#0",
+            "-svc 10.96.0.10:80#3",
+            "-be 2"
+        ]
+    );
+    // Backend ids (what conntrack stores) did not change, only the slot of pod-c did.
+    assert_eq!(after.services[&svc_key("10.96.0.10", 80, 1)].backend_id, 1);
+    assert_eq!(after.services[&svc_key("10.96.0.10", 80, 2)].backend_id, 3);
+}
+
+#[test]
+fn scale_3_2_0_3() {
+    let (s3, _) = step(&MapState::default(), &state([frontend_svc(3)]));
+    let (s2, _) = step(&s3, &state([frontend_svc(2)]));
+    let (s0, ops) = step(&s2, &state([frontend_svc(0)]));
+    assert_eq!(
+        touched(&ops),
+        [
+            "+svc 10.96.0.10:80#0",
+            "-svc 10.96.0.10:80#1",
+            "-svc 10.96.0.10:80#2",
+            "-be 1",
+            "-be 2"
+        ]
+    );
+    assert_eq!(s0.services.len(), 1, "slot 0 stays with count 0 (reject)");
+    assert_eq!(s0.services[&svc_key("10.96.0.10", 80, 0)].count, 0);
+    assert_eq!(s0.revnat.len(), 1);
+    let (back, _) = step(&s0, &state([frontend_svc(3)]));
+    // Freed ids are reused lowest-first, and the frontend kept its rev-NAT id throughout.
+    assert_eq!(dump_text(&back), dump_text(&s3));
+}
+
+#[test]
+fn removing_a_frontend_deletes_only_its_entries_slot0_first() {
+    let (s, _) = step(&MapState::default(), &example());
+    let mut desired = example();
+    desired.frontends.retain(|k, _| k.port != 30080);
+    let (after, ops) = step(&s, &desired);
+    assert_eq!(
+        touched(&ops),
+        [
+            "-svc 172.31.0.1:30080#0",
+            "-svc 172.31.0.1:30080#1",
+            "-svc 172.31.0.1:30080#2",
+            "-svc 172.31.0.1:30080#3",
+            "-rev 4",
+            "-name 4",
+        ],
+        "backends 4..6 are still used by the ClusterIP frontend of the same service"
+    );
+    assert_eq!(after.backends.len(), 9);
+}
+
+#[test]
+fn restarted_agent_keeps_ids_from_the_maps() {
+    // Churn so the ids are not what a fresh allocation would give.
+    let (s, _) = step(&MapState::default(), &state([frontend_svc(3)]));
+    let (s, _) = step(&s, &example());
+    let (s, _) = step(&s, &state(example().frontends.into_values().skip(1)));
+    let mut maps = FakeLbMaps::new(s.clone());
+    // A new agent only has the dump.
+    let dumped = maps.dump().unwrap();
+    let restart = plan(&state(example().frontends.into_values().skip(1)), &dumped);
+    assert!(restart.ops.is_empty(), "{:?}", restart.ops);
+    // Adding the frontend back allocates fresh ids but keeps every existing one.
+    let outcome = reconcile(&mut maps, &example(), Limits::default()).unwrap();
+    assert_eq!((outcome.frontends, outcome.backends), (4, 9));
+    for (k, v) in s.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+        assert_eq!(maps.state.services[k].rev_nat_id, v.rev_nat_id);
+    }
+    for (id, b) in &s.backends {
+        assert_eq!(maps.state.backends.get(id), Some(b));
+    }
+}
+
+#[test]
+fn terminating_backend_is_rewritten_active_with_same_id() {
+    let (mut s, _) = step(&MapState::default(), &state([frontend_svc(1)]));
+    s.backends.get_mut(&1).unwrap().state = BE_STATE_TERMINATING;
+    let p = plan(&state([frontend_svc(1)]), &s);
+    assert_eq!(touched(&p.ops), ["+be 1"]);
+}
+
+#[test]
+fn garbage_in_the_maps_is_cleaned_up() {
+    let (mut s, _) = step(&MapState::default(), &state([frontend_svc(1)]));
+    // A slot past the count, an orphan backend and an orphan rev-NAT entry.
+    s.services.insert(
+        svc_key("10.96.0.10", 80, 5),
+        ServiceEntry {
+            backend_id: 1,
+            rev_nat_id: 1,
+            ..Default::default()
+        },
+    );
+    s.backends.insert(40, BackendV4::default());
+    s.revnat.insert(9, RevNatV4::default());
+    let (_, ops) = step(&s, &state([frontend_svc(1)]));
+    assert_eq!(touched(&ops), ["-svc 10.96.0.10:80#5", "-rev 9", "-be 40"]);
+}
+
+fn small(max_revnat: u32, max_backends: u32) -> Limits {
+    Limits {
+        max_revnat,
+        max_backends,
+        max_service_entries: 1000,
+    }
+}
+
+#[test]
+fn backend_id_exhaustion_skips_only_that_frontend() {
+    // Ids 1..=3 exist. frontend-svc takes 3, the UDP service cannot get any.
+    let desired = state([
+        frontend_svc(3),
+        fe(
+            "10.96.0.53",
+            53,
+            Proto::Udp,
+            FrontendKind::ClusterIp,
+            "kube-system/dns-like:dns",
+            &[(PODS[0], 5353)],
+        ),
+    ]);
+    let p = plan_with_limits(&desired, &MapState::default(), small(100, 4));
+    assert_eq!(p.errors.len(), 1);
+    assert_eq!(p.errors[0].kind, PlanErrorKind::BackendIdsExhausted);
+    assert!(!p.errors[0].kept_previous);
+    assert_eq!(
+        p.errors[0].to_string(),
+        "kube-system/dns-like:dns frontend 10.96.0.53:53/UDP: no free backend id; not programmed"
+    );
+    assert_eq!(p.frontend_count(), 1);
+    let after = apply_checked(&MapState::default(), &p.ops);
+    assert_eq!(after, p.target);
+}
+
+#[test]
+fn full_maps_keep_what_is_programmed() {
+    let limits = small(100, 4);
+    let desired = state([frontend_svc(2)]);
+    let p = plan_with_limits(&desired, &MapState::default(), limits);
+    let s = apply_checked(&MapState::default(), &p.ops);
+    // A second service takes the last id; then frontend-svc wants a third backend.
+    let other = fe(
+        "10.96.0.99",
+        80,
+        Proto::Tcp,
+        FrontendKind::ClusterIp,
+        "default/other:80",
+        &[("10.244.9.9", 80)],
+    );
+    let p = plan_with_limits(&state([frontend_svc(2), other.clone()]), &s, limits);
+    let s = apply_checked(&s, &p.ops);
+    let p = plan_with_limits(&state([frontend_svc(3), other.clone()]), &s, limits);
+    assert_eq!(p.errors.len(), 1);
+    assert!(p.errors[0].kept_previous);
+    assert!(p.ops.is_empty(), "nothing changes: {:?}", p.ops);
+    // Once the other service goes away its id is freed (deleted), and the next plan succeeds.
+    let p = plan_with_limits(&state([frontend_svc(2)]), &s, limits);
+    let s = apply_checked(&s, &p.ops);
+    let p = plan_with_limits(&state([frontend_svc(3)]), &s, limits);
+    assert!(p.errors.is_empty());
+    let s = apply_checked(&s, &p.ops);
+    assert_eq!(s.services[&svc_key("10.96.0.10", 80, 0)].count, 3);
+}
+
+#[test]
+fn rev_nat_id_exhaustion() {
+    let mut desired = example();
+    desired.frontends.retain(|k, _| k.proto == Proto::Tcp);
+    // Rev-NAT ids 1..=2 only: three TCP frontends.
+    let p = plan_with_limits(&desired, &MapState::default(), small(3, 100));
+    assert_eq!(p.errors.len(), 1);
+    assert_eq!(p.errors[0].kind, PlanErrorKind::RevNatIdsExhausted);
+    assert_eq!(p.errors[0].frontend.port, 30080, "the last in key order");
+    assert_eq!(p.frontend_count(), 2);
+    // The backends the failed frontend would share stay (used by the ClusterIP frontend),
+    // and nothing was allocated for it alone.
+    assert_eq!(p.target.backends.len(), 6);
+}
+
+#[test]
+fn service_map_capacity_is_respected() {
+    let limits = Limits {
+        max_revnat: 100,
+        max_backends: 100,
+        max_service_entries: 5,
+    };
+    // 4 entries fit; the second frontend would need 2 more.
+    let desired = state([
+        frontend_svc(3),
+        fe(
+            "10.96.0.99",
+            80,
+            Proto::Tcp,
+            FrontendKind::ClusterIp,
+            "default/other:80",
+            &[("10.244.9.9", 80)],
+        ),
+    ]);
+    let p = plan_with_limits(&desired, &MapState::default(), limits);
+    assert_eq!(p.errors.len(), 1);
+    assert_eq!(p.errors[0].kind, PlanErrorKind::ServiceMapFull);
+    assert_eq!(p.target.services.len(), 4);
+    assert_eq!(
+        p.target.backends.len(),
+        3,
+        "no id leaked to the skipped frontend"
+    );
+}
+
+#[test]
+fn fault_at_any_op_then_retry_converges() {
+    let (base, _) = step(&MapState::default(), &state([frontend_svc(3)]));
+    let transitions = [example(), state([frontend_svc(1)]), DesiredState::default()];
+    for desired in &transitions {
+        let n_ops = plan(desired, &base).ops.len();
+        assert!(n_ops > 0);
+        for fail in 0..n_ops {
+            let mut maps = FakeLbMaps::new(base.clone());
+            maps.fail_nth_from_now(fail);
+            let err = reconcile(&mut maps, desired, Limits::default()).unwrap_err();
+            let ReconcileError::Apply(e) = err else {
+                panic!("expected apply error, got {err:?}")
+            };
+            assert_eq!(e.index, fail);
+            check_consistent(&maps.state).unwrap();
+            // The next tick re-plans from the (partially updated) maps.
+            let retry = plan(desired, &maps.state);
+            let after = apply_checked(&maps.state, &retry.ops);
+            let fresh = plan(desired, &base).target;
+            assert_eq!(
+                dump_text(&after),
+                dump_text(&fresh),
+                "failing op {fail} changed the outcome"
+            );
+            assert!(plan(desired, &after).ops.is_empty());
+        }
+    }
+}
+
+/// Tiny deterministic PRNG so the random walk is reproducible.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn random_state(rng: &mut XorShift) -> DesiredState {
+    let mut frontends = Vec::new();
+    for f in 0..4u8 {
+        if rng.below(4) == 0 {
+            continue;
+        }
+        let n = rng.below(6) as u8;
+        let backends: Vec<(String, u16)> = (0..n)
+            .filter(|_| rng.below(3) != 0)
+            .map(|b| (format!("10.244.{b}.2"), 8000 + u16::from(f % 2)))
+            .collect();
+        let refs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+        let kind = if f == 3 {
+            FrontendKind::NodePort
+        } else {
+            FrontendKind::ClusterIp
+        };
+        frontends.push(fe(
+            &format!("10.96.0.{}", 10 + f),
+            80,
+            if f == 2 { Proto::Udp } else { Proto::Tcp },
+            kind,
+            &format!("default/svc{f}:p"),
+            &refs,
+        ));
+    }
+    state(frontends)
+}
+
+#[test]
+fn random_walk_keeps_every_intermediate_state_consistent() {
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut s = MapState::default();
+    for _ in 0..300 {
+        let desired = random_state(&mut rng);
+        let before = s.clone();
+        let (after, _) = step(&s, &desired);
+        // Ids of frontends and backends that stayed did not change.
+        for (k, v) in before.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            if let Some(n) = after.services.get(k) {
+                assert_eq!(n.rev_nat_id, v.rev_nat_id);
+            }
+        }
+        for (id, b) in &before.backends {
+            if let Some((nid, _)) = after.backends.iter().find(|(_, nb)| *nb == b) {
+                assert_eq!(nid, id);
+            }
+        }
+        s = after;
+    }
+}
