@@ -1,11 +1,20 @@
+//! svc-lb datapath. Entry points only; the logic lives in the modules.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod ct;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod tc;
 
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// Attached at TC ingress of every node interface (see `tc` for the semantics).
 #[classifier]
-pub fn svc_lb_tc_ingress(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn svc_lb_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
 }
 
 #[cfg(not(test))]

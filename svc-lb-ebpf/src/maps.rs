@@ -1,0 +1,66 @@
+//! Map definitions. Every map is pinned by name so the agent (and a restarted agent, and
+//! `svc-lb debug`) shares them through `<pin_dir>/<NAME>`; names come from `svc_lb_common::maps`.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use svc_lb_common::{
+    BackendV4, Counter, CtEntry, CtKeyV4, MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT,
+    MAX_SERVICE_ENTRIES, RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SvcName,
+};
+
+#[map(name = "LB4_SERVICES")]
+pub static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceEntry> =
+    HashMap::pinned(MAX_SERVICE_ENTRIES, 0);
+
+#[map(name = "LB4_BACKENDS")]
+pub static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "LB4_REVNAT")]
+pub static LB4_REVNAT: HashMap<u16, RevNatV4> = HashMap::pinned(MAX_REVNAT, 0);
+
+#[map(name = "LB4_CT")]
+pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
+
+#[map(name = "LB4_SVC_STATS")]
+pub static LB4_SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_REVNAT, 0);
+
+#[map(name = "LB4_BE_STATS")]
+pub static LB4_BE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "LB_STATS")]
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+/// Only the agent reads and writes it (names for `svc-lb debug`); it lives here so loading the
+/// object creates and pins it with the others. Without preallocation it costs nothing when empty.
+#[map(name = "LB_SVC_NAMES")]
+pub static LB_SVC_NAMES: HashMap<u16, SvcName> = HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
+
+/// Increments global counter `idx` (a `STAT_*` index).
+#[inline(always)]
+pub fn stat(idx: u32) {
+    if let Some(p) = LB_STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<Counter>, idx: u32, bytes: u32) {
+    if let Some(p) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, see `stat`.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Per-frontend and per-backend packet/byte counters.
+#[inline(always)]
+pub fn count_flow(rev_nat_id: u16, backend_id: u32, bytes: u32) {
+    bump(&LB4_SVC_STATS, u32::from(rev_nat_id), bytes);
+    bump(&LB4_BE_STATS, backend_id, bytes);
+}

@@ -1,0 +1,618 @@
+//! `svc_lb_tc_ingress` under BPF_PROG_TEST_RUN: crafted frames in, verdict and exact bytes out.
+//! Needs root (BPF + bpffs); fails, never skips, when the program cannot be loaded.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::SchedClassifier,
+};
+use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
+use svc_lb_common::{
+    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP,
+    IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT,
+    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED,
+    STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
+};
+use svc_lb_tests::packet::{
+    self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
+    TCP_SYN, decode,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+
+fn pod(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, n, 2)
+}
+
+/// A bpffs directory unique to one test; removed (with the pins) on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        svc_lb_tests::require_root();
+        svc_lb_tests::ensure_bpffs();
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/svc-lb-progtest-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create pin dir");
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Harness {
+    ebpf: Ebpf,
+    // Declared after `ebpf` so the maps are closed before the pins go.
+    dir: PinDir,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = PinDir::new();
+        Self::load_in(dir)
+    }
+
+    fn load_in(dir: PinDir) -> Self {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir.0)
+            .load(ebpf_object())
+            .expect("load the svc-lb eBPF object");
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .expect("program present")
+            .try_into()
+            .expect("program is a classifier");
+        prog.load().expect("verifier accepts svc_lb_tc_ingress");
+        Harness { ebpf, dir }
+    }
+
+    fn services(&mut self) -> HashMap<&mut MapData, ServiceKeyV4, ServiceEntry> {
+        HashMap::try_from(self.ebpf.map_mut(maps::SERVICES_MAP).unwrap()).unwrap()
+    }
+
+    fn backends(&mut self) -> HashMap<&mut MapData, u32, BackendV4> {
+        HashMap::try_from(self.ebpf.map_mut(maps::BACKENDS_MAP).unwrap()).unwrap()
+    }
+
+    fn ct(&self) -> HashMap<&MapData, CtKeyV4, CtEntry> {
+        HashMap::try_from(self.ebpf.map(maps::CT_MAP).unwrap()).unwrap()
+    }
+
+    /// A frontend with backends `ids` (slots 1..=n, in order) and a rev-NAT entry.
+    fn add_service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        rev_nat_id: u16,
+        backends: &[(u32, Ipv4Addr, u16)],
+    ) {
+        for &(id, ip, p) in backends {
+            self.backends()
+                .insert(id, BackendV4::new(ip, p, proto, 0), 0)
+                .unwrap();
+        }
+        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
+        let mut svcs = self.services();
+        for (i, &(id, _, _)) in backends.iter().enumerate() {
+            let slot = u16::try_from(i + 1).unwrap();
+            let e = ServiceEntry {
+                backend_id: id,
+                rev_nat_id,
+                ..Default::default()
+            };
+            svcs.insert(key.with_slot(slot), e, 0).unwrap();
+        }
+        let front = ServiceEntry {
+            count: u16::try_from(backends.len()).unwrap(),
+            rev_nat_id,
+            flags: SVC_F_CLUSTER_IP,
+            ..Default::default()
+        };
+        svcs.insert(key, front, 0).unwrap();
+        let mut revnat: HashMap<_, u16, RevNatV4> =
+            HashMap::try_from(self.ebpf.map_mut(maps::REVNAT_MAP).unwrap()).unwrap();
+        revnat
+            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
+            .unwrap();
+    }
+
+    /// Runs the program once (TEST_RUN does not reset the packet between repeats).
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = 1;
+        let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn stat(&self, idx: u32) -> u64 {
+        let a: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::STATS_MAP).unwrap()).unwrap();
+        a.get(&idx, 0).unwrap().iter().sum()
+    }
+
+    fn counter(&self, map: &str, idx: u32) -> Counter {
+        let a: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map).unwrap()).unwrap();
+        a.get(&idx, 0)
+            .unwrap()
+            .iter()
+            .fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            })
+    }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn ct_key(s: SocketAddrV4, d: SocketAddrV4, proto: u8, dir: u8) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: ip_to_net(*s.ip()),
+        daddr: ip_to_net(*d.ip()),
+        sport: port_to_net(s.port()),
+        dport: port_to_net(d.port()),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+fn three_backends() -> [(u32, Ipv4Addr, u16); 3] {
+    [(1, pod(1), 5000), (2, pod(2), 5000), (3, pod(3), 5000)]
+}
+
+fn tcp_dst(d: &Decoded) -> SocketAddrV4 {
+    match d.l4 {
+        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => sa(d.dst, dport),
+        L4::Icmp { .. } => panic!("not TCP/UDP: {d:?}"),
+    }
+}
+
+#[test]
+fn all_maps_are_created_and_pinned() {
+    let h = Harness::new();
+    for name in PINNED_MAPS {
+        assert!(h.ebpf.map(name).is_some(), "map {name} missing from object");
+        assert!(h.dir.0.join(name).exists(), "pin {name} missing");
+    }
+}
+
+#[test]
+fn tcp_clusterip_dnat_rewrites_dst_with_correct_checksums() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(2), 5000)]);
+    let client = sa(CLIENT, 40001);
+    let frame = packet::tcp(client, sa(VIP, 80), TCP_SYN, 1000, 0, b"");
+    let (verdict, out) = h.run(&frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out.len(), frame.len());
+    let d = decode(&out).expect("checksums after DNAT");
+    assert_eq!(d.src, CLIENT);
+    assert_eq!(tcp_dst(&d), sa(pod(2), 5000));
+    // Nothing but destination address/port and the two checksums changed.
+    let changed: Vec<usize> = (0..frame.len()).filter(|&i| frame[i] != out[i]).collect();
+    let allowed = [24, 25, 30, 31, 32, 33, 36, 37, 50, 51];
+    assert!(
+        changed.iter().all(|i| allowed.contains(i)),
+        "changed bytes {changed:?}"
+    );
+
+    // A data segment with payload also comes out consistent.
+    let data = packet::tcp(
+        client,
+        sa(VIP, 80),
+        TCP_ACK | TCP_PSH,
+        1001,
+        5,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    let (verdict, out) = h.run(&data);
+    assert_eq!(verdict, TC_ACT_OK);
+    let d = decode(&out).expect("checksums after DNAT with payload");
+    assert_eq!(tcp_dst(&d), sa(pod(2), 5000));
+
+    assert_eq!(h.stat(STAT_DNAT), 2);
+    assert_eq!(h.stat(STAT_PACKETS), 2);
+    assert_eq!(h.stat(STAT_CT_NEW), 1);
+    assert_eq!(h.stat(STAT_CT_HIT), 1);
+    let svc = h.counter(maps::SVC_STATS_MAP, 7);
+    assert_eq!(svc.packets, 2);
+    assert_eq!(svc.bytes, (frame.len() + data.len()) as u64);
+    assert_eq!(h.counter(maps::BE_STATS_MAP, 4).packets, 2);
+}
+
+#[test]
+fn udp_dnat_with_and_without_checksum() {
+    let mut h = Harness::new();
+    h.add_service(DNS_VIP, 53, IPPROTO_UDP, 9, &[(5, pod(3), 5353)]);
+    let client = sa(CLIENT, 40002);
+    let frame = packet::udp(client, sa(DNS_VIP, 53), b"query", true);
+    let (verdict, out) = h.run(&frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    let d = decode(&out).expect("checksums after UDP DNAT");
+    assert_eq!(tcp_dst(&d), sa(pod(3), 5353));
+    assert!(matches!(d.l4, L4::Udp { csum, ref payload, .. } if csum != 0 && payload == b"query"));
+
+    let frame = packet::udp(sa(CLIENT, 40003), sa(DNS_VIP, 53), b"query", false);
+    let (verdict, out) = h.run(&frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    let d = decode(&out).expect("IP checksum after UDP DNAT");
+    assert_eq!(tcp_dst(&d), sa(pod(3), 5353));
+    assert!(
+        matches!(d.l4, L4::Udp { csum: 0, .. }),
+        "zero UDP checksum must stay 0: {d:?}"
+    );
+    assert_eq!(h.stat(STAT_DNAT), 2);
+}
+
+#[test]
+fn reply_is_reverse_nated_after_forward_packet() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(2), 5000)]);
+    let client = sa(CLIENT, 40010);
+    let backend = sa(pod(2), 5000);
+    let (v, _) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1000, 0, b""));
+    assert_eq!(v, TC_ACT_OK);
+
+    let fwd = h
+        .ct()
+        .get(&ct_key(client, sa(VIP, 80), IPPROTO_TCP, CT_DIR_FORWARD), 0)
+        .expect("forward CT entry");
+    let rev = h
+        .ct()
+        .get(&ct_key(backend, client, IPPROTO_TCP, CT_DIR_REPLY), 0)
+        .expect("reply CT entry");
+    assert_eq!((fwd.backend_id, fwd.rev_nat_id), (4, 7));
+    assert_eq!((rev.backend_id, rev.rev_nat_id), (4, 7));
+    assert_ne!(fwd.last_seen_ns, 0);
+
+    let reply = packet::tcp(backend, client, TCP_SYN | TCP_ACK, 5000, 1001, b"");
+    let (v, out) = h.run(&reply);
+    assert_eq!(v, TC_ACT_OK);
+    let d = decode(&out).expect("checksums after reverse NAT");
+    assert_eq!(d.src, VIP);
+    assert_eq!(d.dst, CLIENT);
+    assert!(matches!(
+        d.l4,
+        L4::Tcp {
+            sport: 80,
+            dport: 40010,
+            seq: 5000,
+            ack: 1001,
+            ..
+        }
+    ));
+    assert_eq!(h.stat(STAT_REVNAT), 1);
+    assert_eq!(h.counter(maps::SVC_STATS_MAP, 7).packets, 2);
+    assert_eq!(h.counter(maps::BE_STATS_MAP, 4).packets, 2);
+
+    // UDP reply path with a zero checksum keeps it zero.
+    h.add_service(DNS_VIP, 53, IPPROTO_UDP, 9, &[(5, pod(3), 5353)]);
+    let uc = sa(CLIENT, 40011);
+    h.run(&packet::udp(uc, sa(DNS_VIP, 53), b"q", false));
+    let (v, out) = h.run(&packet::udp(sa(pod(3), 5353), uc, b"answer", false));
+    assert_eq!(v, TC_ACT_OK);
+    let d = decode(&out).unwrap();
+    assert_eq!(d.src, DNS_VIP);
+    assert!(matches!(
+        d.l4,
+        L4::Udp {
+            sport: 53,
+            dport: 40011,
+            csum: 0,
+            ..
+        }
+    ));
+    let (_, out) = h.run(&packet::udp(sa(pod(3), 5353), uc, b"answer", true));
+    assert!(matches!(decode(&out).unwrap().l4, L4::Udp { sport: 53, csum, .. } if csum != 0));
+
+    // FIN marks the flow as closing.
+    h.run(&packet::tcp(
+        client,
+        sa(VIP, 80),
+        TCP_FIN | TCP_ACK,
+        1001,
+        5001,
+        b"",
+    ));
+    let fwd = h
+        .ct()
+        .get(&ct_key(client, sa(VIP, 80), IPPROTO_TCP, CT_DIR_FORWARD), 0)
+        .unwrap();
+    assert_ne!(fwd.flags & CT_F_CLOSING, 0);
+}
+
+#[test]
+fn conntrack_pins_flows_and_new_flows_spread() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three_backends());
+    let vip = sa(VIP, 80);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41060u16 {
+        let client = sa(CLIENT, port);
+        let (_, out) = h.run(&packet::tcp(client, vip, TCP_SYN, 1, 0, b""));
+        let first = tcp_dst(&decode(&out).unwrap());
+        seen.insert(*first.ip());
+        for i in 0..5 {
+            let (v, out) = h.run(&packet::tcp(client, vip, TCP_ACK, 2 + i, 1, b"x"));
+            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(tcp_dst(&decode(&out).unwrap()), first, "flow {port} moved");
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "60 flows should use all 3 backends, got {seen:?}"
+    );
+    assert_eq!(h.stat(STAT_CT_NEW), 60);
+    assert_eq!(h.stat(STAT_CT_HIT), 300);
+    let total: u64 = (1..=3)
+        .map(|id| h.counter(maps::BE_STATS_MAP, id).packets)
+        .sum();
+    assert_eq!(total, 360);
+}
+
+#[test]
+fn removed_backend_is_reselected() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(1), 5000)]);
+    let client = sa(CLIENT, 42000);
+    h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+    // The agent replaces backend 4 by backend 6 in slot 1.
+    h.backends().remove(&4).unwrap();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(6, pod(3), 5000)]);
+    let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_ACK, 2, 1, b""));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(3), 5000));
+    assert_eq!(h.stat(STAT_CT_RESELECT), 1);
+    let fwd = h
+        .ct()
+        .get(&ct_key(client, sa(VIP, 80), IPPROTO_TCP, CT_DIR_FORWARD), 0)
+        .unwrap();
+    assert_eq!(fwd.backend_id, 6);
+}
+
+#[test]
+fn missing_slot_drops_and_counts() {
+    let mut h = Harness::new();
+    // Frontend claims 2 backends but only slot 1 exists (agent mid-update): slot 2 may be hit.
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(1), 5000)]);
+    let key = ServiceKeyV4::new(VIP, 80, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
+    h.services()
+        .insert(
+            key,
+            ServiceEntry {
+                count: 2,
+                rev_nat_id: 7,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    let mut drops = 0;
+    for port in 43000..43040u16 {
+        let (v, _) = h.run(&packet::tcp(
+            sa(CLIENT, port),
+            sa(VIP, 80),
+            TCP_SYN,
+            1,
+            0,
+            b"",
+        ));
+        assert!(v == TC_ACT_OK || v == TC_ACT_SHOT, "verdict {v}");
+        if v == TC_ACT_SHOT {
+            drops += 1;
+        }
+    }
+    assert!(drops > 0, "40 new flows never picked the missing slot 2");
+    assert_eq!(h.stat(STAT_LOOKUP_MISS), drops);
+}
+
+#[test]
+fn non_matching_packets_pass_unchanged() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three_backends());
+    let frames = [
+        // other port, other address, other protocol on the VIP port
+        packet::tcp(sa(CLIENT, 40000), sa(VIP, 81), TCP_SYN, 1, 0, b""),
+        packet::tcp(
+            sa(CLIENT, 40000),
+            sa(Ipv4Addr::new(10, 96, 0, 11), 80),
+            TCP_SYN,
+            1,
+            0,
+            b"",
+        ),
+        packet::udp(sa(CLIENT, 40000), sa(VIP, 80), b"x", true),
+        packet::icmp_echo(CLIENT, VIP),
+    ];
+    for f in &frames {
+        let (v, out) = h.run(f);
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(&out, f, "packet must pass byte-for-byte");
+    }
+    assert_eq!(h.stat(STAT_PACKETS), 3);
+    assert_eq!(h.stat(STAT_DNAT), 0);
+    assert_eq!(h.stat(STAT_PASS_UNPARSED), 0);
+}
+
+#[test]
+fn unparseable_packets_pass_unchanged() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three_backends());
+    h.add_service(DNS_VIP, 53, IPPROTO_UDP, 9, &[(5, pod(3), 5353)]);
+    let tcp = packet::tcp(sa(CLIENT, 40000), sa(VIP, 80), TCP_SYN, 1, 0, b"");
+    let udp = packet::udp(sa(CLIENT, 40000), sa(DNS_VIP, 53), b"q", true);
+    let mut cases: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    // Truncated at every length TEST_RUN accepts: for an IPv4 ethertype it refuses frames
+    // without a full IP header (EINVAL), so truncation is exercised from the end of the IP
+    // header through the L4 header and into the payload. (The program itself reads headers with
+    // bpf_skb_load_bytes, which fails cleanly on shorter packets too.)
+    for len in L4_OFF..tcp.len() {
+        cases.push((format!("tcp truncated to {len}"), tcp[..len].to_vec(), true));
+    }
+    for len in L4_OFF..udp.len() - 1 {
+        cases.push((format!("udp truncated to {len}"), udp[..len].to_vec(), true));
+    }
+    // IP options (IHL 6): same service tuple, but the L4 header would move.
+    let mut opt = tcp.clone();
+    opt[ETH_LEN] = 0x46;
+    opt.splice(L4_OFF..L4_OFF, [1u8, 1, 1, 0]);
+    let tot = u16::from_be_bytes([opt[16], opt[17]]) + 4;
+    opt[16..18].copy_from_slice(&tot.to_be_bytes());
+    packet::fix_ip_checksum(&mut opt);
+    cases.push(("ip options".into(), opt, true));
+    // First fragment (MF) and a later fragment (offset != 0).
+    for (name, flags) in [("MF set", [0x20u8, 0x00]), ("offset 8", [0x00, 0x01])] {
+        let mut f = udp.clone();
+        f[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&flags);
+        packet::fix_ip_checksum(&mut f);
+        cases.push((name.into(), f, true));
+    }
+    // IP total length larger than the frame.
+    let mut long = tcp.clone();
+    long[16..18].copy_from_slice(&200u16.to_be_bytes());
+    packet::fix_ip_checksum(&mut long);
+    cases.push(("tot_len beyond frame".into(), long, true));
+    // Non-IP (ARP ethertype) with a TCP-to-VIP-looking body: not counted.
+    let mut arp = tcp.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("arp ethertype".into(), arp, false));
+
+    let mut expect_unparsed = 0;
+    for (name, frame, counted) in &cases {
+        if *counted {
+            expect_unparsed += 1;
+        }
+        let (v, out) = h.run(frame);
+        assert_eq!(v, TC_ACT_OK, "{name}");
+        assert_eq!(&out, frame, "{name}: must pass unchanged");
+    }
+    assert_eq!(h.stat(STAT_PASS_UNPARSED), expect_unparsed);
+    assert_eq!(h.stat(STAT_DNAT), 0);
+    assert_eq!(h.stat(STAT_PACKETS), 0);
+}
+
+#[test]
+fn no_backend_tcp_syn_gets_rst_redirected_back() {
+    let mut h = Harness::new();
+    h.add_service(EMPTY_VIP, 80, IPPROTO_TCP, 11, &[]);
+    let client = sa(CLIENT, 44000);
+    let syn = packet::tcp(client, sa(EMPTY_VIP, 80), TCP_SYN, 0x1000_0000, 0, b"");
+    let (v, out) = h.run(&syn);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 54, "RST frame is Ethernet + IP + bare TCP");
+    let d = decode(&out).expect("checksums of the RST");
+    assert_eq!(d.eth_dst, MAC_CLIENT);
+    assert_eq!(d.eth_src, MAC_NODE);
+    assert_eq!((d.src, d.dst), (EMPTY_VIP, CLIENT));
+    assert_eq!(
+        d.l4,
+        L4::Tcp {
+            sport: 80,
+            dport: 44000,
+            seq: 0,
+            ack: 0x1000_0001,
+            flags: TCP_RST | TCP_ACK,
+            payload: vec![]
+        }
+    );
+
+    // A data segment with ACK: seq = its ack, ack = seq + payload; payload trimmed.
+    let data = packet::tcp(
+        client,
+        sa(EMPTY_VIP, 80),
+        TCP_ACK | TCP_PSH,
+        500,
+        900,
+        b"hello",
+    );
+    let (v, out) = h.run(&data);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let d = decode(&out).unwrap();
+    assert!(
+        matches!(d.l4, L4::Tcp { seq: 900, ack: 505, flags, ref payload, .. } if flags == TCP_RST | TCP_ACK && payload.is_empty())
+    );
+
+    // A reset is never answered: dropped.
+    let rst = packet::tcp(client, sa(EMPTY_VIP, 80), TCP_RST, 1, 0, b"");
+    let (v, _) = h.run(&rst);
+    assert_eq!(v, TC_ACT_SHOT);
+
+    assert_eq!(h.stat(STAT_NO_BACKEND), 2);
+    assert_eq!(h.stat(STAT_NO_BACKEND_DROP), 1);
+    assert_eq!(h.stat(STAT_DNAT), 0);
+}
+
+#[test]
+fn no_backend_udp_gets_icmp_port_unreachable() {
+    let mut h = Harness::new();
+    h.add_service(EMPTY_VIP, 53, IPPROTO_UDP, 12, &[]);
+    for payload in [&b""[..], b"a long enough query payload to be trimmed away"] {
+        let q = packet::udp(sa(CLIENT, 45000), sa(EMPTY_VIP, 53), payload, true);
+        let (v, out) = h.run(&q);
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(out.len(), 14 + 20 + 8 + 28);
+        let d = decode(&out).expect("checksums of the ICMP error");
+        assert_eq!(d.eth_dst, MAC_CLIENT);
+        assert_eq!((d.src, d.dst), (EMPTY_VIP, CLIENT));
+        let L4::Icmp { ty, code, body } = d.l4 else {
+            panic!("not ICMP: {d:?}")
+        };
+        assert_eq!((ty, code), (3, 3));
+        // Quote: the original IP header and the first 8 bytes of UDP, unchanged.
+        assert_eq!(&body[..], &q[ETH_LEN..L4_OFF + 8]);
+    }
+    assert_eq!(h.stat(STAT_NO_BACKEND), 2);
+}
+
+#[test]
+fn restarted_loader_reuses_pinned_maps() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(2), 5000)]);
+    let client = sa(CLIENT, 46000);
+    h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+    let Harness { ebpf, dir } = h;
+    drop(ebpf);
+    // A second load from the same pin dir sees the services and the conntrack entries.
+    let mut h = Harness::load_in(dir);
+    let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_ACK, 2, 1, b""));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(2), 5000));
+    assert_eq!(h.stat(STAT_CT_HIT), 1);
+    assert_eq!(h.stat(STAT_DNAT), 2);
+}
