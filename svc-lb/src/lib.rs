@@ -6,3 +6,4 @@ pub mod model;
 pub mod error;
 pub mod maps;
 pub mod reconcile;
+pub mod debug;

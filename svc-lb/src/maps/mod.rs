@@ -3,7 +3,7 @@
 //! and an in-memory implementation.
 
 mod bpf;
-mod dump;
+pub(crate) mod dump;
 mod fake;
 
 use std::collections::BTreeMap;
