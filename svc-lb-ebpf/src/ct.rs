@@ -74,7 +74,7 @@ pub fn create(
         p.proto,
         CT_DIR_REPLY,
     );
-    let ok_fwd = LB4_CT.insert(&fwd, &entry, 0).is_ok();
-    let ok_rev = LB4_CT.insert(&rev, &entry, 0).is_ok();
+    let ok_fwd = LB4_CT.insert(fwd, entry, 0).is_ok();
+    let ok_rev = LB4_CT.insert(rev, entry, 0).is_ok();
     ok_fwd && ok_rev
 }

@@ -52,7 +52,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         scope: SCOPE_EXTERNAL,
         _pad: [0; 2],
     };
-    let Some(svc) = LB4_SERVICES.get_ptr(&key) else {
+    let Some(svc) = LB4_SERVICES.get_ptr(key) else {
         return OK;
     };
     // SAFETY: pointer from a successful lookup; copied out at once.
@@ -68,7 +68,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 fn reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     let ct = ct::lookup_touch(&ct::packet_key(p, CT_DIR_REPLY), p)?;
     // Frontend deleted since: the flow is no longer ours, leave the packet to the kernel.
-    let rn = LB4_REVNAT.get_ptr(&ct.rev_nat_id)?;
+    let rn = LB4_REVNAT.get_ptr(ct.rev_nat_id)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     let rn = unsafe { *rn };
     if nat::rewrite(ctx, p, Field::Src, rn.addr, rn.port).is_err() {
@@ -117,7 +117,7 @@ fn no_backend(ctx: &TcContext, p: &Packet) -> i32 {
 fn forward(ctx: &TcContext, p: &Packet, key: &ServiceKeyV4, svc: &ServiceEntry) -> i32 {
     let mut chosen: Option<(u32, BackendV4)> = None;
     if let Some(ct) = ct::lookup_touch(&ct::packet_key(p, CT_DIR_FORWARD), p) {
-        match LB4_BACKENDS.get_ptr(&ct.backend_id) {
+        match LB4_BACKENDS.get_ptr(ct.backend_id) {
             Some(be) => {
                 stat(STAT_CT_HIT);
                 // SAFETY: pointer from a successful lookup; copied out at once.
@@ -133,13 +133,13 @@ fn forward(ctx: &TcContext, p: &Packet, key: &ServiceKeyV4, svc: &ServiceEntry) 
             let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
             // A missing slot or backend means the agent is midway through an update; dropping
             // makes the client retransmit into the finished state.
-            let Some(entry) = LB4_SERVICES.get_ptr(&key.with_slot(slot)) else {
+            let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
                 stat(STAT_LOOKUP_MISS);
                 return SHOT;
             };
             // SAFETY: pointer from a successful lookup.
             let backend_id = unsafe { (*entry).backend_id };
-            let Some(be) = LB4_BACKENDS.get_ptr(&backend_id) else {
+            let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
                 stat(STAT_LOOKUP_MISS);
                 return SHOT;
             };
