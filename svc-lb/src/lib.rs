@@ -2,8 +2,10 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod k8s;
 pub mod model;
 pub mod error;
 pub mod maps;
 pub mod reconcile;
+pub mod translate;
 pub mod debug;

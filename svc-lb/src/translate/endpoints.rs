@@ -1,0 +1,203 @@
+//! The backends of a Service port: from its EndpointSlices when it has any, otherwise from the
+//! Pods its selector picks (doing the EndpointSlice controller's job locally).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use tracing::debug;
+
+use super::{
+    Rejected,
+    service::{PortPlan, ServicePlan, Target, valid_port},
+};
+use crate::{
+    k8s::{namespace, selector},
+    model::{BackendAddr, Proto},
+};
+
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Slices and Pods, pre-filtered and grouped so each Service port looks up only its own.
+pub(super) struct EndpointIndex<'a> {
+    /// (namespace, service name) -> its IPv4 slices.
+    slices: BTreeMap<(&'a str, &'a str), Vec<Slice<'a>>>,
+    /// Services with slices of any address type: those never fall back to Pods.
+    has_slices: BTreeSet<(&'a str, &'a str)>,
+    /// namespace -> Pods that may serve traffic.
+    pods: BTreeMap<&'a str, Vec<ServingPod<'a>>>,
+}
+
+struct Slice<'a> {
+    slice: &'a EndpointSlice,
+    /// Addresses of ready endpoints.
+    ready: Vec<Ipv4Addr>,
+}
+
+struct ServingPod<'a> {
+    pod: &'a Pod,
+    ip: Ipv4Addr,
+}
+
+impl<'a> EndpointIndex<'a> {
+    pub fn new(objects: &'a super::Objects, rejected: &mut Vec<Rejected>) -> Self {
+        let mut index = EndpointIndex {
+            slices: BTreeMap::new(),
+            has_slices: BTreeSet::new(),
+            pods: BTreeMap::new(),
+        };
+        for slice in &objects.endpoint_slices {
+            let labels = slice.metadata.labels.as_ref();
+            let Some(svc) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            let key = (namespace(&slice.metadata), svc.as_str());
+            index.has_slices.insert(key);
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let ready = slice
+                .endpoints
+                .iter()
+                // nil `ready` means ready (API docs: "nil should be interpreted as true").
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                // Consumers use the first address only (the API allows more for future use).
+                .filter_map(|e| e.addresses.first())
+                .filter_map(|a| match a.parse::<Ipv4Addr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        rejected.push(Rejected {
+                            object: format!(
+                                "EndpointSlice {}/{}",
+                                key.0,
+                                slice.metadata.name.as_deref().unwrap_or("<no name>")
+                            ),
+                            reason: format!("endpoint address {a:?} is not an IPv4 address"),
+                        });
+                        None
+                    }
+                })
+                .collect();
+            index
+                .slices
+                .entry(key)
+                .or_default()
+                .push(Slice { slice, ready });
+        }
+        for pod in &objects.pods {
+            if let Some(ip) = serving_ip(pod) {
+                index
+                    .pods
+                    .entry(namespace(&pod.metadata))
+                    .or_default()
+                    .push(ServingPod { pod, ip });
+            }
+        }
+        index
+    }
+
+    /// Sorted, deduplicated backends of one Service port.
+    pub fn backends(&self, svc: &ServicePlan<'_>, port: &PortPlan) -> Vec<BackendAddr> {
+        let key = (svc.namespace, svc.name);
+        let mut out = BTreeSet::new();
+        if self.has_slices.contains(&key) {
+            for s in self.slices.get(&key).into_iter().flatten() {
+                let Some(target) = slice_port(s.slice, port) else {
+                    continue;
+                };
+                out.extend(s.ready.iter().map(|&ip| BackendAddr { ip, port: target }));
+            }
+        } else {
+            for p in self.pods.get(svc.namespace).into_iter().flatten() {
+                if !selector::selects(svc.service, p.pod) {
+                    continue;
+                }
+                match target_port(p.pod, port) {
+                    Some(target) => {
+                        out.insert(BackendAddr {
+                            ip: p.ip,
+                            port: target,
+                        });
+                    }
+                    None => debug!(
+                        service = %svc.object(),
+                        pod = p.pod.metadata.name.as_deref().unwrap_or(""),
+                        port = %port.label(),
+                        "pod has no container port named like the targetPort; skipped"
+                    ),
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// The slice's port number for the Service port: same name (both may be empty) and protocol.
+fn slice_port(slice: &EndpointSlice, port: &PortPlan) -> Option<u16> {
+    slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| {
+            p.name.as_deref().unwrap_or("") == port.name
+                && proto_is(p.protocol.as_deref(), port.proto)
+        })
+        .and_then(|p| p.port)
+        .and_then(valid_port)
+}
+
+/// The Pod's IPv4 address when it should receive traffic: what the EndpointSlice controller
+/// would publish as a ready endpoint.
+fn serving_ip(pod: &Pod) -> Option<Ipv4Addr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None; // terminating
+    }
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let not_ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "False");
+    if not_ready {
+        return None;
+    }
+    // podIPs lists every family (the primary first); podIP is the primary only.
+    let ips = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    ips.chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+}
+
+fn target_port(pod: &Pod, port: &PortPlan) -> Option<u16> {
+    match &port.target {
+        Target::Number(n) => Some(*n),
+        Target::Named(name) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|cp| {
+                cp.name.as_deref() == Some(name.as_str())
+                    && proto_is(cp.protocol.as_deref(), port.proto)
+            })
+            .and_then(|cp| valid_port(cp.container_port)),
+    }
+}
+
+fn proto_is(protocol: Option<&str>, proto: Proto) -> bool {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => proto == Proto::Tcp,
+        "UDP" => proto == Proto::Udp,
+        _ => false,
+    }
+}

@@ -1,0 +1,315 @@
+//! Validating a Service and working out its frontends, port by port.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use tracing::debug;
+
+use super::{Rejected, TranslateConfig};
+use crate::{
+    k8s::{manifest::Objects, namespace},
+    model::{FrontendKey, FrontendKind, Proto},
+};
+
+/// A valid Service, ready to be turned into frontends.
+pub(super) struct ServicePlan<'a> {
+    pub service: &'a Service,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub ports: Vec<PortPlan>,
+}
+
+impl ServicePlan<'_> {
+    pub fn object(&self) -> String {
+        format!("Service {}/{}", self.namespace, self.name)
+    }
+}
+
+pub(super) struct PortPlan {
+    /// `""` when the port has no name (single-port Services).
+    pub name: String,
+    pub port: u16,
+    pub proto: Proto,
+    pub target: Target,
+    pub frontends: Vec<(FrontendKey, FrontendKind)>,
+}
+
+impl PortPlan {
+    /// How the port is referred to: its name, or its number when unnamed.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.port.to_string()
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// The pod port traffic goes to (only used when endpoints come from Pods; EndpointSlices
+/// carry resolved numbers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    Number(u16),
+    /// A container port name, resolved per Pod.
+    Named(String),
+}
+
+/// NodePort addresses: the configured ones plus this node's InternalIP/ExternalIP.
+pub(super) fn node_addresses(objects: &Objects, cfg: &TranslateConfig) -> Vec<Ipv4Addr> {
+    let mut ips: BTreeSet<Ipv4Addr> = cfg.node_ips.iter().copied().collect();
+    if let Some(node_name) = &cfg.node_name {
+        let node = objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_ref() == Some(node_name));
+        match node {
+            None => debug!(
+                node_name,
+                "no Node object with this name; using --node-ip only"
+            ),
+            Some(node) => {
+                let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+                ips.extend(
+                    addresses
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok()),
+                );
+            }
+        }
+    }
+    ips.into_iter().collect()
+}
+
+/// Validates `svc`; None when it gets no frontends at all (rejections are pushed).
+pub(super) fn plan<'a>(
+    svc: &'a Service,
+    node_ips: &[Ipv4Addr],
+    cfg: &TranslateConfig,
+    rejected: &mut Vec<Rejected>,
+) -> Option<ServicePlan<'a>> {
+    let ns = namespace(&svc.metadata);
+    let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
+        rejected.push(Rejected {
+            object: format!("Service {ns}/<no name>"),
+            reason: "metadata.name is missing".into(),
+        });
+        return None;
+    };
+    let object = format!("Service {ns}/{name}");
+    let mut reject = |reason: String| {
+        rejected.push(Rejected {
+            object: object.clone(),
+            reason,
+        })
+    };
+    let spec = svc.spec.as_ref()?;
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let (node_port, load_balancer) = match kind {
+        "ClusterIP" => (false, false),
+        "NodePort" => (true, false),
+        "LoadBalancer" => (true, true),
+        "ExternalName" => {
+            debug!(service = %object, "ExternalName Service: DNS only, no frontends");
+            return None;
+        }
+        other => {
+            reject(format!("unknown spec.type {other:?}"));
+            return None;
+        }
+    };
+
+    let cluster_ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    if cluster_ips.contains(&"None") {
+        debug!(service = %object, "headless Service: no frontends");
+        return None;
+    }
+    // An invalid address would have been refused by the API server: drop the whole Service
+    // rather than program part of something that could not exist in a cluster.
+    let cluster_ips = match ipv4s(
+        "spec.clusterIPs",
+        cluster_ips.into_iter().filter(|ip| !ip.is_empty()),
+    ) {
+        Ok(ips) => ips,
+        Err(reason) => return reject_all(&mut reject, reason),
+    };
+    let external_ips = spec.external_ips.iter().flatten().map(String::as_str);
+    let external_ips = match ipv4s("spec.externalIPs", external_ips) {
+        Ok(ips) => ips,
+        Err(reason) => return reject_all(&mut reject, reason),
+    };
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .filter(|_| load_balancer)
+        .into_iter()
+        .flatten()
+        // ipMode Proxy: the load balancer proxies (e.g. PROXY protocol) and traffic must
+        // really go through it, so kube-proxy does not short-cut the IP locally.
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_deref());
+    let lb_ips = match ipv4s("status.loadBalancer.ingress", ingress) {
+        Ok(ips) => ips,
+        Err(reason) => return reject_all(&mut reject, reason),
+    };
+
+    let mut ports: Vec<PortPlan> = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let label = match p.name.as_deref() {
+            Some(n) if !n.is_empty() => n.to_owned(),
+            _ => p.port.to_string(),
+        };
+        let mut port = match port_plan(p, i) {
+            Ok(port) => port,
+            Err(reason) => {
+                reject(format!("port {label}: {reason}"));
+                continue;
+            }
+        };
+        if let Some(dup) = ports
+            .iter()
+            .find(|q| q.port == port.port && q.proto == port.proto)
+        {
+            reject(format!(
+                "port {label}: {}/{} is already defined by port {}",
+                port.port,
+                port.proto,
+                dup.label()
+            ));
+            continue;
+        }
+        // Endpoints are matched to ports by name, so names must be unique.
+        if !names.insert(port.name.clone()) {
+            reject(format!("port {label}: duplicate port name"));
+            continue;
+        }
+        let key = |ip| FrontendKey {
+            ip,
+            port: port.port,
+            proto: port.proto,
+        };
+        port.frontends.extend(
+            cluster_ips
+                .iter()
+                .map(|&ip| (key(ip), FrontendKind::ClusterIp)),
+        );
+        if node_port {
+            match p.node_port {
+                Some(np) if u16::try_from(np).is_ok_and(|np| cfg.nodeport_range.contains(np)) => {
+                    port.frontends.extend(node_ips.iter().map(|&ip| {
+                        let key = FrontendKey {
+                            ip,
+                            port: np as u16,
+                            proto: port.proto,
+                        };
+                        (key, FrontendKind::NodePort)
+                    }));
+                }
+                Some(np) => reject(format!(
+                    "port {label}: nodePort {np} is outside the node port range {}-{}; \
+                     no NodePort frontend",
+                    cfg.nodeport_range.min, cfg.nodeport_range.max
+                )),
+                // A LoadBalancer may opt out of node ports (allocateLoadBalancerNodePorts).
+                None if !load_balancer => reject(format!(
+                    "port {label}: type NodePort without spec.ports[].nodePort \
+                     (there is no allocator in standalone mode); no NodePort frontend"
+                )),
+                None => {}
+            }
+        }
+        port.frontends.extend(
+            external_ips
+                .iter()
+                .map(|&ip| (key(ip), FrontendKind::ExternalIp)),
+        );
+        port.frontends.extend(
+            lb_ips
+                .iter()
+                .map(|&ip| (key(ip), FrontendKind::LoadBalancer)),
+        );
+        ports.push(port);
+    }
+    Some(ServicePlan {
+        service: svc,
+        namespace: ns,
+        name,
+        ports,
+    })
+}
+
+fn reject_all<T>(reject: &mut impl FnMut(String), reason: String) -> Option<T> {
+    reject(format!("{reason}; Service skipped"));
+    None
+}
+
+fn port_plan(p: &ServicePort, index: usize) -> Result<PortPlan, String> {
+    let port = valid_port(p.port).ok_or_else(|| format!("port {} is not in 1-65535", p.port))?;
+    let proto = match p.protocol.as_deref() {
+        None | Some("TCP") => Proto::Tcp,
+        Some("UDP") => Proto::Udp,
+        Some("SCTP") => return Err("SCTP not supported yet".into()),
+        Some(other) => return Err(format!("unknown protocol {other:?} (index {index})")),
+    };
+    let target = match &p.target_port {
+        None => Target::Number(port),
+        Some(IntOrString::Int(n)) => Target::Number(
+            valid_port(*n).ok_or_else(|| format!("targetPort {n} is not in 1-65535"))?,
+        ),
+        Some(IntOrString::String(s)) if s.is_empty() => Target::Number(port),
+        // Quoted numbers are common in hand-written YAML ("8080"); treat them as numbers.
+        Some(IntOrString::String(s)) => match s.parse::<i32>() {
+            Ok(n) => Target::Number(
+                valid_port(n).ok_or_else(|| format!("targetPort {n} is not in 1-65535"))?,
+            ),
+            Err(_) => Target::Named(s.clone()),
+        },
+    };
+    Ok(PortPlan {
+        name: p.name.clone().unwrap_or_default(),
+        port,
+        proto,
+        target,
+        frontends: Vec::new(),
+    })
+}
+
+pub(super) fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+/// The IPv4 addresses among `ips`; IPv6 ones are valid but not ours (the datapath is IPv4).
+fn ipv4s<'s>(field: &str, ips: impl IntoIterator<Item = &'s str>) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for ip in ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4))
+                if !(v4.is_unspecified()
+                    || v4.is_loopback()
+                    || v4.is_multicast()
+                    || v4.is_broadcast()) =>
+            {
+                if !out.contains(&v4) {
+                    out.push(v4);
+                }
+            }
+            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V4(v4)) => return Err(format!("{field}: {v4} cannot be a Service address")),
+            Err(_) => return Err(format!("{field}: invalid IP address {ip:?}")),
+        }
+    }
+    Ok(out)
+}
