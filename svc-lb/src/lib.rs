@@ -9,3 +9,5 @@ pub mod maps;
 pub mod reconcile;
 pub mod translate;
 pub mod debug;
+pub mod netif;
+pub mod run;

@@ -1,8 +1,40 @@
-use anyhow::Result;
+use std::io::Write as _;
+
+use anyhow::{Context as _, Result};
 use clap::Parser;
-use svc_lb::cli::Cli;
+use svc_lb::cli::{Cli, Command};
+use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
+
+/// Logs go to stderr (stdout is for `debug` output). RUST_LOG overrides the default `info`;
+/// with the tracing-log feature, `init` also bridges `log` records (aya, aya-log) into tracing.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .finish()
+        .try_init();
+}
 
 fn main() -> Result<()> {
-    let _cli = Cli::parse();
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Run(args) => svc_lb::run::run(&args).context("svc-lb run")?,
+        Command::Debug(cmd) => {
+            let out = svc_lb::debug::run(&cmd)?;
+            let mut stdout = std::io::stdout().lock();
+            // `svc-lb debug ... | head` closes the pipe early; that is not an error.
+            match stdout
+                .write_all(out.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other.context("writing output")?,
+            }
+        }
+        Command::Uninstall(pin) => svc_lb::dataplane::uninstall(&pin.pin_dir)
+            .with_context(|| format!("uninstalling from {}", pin.pin_dir.display()))?,
+    }
     Ok(())
 }

@@ -1,0 +1,564 @@
+//! `svc-lb run`: load and attach the datapath, then keep the maps equal to what the manifests
+//! describe. Changes are picked up through inotify (debounced) with a periodic rescan as a
+//! safety net; a failing reconcile is logged and retried, never fatal.
+//!
+//! Bad input policy: an object that fails to parse or translate is absent from the new state
+//! (its frontends go away, like an object deleted from the API). A file that cannot be read at
+//! all, or none of whose documents parse, is more likely caught mid-write or broken by an
+//! editor than meant to be empty, so the objects it had at the last good read are kept until
+//! it reads again (or is deleted).
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use notify::{EventKind, RecursiveMode, Watcher as _, event::AccessKind};
+use thiserror::Error;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+    time::{Instant, MissedTickBehavior},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    error::{MapsError, NetifError, chain},
+    k8s::manifest::{Loader, ManifestError, Objects},
+    maps::BpfLbMaps,
+    netif,
+    reconcile::{self, Limits, Outcome},
+    translate::{TranslateConfig, translate},
+};
+
+/// How long to wait after a change event for the rest of a multi-file update.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Full rescan interval, in case an inotify event was missed (or the directory was replaced).
+const RESCAN: Duration = Duration::from_secs(2);
+
+/// `svc-lb run` startup failures (the loop itself logs and retries instead of failing).
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("cannot load the datapath")]
+    Dataplane(#[from] DataplaneError),
+
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+
+    #[error("cannot determine node IPs")]
+    Netif(#[from] NetifError),
+
+    #[error(transparent)]
+    Manifests(#[from] ManifestError),
+
+    #[error("cannot watch {}", dir.display())]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+
+    #[error("cannot install a signal handler")]
+    Signal(#[source] std::io::Error),
+
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+
+    #[error("cannot program the maps")]
+    Reconcile(#[source] reconcile::ReconcileError),
+}
+
+/// Objects of one file, as last read successfully.
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    services: Vec<Service>,
+    endpoint_slices: Vec<EndpointSlice>,
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+}
+
+impl FileObjects {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.pods.is_empty()
+            && self.nodes.is_empty()
+    }
+
+    fn append_to(&self, o: &mut Objects) {
+        o.services.extend(self.services.iter().cloned());
+        o.endpoint_slices
+            .extend(self.endpoint_slices.iter().cloned());
+        o.pods.extend(self.pods.iter().cloned());
+        o.nodes.extend(self.nodes.iter().cloned());
+    }
+}
+
+/// Same selection as the manifest loader: `*.yaml|*.yml|*.json`, not hidden, regular file
+/// (following symlinks), sorted.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let err = |source| ManifestError::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(err)? {
+        let path = entry.map_err(err)?.path();
+        let name = path.file_name().and_then(OsStr::to_str).unwrap_or(".");
+        let ext_ok = path.extension().and_then(OsStr::to_str).is_some_and(|e| {
+            ["yaml", "yml", "json"]
+                .iter()
+                .any(|x| e.eq_ignore_ascii_case(x))
+        });
+        if !name.starts_with('.') && ext_ok && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Appends the `stale` objects whose namespace/name is not among `fresh`.
+fn keep_new<T>(fresh: &mut Vec<T>, stale: Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) {
+    let id = |o: &T| {
+        let m = meta(o);
+        (m.namespace.clone(), m.name.clone())
+    };
+    let seen: std::collections::BTreeSet<_> = fresh.iter().map(id).collect();
+    fresh.extend(stale.into_iter().filter(|o| !seen.contains(&id(o))));
+}
+
+/// Reads the manifest directory, remembering each file's last good objects.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, FileObjects>,
+}
+
+/// One read of the directory.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub objects: Objects,
+    pub errors: Vec<ManifestError>,
+    /// Files whose previous objects were kept because they could not be read now.
+    pub kept_stale: Vec<PathBuf>,
+}
+
+impl ManifestCache {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    /// `Err` only when the directory itself cannot be listed.
+    pub fn load(&mut self) -> Result<Loaded, ManifestError> {
+        let files = manifest_files(&self.dir)?;
+        // One loader for all files, so duplicate detection spans files; each file's objects
+        // are the tail its `load_file` appended.
+        let mut loader = Loader::default();
+        let mut kept_stale = Vec::new();
+        let mut next_good = BTreeMap::new();
+        let mut stale = Objects::default();
+        for file in files {
+            let o = &loader.objects;
+            let before = (
+                o.services.len(),
+                o.endpoint_slices.len(),
+                o.pods.len(),
+                o.nodes.len(),
+            );
+            let errors_before = loader.errors.len();
+            loader.load_file(&file);
+            let o = &loader.objects;
+            let now = FileObjects {
+                services: o.services[before.0..].to_vec(),
+                endpoint_slices: o.endpoint_slices[before.1..].to_vec(),
+                pods: o.pods[before.2..].to_vec(),
+                nodes: o.nodes[before.3..].to_vec(),
+            };
+            let unreadable = now.is_empty()
+                && loader.errors[errors_before..].iter().any(|e| {
+                    matches!(
+                        e,
+                        ManifestError::ReadFile { .. } | ManifestError::Malformed { .. }
+                    )
+                });
+            match self.last_good.get(&file) {
+                Some(prev) if unreadable && !prev.is_empty() => {
+                    prev.append_to(&mut stale);
+                    kept_stale.push(file.clone());
+                    next_good.insert(file, prev.clone());
+                }
+                _ => {
+                    next_good.insert(file, now);
+                }
+            }
+        }
+        // Deleted files drop out here: removing a file is a deliberate change.
+        self.last_good = next_good;
+        let mut objects = loader.objects;
+        // An object that moved to a readable file is taken from there, not from the stale copy.
+        keep_new(&mut objects.services, stale.services, |o| &o.metadata);
+        keep_new(&mut objects.endpoint_slices, stale.endpoint_slices, |o| {
+            &o.metadata
+        });
+        keep_new(&mut objects.pods, stale.pods, |o| &o.metadata);
+        keep_new(&mut objects.nodes, stale.nodes, |o| &o.metadata);
+        Ok(Loaded {
+            objects,
+            errors: loader.errors,
+            kept_stale,
+        })
+    }
+}
+
+/// Logs a set of messages only when it differs from the previous round, so the periodic
+/// rescan does not repeat the same warnings every two seconds.
+#[derive(Default)]
+struct Dedup(Vec<String>);
+
+impl Dedup {
+    fn changed(&mut self, msgs: Vec<String>) -> Option<Vec<String>> {
+        if msgs == self.0 {
+            return None;
+        }
+        self.0 = msgs.clone();
+        Some(msgs)
+    }
+}
+
+struct Agent {
+    maps: BpfLbMaps,
+    cache: ManifestCache,
+    translate_cfg: TranslateConfig,
+    manifest_log: Dedup,
+    rejected_log: Dedup,
+    plan_log: Dedup,
+    last_error: Option<String>,
+}
+
+impl Agent {
+    /// Read, translate, reconcile. Problems with individual objects are logged; only a failed
+    /// dump/apply or an unreadable directory is an error.
+    fn sync(&mut self, why: &str) -> Result<Outcome, RunError> {
+        let loaded = self.cache.load()?;
+        let mut msgs: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        msgs.extend(loaded.kept_stale.iter().map(|f| {
+            format!(
+                "{}: keeping the objects of the last good read until it reads again",
+                f.display()
+            )
+        }));
+        if let Some(msgs) = self.manifest_log.changed(msgs) {
+            for m in msgs {
+                warn!("manifest: {m}");
+            }
+        }
+        let t = translate(&loaded.objects, &self.translate_cfg);
+        let rejected = t
+            .rejected
+            .iter()
+            .map(|r| format!("skipping {}: {}", r.object, r.reason))
+            .collect();
+        if let Some(msgs) = self.rejected_log.changed(rejected) {
+            for m in msgs {
+                warn!("{m}");
+            }
+        }
+        let outcome = reconcile::reconcile(&mut self.maps, &t.state, Limits::default())
+            .map_err(RunError::Reconcile)?;
+        let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
+        if let Some(msgs) = self.plan_log.changed(plan_errors) {
+            for m in msgs {
+                warn!("cannot program {m}");
+            }
+        }
+        if outcome.ops > 0 || why == "startup" {
+            info!(
+                trigger = why,
+                "synced {} frontends, {} backends ({} ops)",
+                outcome.frontends,
+                outcome.backends,
+                outcome.ops
+            );
+        } else {
+            debug!(trigger = why, "maps already in sync");
+        }
+        Ok(outcome)
+    }
+
+    /// A sync inside the loop: errors are logged (once per distinct error) and retried.
+    fn sync_logged(&mut self, why: &str) {
+        match self.sync(why) {
+            Ok(_) => {
+                if self.last_error.take().is_some() {
+                    info!("reconcile recovered");
+                }
+            }
+            Err(e) => {
+                let msg = chain(&e);
+                if self.last_error.as_deref() != Some(msg.as_str()) {
+                    warn!("reconcile failed, will retry: {msg}");
+                }
+                self.last_error = Some(msg);
+            }
+        }
+    }
+}
+
+fn node_ips(args: &RunArgs) -> Result<Vec<std::net::Ipv4Addr>, NetifError> {
+    if !args.node_ips.is_empty() {
+        return Ok(args.node_ips.clone());
+    }
+    netif::ipv4_addrs(&args.ifaces)
+}
+
+/// Runs the agent until SIGINT/SIGTERM. Programs and pins stay in place on exit, like
+/// kube-proxy leaves its rules; `svc-lb uninstall` removes them.
+pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: &RunArgs) -> Result<(), RunError> {
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+
+    let dataplane = Dataplane::load(&DataplaneConfig {
+        pin_dir: args.pin.pin_dir.clone(),
+        ifaces: args.ifaces.clone(),
+    })?;
+    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    let node_ips = node_ips(args)?;
+    if node_ips.is_empty() {
+        warn!(
+            "no node IPs (none given with --node-ip and the interfaces have no IPv4 address): NodePorts only listen on Node object addresses"
+        );
+    } else {
+        info!(?node_ips, "NodePort addresses");
+    }
+    let mut agent = Agent {
+        maps,
+        cache: ManifestCache::new(&args.manifests),
+        translate_cfg: TranslateConfig {
+            node_ips,
+            node_name: args.node_name.clone(),
+            nodeport_range: args.nodeport_range,
+        },
+        manifest_log: Dedup::default(),
+        rejected_log: Dedup::default(),
+        plan_log: Dedup::default(),
+        last_error: None,
+    };
+    // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
+    agent.sync("startup")?;
+
+    let changed = Arc::new(Notify::new());
+    let notify_changed = changed.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            // Our own reads show up as open/close-nowrite events; only writes matter.
+            Ok(ev) => match ev.kind {
+                EventKind::Access(AccessKind::Close(notify::event::AccessMode::Write)) => {
+                    notify_changed.notify_one()
+                }
+                EventKind::Access(_) => {}
+                _ => notify_changed.notify_one(),
+            },
+            // Overflow or similar: rescan.
+            Err(_) => notify_changed.notify_one(),
+        }
+    })
+    .map_err(|source| RunError::Watch {
+        dir: args.manifests.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&args.manifests, RecursiveMode::NonRecursive)
+        .map_err(|source| RunError::Watch {
+            dir: args.manifests.clone(),
+            source,
+        })?;
+    info!(dir = %args.manifests.display(), "watching manifests");
+
+    let mut rescan = tokio::time::interval_at(Instant::now() + RESCAN, RESCAN);
+    rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let debounce = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM"); break; }
+            _ = changed.notified() => {
+                // The first event of a burst opens the window; later ones ride along.
+                deadline.get_or_insert_with(|| Instant::now() + DEBOUNCE);
+            }
+            _ = debounce => {
+                deadline = None;
+                agent.sync_logged("change");
+            }
+            _ = rescan.tick() => agent.sync_logged("rescan"),
+        }
+    }
+    drop(watcher);
+    drop(dataplane);
+    info!(
+        pin_dir = %args.pin.pin_dir.display(),
+        "exiting; programs stay attached and maps pinned (`svc-lb uninstall` removes them)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: NAME\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
+
+    fn svc(name: &str) -> String {
+        SVC.replace("NAME", name)
+    }
+
+    fn names(o: &Objects) -> Vec<String> {
+        o.services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect()
+    }
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("svc-lb-run-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn broken_file_keeps_its_last_good_objects_other_files_update() {
+        let d = TempDir::new("stale");
+        fs::write(d.0.join("a.yaml"), svc("a")).unwrap();
+        fs::write(d.0.join("b.yaml"), svc("b")).unwrap();
+        let mut cache = ManifestCache::new(&d.0);
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["a", "b"]);
+        assert!(l.kept_stale.is_empty());
+
+        // a.yaml becomes garbage, b.yaml gets a second Service.
+        fs::write(d.0.join("a.yaml"), "kind: [unclosed\n  : : :\n").unwrap();
+        fs::write(
+            d.0.join("b.yaml"),
+            format!("{}---\n{}", svc("b"), svc("b2")),
+        )
+        .unwrap();
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["b", "b2", "a"]);
+        assert_eq!(l.kept_stale, [d.0.join("a.yaml")]);
+        assert!(!l.errors.is_empty());
+
+        // Still broken: still kept (the remembered objects survive more than one round).
+        let l = cache.load().unwrap();
+        assert_eq!(l.kept_stale.len(), 1);
+
+        // The object moved to a readable file meanwhile: that copy wins, no duplicate.
+        fs::write(
+            d.0.join("c.yaml"),
+            svc("a").replace("10.96.0.10", "10.96.0.11"),
+        )
+        .unwrap();
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["b", "b2", "a"]);
+        assert_eq!(
+            l.objects.services[2]
+                .spec
+                .as_ref()
+                .unwrap()
+                .cluster_ip
+                .as_deref(),
+            Some("10.96.0.11")
+        );
+        fs::remove_file(d.0.join("c.yaml")).unwrap();
+
+        // Fixed with different content: the new content wins.
+        fs::write(d.0.join("a.yaml"), svc("a-new")).unwrap();
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["a-new", "b", "b2"]);
+        assert!(l.kept_stale.is_empty());
+
+        // Deleted: its objects go away.
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["b", "b2"]);
+    }
+
+    #[test]
+    fn invalid_object_in_a_readable_file_is_dropped() {
+        let d = TempDir::new("invalid");
+        fs::write(d.0.join("a.yaml"), format!("{}---\n{}", svc("a"), svc("x"))).unwrap();
+        let mut cache = ManifestCache::new(&d.0);
+        assert_eq!(names(&cache.load().unwrap().objects), ["a", "x"]);
+        // The second document now has a wrong field type: only that object disappears.
+        let bad = svc("x").replace("port: 80", "port: eighty");
+        fs::write(d.0.join("a.yaml"), format!("{}---\n{}", svc("a"), bad)).unwrap();
+        let l = cache.load().unwrap();
+        assert_eq!(names(&l.objects), ["a"]);
+        assert!(l.kept_stale.is_empty());
+        assert_eq!(l.errors.len(), 1);
+    }
+
+    #[test]
+    fn a_file_never_read_successfully_contributes_nothing() {
+        let d = TempDir::new("never");
+        fs::write(d.0.join("a.yaml"), "{{{{").unwrap();
+        fs::write(d.0.join(".hidden.yaml"), svc("h")).unwrap();
+        fs::write(d.0.join("notes.txt"), svc("t")).unwrap();
+        let mut cache = ManifestCache::new(&d.0);
+        let l = cache.load().unwrap();
+        assert!(l.objects.services.is_empty());
+        assert!(l.kept_stale.is_empty());
+    }
+
+    #[test]
+    fn missing_dir_is_an_error() {
+        let mut cache = ManifestCache::new(Path::new("/nonexistent/svc-lb-manifests"));
+        assert!(matches!(cache.load(), Err(ManifestError::ReadDir { .. })));
+    }
+
+    #[test]
+    fn dedup_reports_only_changes() {
+        let mut d = Dedup::default();
+        assert_eq!(d.changed(vec!["a".into()]), Some(vec!["a".to_string()]));
+        assert_eq!(d.changed(vec!["a".into()]), None);
+        assert_eq!(d.changed(vec![]), Some(vec![]));
+    }
+}
