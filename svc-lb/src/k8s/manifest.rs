@@ -159,13 +159,18 @@ impl Loader {
                 return;
             }
         };
+        self.load_text(file, &text);
+    }
+
+    /// Loads manifest text as if read from `file` (whose extension picks JSON or YAML).
+    pub(crate) fn load_text(&mut self, file: &Path, text: &str) {
         let is_json = file
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let docs = if is_json {
-            json_documents(&text)
+            json_documents(text)
         } else {
-            yaml_documents(&text)
+            yaml_documents(text)
         };
         for Document { index, line, value } in docs {
             let at = Location {

@@ -1,1 +1,454 @@
+//! Translation of real-looking manifests (svc-lb/tests/data, examples/) and of focused inline
+//! cases. Frontends are compared as one line each so a failure shows the whole picture.
 
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use super::*;
+use crate::{
+    cli::PortRange,
+    k8s::manifest::Loader,
+    model::{FrontendKey, Proto},
+};
+
+fn data(dir: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(dir)
+}
+
+fn load(dir: &Path) -> Objects {
+    let loaded = Loader::load_dir(dir).unwrap();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    loaded.objects
+}
+
+fn load_yaml(yaml: &str) -> Objects {
+    let mut loader = Loader::default();
+    loader.load_text(Path::new("inline.yaml"), yaml);
+    assert!(loader.errors.is_empty(), "{:?}", loader.errors);
+    loader.objects
+}
+
+fn cfg(node_ips: &[Ipv4Addr], node_name: Option<&str>) -> TranslateConfig {
+    TranslateConfig {
+        node_ips: node_ips.to_vec(),
+        node_name: node_name.map(str::to_owned),
+        nodeport_range: PortRange::default(),
+    }
+}
+
+/// `key kind ns/name:port -> backend,backend` per frontend, in key order.
+fn lines(t: &Translation) -> Vec<String> {
+    t.state
+        .frontends
+        .iter()
+        .map(|(key, f)| {
+            assert_eq!(*key, f.key);
+            assert!(
+                f.backends.windows(2).all(|w| w[0] < w[1]),
+                "unsorted: {f:?}"
+            );
+            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            format!(
+                "{} {} {} -> {}",
+                f.key,
+                f.kind,
+                f.service,
+                backends.join(",")
+            )
+        })
+        .collect()
+}
+
+fn rejected(t: &Translation) -> Vec<String> {
+    t.rejected.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn examples_translate_to_the_demo_frontends() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let t = translate(&load(&dir), &cfg(&[], Some("node-1")));
+    let pods = |port: u16| format!("10.244.1.2:{port},10.244.2.2:{port},10.244.3.2:{port}");
+    assert_eq!(
+        lines(&t),
+        [
+            format!(
+                "10.96.0.10:80/TCP ClusterIP default/frontend-svc:http -> {}",
+                pods(5000)
+            ),
+            format!(
+                "10.96.0.20:8080/TCP ClusterIP default/web-service:web -> {}",
+                pods(80)
+            ),
+            format!(
+                "10.96.0.53:53/UDP ClusterIP default/dns-echo:dns -> {}",
+                pods(5353)
+            ),
+            format!(
+                "172.31.0.1:30080/TCP NodePort default/web-service:web -> {}",
+                pods(80)
+            ),
+        ]
+    );
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    // The flags the datapath gets follow the kind.
+    let np = &t.state.frontends[&FrontendKey {
+        ip: Ipv4Addr::new(172, 31, 0, 1),
+        port: 30080,
+        proto: Proto::Tcp,
+    }];
+    assert_eq!(np.kind.flag(), svc_lb_common::SVC_F_NODE_PORT);
+}
+
+#[test]
+fn examples_without_node_name_use_node_ips_only() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let t = translate(&load(&dir), &cfg(&[Ipv4Addr::new(10, 0, 0, 9)], None));
+    let node_ports: Vec<String> = lines(&t)
+        .into_iter()
+        .filter(|l| l.contains("NodePort"))
+        .collect();
+    assert_eq!(node_ports.len(), 1);
+    assert!(
+        node_ports[0].starts_with("10.0.0.9:30080/TCP NodePort"),
+        "{node_ports:?}"
+    );
+}
+
+#[test]
+fn every_service_kind_and_endpoint_source() {
+    let t = translate(
+        &load(&data("services")),
+        &cfg(&[Ipv4Addr::new(192, 0, 2, 50)], Some("node-1")),
+    );
+    // web-1 and web-2 (dual-stack, IPv6 primary, no Ready condition yet) resolve the named
+    // targetPort `web` to their own numbers; web-7 has no port of that name and web-8 has it
+    // only for UDP. Not ready (web-3), terminating (web-4), Succeeded (web-5), no IP (web-6),
+    // other namespace (web-9) and other labels (db-0) never count.
+    let web = "10.244.1.10:8080,10.244.2.10:8088";
+    let all = |p: u16| format!("10.244.1.10:{p},10.244.2.10:{p},10.244.7.10:{p},10.244.8.20:{p}");
+    assert_eq!(
+        lines(&t),
+        [
+            format!("10.96.1.1:80/TCP ClusterIP demo/web:http -> {web}"),
+            format!("10.96.1.1:81/TCP ClusterIP demo/web:admin -> {}", all(8081)),
+            format!("10.96.2.2:443/TCP ClusterIP demo/lb:https -> {}", all(8443)),
+            format!("10.96.3.3:53/UDP ClusterIP demo/ext:53 -> {}", all(5353)),
+            format!(
+                "10.96.4.4:8080/TCP ClusterIP demo/dual:8080 -> {}",
+                all(8080)
+            ),
+            format!(
+                "10.96.5.5:9000/TCP ClusterIP demo/mixed:tcp -> {}",
+                all(9000)
+            ),
+            // From the hand-written EndpointSlice: only the ready endpoint.
+            "10.96.6.6:3306/TCP ClusterIP demo/manual:mysql -> 192.168.50.10:3306".into(),
+            // No selector, no slice: the frontend exists and refuses connections.
+            "10.96.7.7:80/TCP ClusterIP demo/noslice:80 -> ".into(),
+            // node-1's InternalIP (its IPv6 one and the Hostname are ignored).
+            format!("172.31.0.1:30080/TCP NodePort demo/web:http -> {web}"),
+            format!(
+                "172.31.0.1:31443/TCP NodePort demo/lb:https -> {}",
+                all(8443)
+            ),
+            // node-1's ExternalIP.
+            format!("192.0.2.1:30080/TCP NodePort demo/web:http -> {web}"),
+            format!(
+                "192.0.2.1:31443/TCP NodePort demo/lb:https -> {}",
+                all(8443)
+            ),
+            // --node-ip.
+            format!("192.0.2.50:30080/TCP NodePort demo/web:http -> {web}"),
+            format!(
+                "192.0.2.50:31443/TCP NodePort demo/lb:https -> {}",
+                all(8443)
+            ),
+            format!(
+                "198.51.100.7:53/UDP ExternalIP demo/ext:53 -> {}",
+                all(5353)
+            ),
+            // Only the VIP-mode IPv4 ingress (not the hostname, the Proxy-mode or IPv6 one).
+            format!(
+                "203.0.113.10:443/TCP LoadBalancer demo/lb:https -> {}",
+                all(8443)
+            ),
+        ]
+    );
+    // ExternalName `db-alias`, headless `db` and IPv6-only `v6only` give nothing, silently.
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service demo/mixed: port sctp: SCTP not supported yet",
+            "Service demo/web: port admin: nodePort 40000 is outside the node port range \
+             30000-32767; no NodePort frontend",
+        ]
+    );
+}
+
+#[test]
+fn endpoint_slices_win_over_selectors() {
+    let t = translate(&load(&data("kubectl-list")), &cfg(&[], None));
+    // cart's slice: ready (10.244.1.5) and nil-ready (10.244.4.5) endpoints; the not-ready
+    // terminating one, the not-ready one, the IPv6 slice and the pod the selector would also
+    // pick (10.244.1.9) are not used. Ports come from the slice, matched by name.
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.1:443/TCP ClusterIP default/kubernetes:https -> 172.31.0.100:6443",
+            "10.96.40.12:80/TCP ClusterIP shop/cart:http -> 10.244.1.5:8080,10.244.4.5:8080",
+            "10.96.40.12:9090/TCP ClusterIP shop/cart:metrics -> 10.244.1.5:9090,10.244.4.5:9090",
+        ]
+    );
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+}
+
+#[test]
+fn invalid_services_are_rejected_and_the_rest_works() {
+    let t = translate(
+        &load(&data("invalid")),
+        &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None),
+    );
+    assert_eq!(
+        rejected(&t),
+        [
+            "EndpointSlice bad/a-first-1: endpoint address \"10.0.0.300\" is not an IPv4 address",
+            "Service bad/<no name>: metadata.name is missing",
+            "Service bad/b-conflict: port http: ClusterIP frontend 10.96.9.1:80/TCP is already \
+             used by bad/a-first:http (ClusterIP)",
+            "Service bad/c-bad-ip: spec.clusterIPs: invalid IP address \"10.96.999.1\"; Service skipped",
+            "Service bad/d-ports: port zero: port 0 is not in 1-65535",
+            "Service bad/d-ports: port huge: port 70000 is not in 1-65535",
+            "Service bad/d-ports: port bad-target: targetPort 0 is not in 1-65535",
+            "Service bad/e-dup: port b: 80/TCP is already defined by port a",
+            "Service bad/g-bad-external: spec.externalIPs: invalid IP address \"not-an-ip\"; \
+             Service skipped",
+            "Service bad/h-nodeport-unset: port 80: type NodePort without spec.ports[].nodePort \
+             (there is no allocator in standalone mode); no NodePort frontend",
+            "Service bad/j-loopback: spec.externalIPs: 127.0.0.1 cannot be a Service address; \
+             Service skipped",
+        ]
+    );
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.9.1:80/TCP ClusterIP bad/a-first:http -> 10.0.0.3:8080",
+            "10.96.9.1:81/TCP ClusterIP bad/b-conflict:alt -> ",
+            "10.96.9.4:8080/TCP ClusterIP bad/d-ports:ok -> ",
+            "10.96.9.5:80/TCP ClusterIP bad/e-dup:a -> ",
+            "10.96.9.5:80/UDP ClusterIP bad/e-dup:c -> ",
+            "10.96.9.8:80/TCP ClusterIP bad/h-nodeport-unset:80 -> ",
+        ]
+    );
+}
+
+#[test]
+fn the_earlier_service_keeps_a_contested_frontend_whatever_the_file_order() {
+    let a = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: x}\n\
+             spec: {clusterIP: 10.96.0.5, externalIPs: [10.0.0.1], ports: [{port: 80}]}\n";
+    let b = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: x}\n\
+             spec: {clusterIP: 10.96.0.6, externalIPs: [10.0.0.1], ports: [{port: 80}]}\n";
+    let ab = translate(&load_yaml(&format!("{a}---\n{b}")), &cfg(&[], None));
+    let ba = translate(&load_yaml(&format!("{b}---\n{a}")), &cfg(&[], None));
+    assert_eq!(ab, ba);
+    assert_eq!(
+        lines(&ab),
+        [
+            "10.0.0.1:80/TCP ExternalIP x/a:80 -> ",
+            "10.96.0.5:80/TCP ClusterIP x/a:80 -> ",
+            "10.96.0.6:80/TCP ClusterIP x/b:80 -> ",
+        ]
+    );
+    assert_eq!(
+        rejected(&ab),
+        [
+            "Service x/b: port 80: ExternalIP frontend 10.0.0.1:80/TCP is already used by x/a:80 (ExternalIP)"
+        ]
+    );
+}
+
+#[test]
+fn a_nodeport_on_a_node_ip_that_is_also_an_external_ip_is_reported() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n\
+                spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [172.31.0.1],\n\
+                ports: [{port: 30001, nodePort: 30001}]}\n";
+    let t = translate(
+        &load_yaml(yaml),
+        &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None),
+    );
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.5:30001/TCP ClusterIP default/s:30001 -> ",
+            "172.31.0.1:30001/TCP NodePort default/s:30001 -> ",
+        ]
+    );
+    assert_eq!(t.rejected.len(), 1, "{:?}", t.rejected);
+}
+
+#[test]
+fn target_ports_numbers_names_and_defaults() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: n}
+spec:
+  clusterIP: 10.96.0.5
+  selector: {app: a}
+  ports:
+    - {name: absent, port: 80}
+    - {name: quoted, port: 81, targetPort: "8081"}
+    - {name: named, port: 82, targetPort: api}
+    - {name: udp, port: 82, protocol: UDP, targetPort: api}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: n, labels: {app: a}}
+spec:
+  containers:
+    - name: side
+      image: x
+      ports: [{name: api, containerPort: 9000, protocol: UDP}]
+    - name: main
+      image: x
+      ports: [{name: api, containerPort: 9001}]
+status: {phase: Running, podIP: 10.244.0.7}
+"#;
+    let t = translate(&load_yaml(yaml), &cfg(&[], None));
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.5:80/TCP ClusterIP n/s:absent -> 10.244.0.7:80",
+            "10.96.0.5:81/TCP ClusterIP n/s:quoted -> 10.244.0.7:8081",
+            // Same name, the protocol picks the container port.
+            "10.96.0.5:82/TCP ClusterIP n/s:named -> 10.244.0.7:9001",
+            "10.96.0.5:82/UDP ClusterIP n/s:udp -> 10.244.0.7:9000",
+        ]
+    );
+}
+
+#[test]
+fn slice_ports_match_by_name_and_protocol() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.5
+  ports:
+    - {name: dns, port: 53, protocol: UDP}
+    - {name: dns-tcp, port: 53, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports:
+  - {name: dns, port: 5353, protocol: UDP}
+  - {name: dns-tcp, port: 5354, protocol: TCP}
+  - {name: dns-tcp, port: 5999, protocol: UDP}
+endpoints:
+  - addresses: [10.244.0.9]
+    conditions: {ready: true, serving: true, terminating: false}
+  - addresses: [10.244.0.8]
+    conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-2, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports:
+  - {name: dns, port: 5353, protocol: UDP}
+endpoints:
+  - addresses: [10.244.0.3]
+  - addresses: [10.244.0.9]
+---
+# Another namespace's slice for a Service of the same name.
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, namespace: other, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.0.100]}]
+"#;
+    let t = translate(&load_yaml(yaml), &cfg(&[], None));
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.5:53/TCP ClusterIP default/s:dns-tcp -> 10.244.0.9:5354",
+            // Two slices, deduplicated and sorted.
+            "10.96.0.5:53/UDP ClusterIP default/s:dns -> 10.244.0.3:5353,10.244.0.9:5353",
+        ]
+    );
+}
+
+#[test]
+fn custom_nodeport_range_and_lb_without_node_ports() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.5
+  ports: [{port: 80, nodePort: 30500}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.0.6
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.5}]
+"#;
+    let mut c = cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None);
+    c.nodeport_range = PortRange {
+        min: 30000,
+        max: 30100,
+    };
+    let t = translate(&load_yaml(yaml), &c);
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.5:80/TCP ClusterIP default/np:80 -> ",
+            "10.96.0.6:80/TCP ClusterIP default/lb:80 -> ",
+            "203.0.113.5:80/TCP LoadBalancer default/lb:80 -> ",
+        ]
+    );
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service default/np: port 80: nodePort 30500 is outside the node port range \
+          30000-30100; no NodePort frontend"
+        ]
+    );
+}
+
+#[test]
+fn load_balancer_ingress_is_ignored_for_other_types() {
+    // A status left over after switching the type back to ClusterIP programs nothing.
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n\
+                spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n\
+                status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}\n";
+    let t = translate(&load_yaml(yaml), &cfg(&[], None));
+    assert_eq!(lines(&t), ["10.96.0.5:80/TCP ClusterIP default/s:80 -> "]);
+}
+
+#[test]
+fn unknown_service_type_is_rejected() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n\
+                spec: {type: Nodeport, clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
+    let t = translate(&load_yaml(yaml), &cfg(&[], None));
+    assert!(t.state.frontends.is_empty());
+    assert_eq!(
+        rejected(&t),
+        ["Service default/s: unknown spec.type \"Nodeport\""]
+    );
+}
