@@ -17,7 +17,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use super::DataplaneError;
+use super::{DataplaneError, sys};
 
 const SUFFIX: &str = "-tc-ingress";
 
@@ -91,7 +91,13 @@ fn replace_in_link(prog: &mut SchedClassifier, old: PinnedLink) -> Result<(), St
     Ok(())
 }
 
+/// Detaches the link pinned at `pin` (if any) and removes the pin. Only removing the pin would
+/// detach too, but asynchronously (the kernel frees bpffs inodes after an RCU grace period), so
+/// the program could still run for a moment after uninstall returned.
 fn remove_pin(pin: &Path) -> Result<(), DataplaneError> {
+    if let Err(e) = sys::detach_pinned_link(pin) {
+        warn!(pin = %pin.display(), error = %e, "could not detach pinned link explicitly; removing the pin detaches it");
+    }
     match std::fs::remove_file(pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

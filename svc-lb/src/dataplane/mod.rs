@@ -6,6 +6,7 @@ mod bpffs;
 mod error;
 mod links;
 mod logger;
+mod sys;
 mod sysctl;
 
 use std::path::{Path, PathBuf};
