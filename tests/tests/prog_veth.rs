@@ -1,0 +1,183 @@
+//! The datapath on real veth traffic, without the agent: the dataplane is loaded in the node
+//! namespace of the standard test topology and its pinned maps are seeded directly. Checks that
+//! locally generated (CHECKSUM_PARTIAL) packets survive DNAT and reverse NAT, and that Services
+//! without backends refuse connections. Needs root; fails, never skips.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use svc_lb::dataplane::{Dataplane, DataplaneConfig, uninstall};
+use svc_lb_common::{
+    BackendV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_DNAT, STAT_NO_BACKEND,
+    STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4, maps,
+};
+use svc_lb_tests::{
+    client::{self, HttpConn},
+    netns::{Topology, unique_prefix},
+};
+
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+
+/// Uninstalls (detaching the links) on drop, also when the test fails.
+struct Installed(PathBuf);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Err(e) = uninstall(&self.0) {
+            eprintln!("uninstall {}: {e}", self.0.display());
+        }
+    }
+}
+
+fn open_map(dir: &Path, name: &str) -> MapData {
+    MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("open pin {name}: {e}"))
+}
+
+struct Seeder {
+    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    revnat: HashMap<MapData, u16, RevNatV4>,
+}
+
+impl Seeder {
+    fn new(dir: &Path) -> Self {
+        Seeder {
+            services: HashMap::try_from(Map::HashMap(open_map(dir, maps::SERVICES_MAP))).unwrap(),
+            backends: HashMap::try_from(Map::HashMap(open_map(dir, maps::BACKENDS_MAP))).unwrap(),
+            revnat: HashMap::try_from(Map::HashMap(open_map(dir, maps::REVNAT_MAP))).unwrap(),
+        }
+    }
+
+    fn service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        rev_nat_id: u16,
+        backends: &[(u32, Ipv4Addr, u16)],
+    ) {
+        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
+        for (i, &(id, ip, p)) in backends.iter().enumerate() {
+            self.backends
+                .insert(id, BackendV4::new(ip, p, proto, 0), 0)
+                .unwrap();
+            let slot = ServiceEntry {
+                backend_id: id,
+                rev_nat_id,
+                ..Default::default()
+            };
+            self.services
+                .insert(key.with_slot(u16::try_from(i + 1).unwrap()), slot, 0)
+                .unwrap();
+        }
+        self.revnat
+            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
+            .unwrap();
+        let front = ServiceEntry {
+            count: u16::try_from(backends.len()).unwrap(),
+            rev_nat_id,
+            flags: SVC_F_CLUSTER_IP,
+            ..Default::default()
+        };
+        self.services.insert(key, front, 0).unwrap();
+    }
+}
+
+fn stat(dir: &Path, idx: u32) -> u64 {
+    let a: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(dir, maps::STATS_MAP))).unwrap();
+    a.get(&idx, 0).unwrap().iter().sum()
+}
+
+#[test]
+fn veth_traffic_dnat_revnat_and_rejects() {
+    let topo = Topology::new(3);
+    topo.start_echo_servers();
+    svc_lb_tests::ensure_bpffs();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/svc-lb-veth-{}", unique_prefix()));
+    let _installed = Installed(pin_dir.clone());
+    let cfg = DataplaneConfig {
+        pin_dir: pin_dir.clone(),
+        ifaces: topo.node_ifaces(),
+    };
+    // Loaded inside the node namespace (interfaces, rp_filter); the links are pinned, so the
+    // loader object can go right away.
+    topo.node
+        .in_ns(move || Dataplane::load(&cfg).map(drop))
+        .expect("Dataplane::load in the node namespace");
+
+    let pods: Vec<_> = topo.pods.iter().map(|p| (p.name.clone(), p.ip)).collect();
+    let mut seed = Seeder::new(&pin_dir);
+    let web: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ip))| (i as u32 + 1, *ip, 5000))
+        .collect();
+    let dns: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ip))| (i as u32 + 11, *ip, 5353))
+        .collect();
+    seed.service(WEB_VIP, 80, IPPROTO_TCP, 1, &web);
+    seed.service(DNS_VIP, 53, IPPROTO_UDP, 2, &dns);
+    seed.service(EMPTY_VIP, 80, IPPROTO_TCP, 3, &[]);
+    seed.service(EMPTY_VIP, 53, IPPROTO_UDP, 4, &[]);
+
+    let names: BTreeSet<String> = pods.iter().map(|(n, _)| n.clone()).collect();
+    let web_addr = SocketAddr::from((WEB_VIP, 80));
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let body = client::http_get(&topo.client, web_addr).expect("GET through the VIP");
+        assert!(names.contains(&body), "unexpected answer {body:?}");
+        seen.insert(body);
+    }
+    assert_eq!(seen, names, "30 connections should reach every backend");
+
+    // One connection stays on its backend.
+    let mut conn = HttpConn::connect(&topo.client, web_addr).expect("keep-alive connect");
+    let first = conn.get().unwrap();
+    for _ in 0..10 {
+        assert_eq!(conn.get().unwrap(), first);
+    }
+    drop(conn);
+
+    // UDP through a connected socket (only accepts replies from the VIP).
+    let answer = client::udp_request(
+        &topo.client,
+        SocketAddr::from((DNS_VIP, 53)),
+        client::TIMEOUT,
+    )
+    .expect("UDP through the VIP");
+    assert!(names.contains(&answer), "unexpected UDP answer {answer:?}");
+
+    // Without backends: TCP gets a reset (refused, not a timeout) ...
+    let err = client::connect(
+        &topo.client,
+        SocketAddr::from((EMPTY_VIP, 80)),
+        Duration::from_secs(3),
+    )
+    .expect_err("connect to a Service without endpoints must fail");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    // ... and UDP an ICMP port unreachable, reported on the connected socket.
+    let sock = topo.client.in_ns(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect((EMPTY_VIP, 53)).unwrap();
+        s
+    });
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.send(b"ping").unwrap();
+    let err = sock.recv(&mut [0u8; 64]).expect_err("no answer expected");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+
+    assert!(stat(&pin_dir, STAT_DNAT) > 0);
+    assert!(stat(&pin_dir, STAT_REVNAT) > 0);
+    assert_eq!(stat(&pin_dir, STAT_NO_BACKEND), 2);
+}
