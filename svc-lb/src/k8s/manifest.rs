@@ -5,9 +5,10 @@
 //! List item) is dropped: one typo must not take every Service of the node down.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fmt, fs, io,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use k8s_openapi::{
@@ -117,6 +118,25 @@ pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), ManifestErr
     Ok((loaded.objects, loaded.errors))
 }
 
+/// The files [`load_dir`] reads, in the order it reads them: `*.yaml`, `*.yml`, `*.json`
+/// regular files (following symlinks), not hidden, sorted by name.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let read_dir_err = |source| ManifestError::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(read_dir_err)? {
+        let path = entry.map_err(read_dir_err)?.path();
+        // fs::metadata follows symlinks (ConfigMap volumes are symlink farms).
+        if is_manifest_name(&path) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// Everything a load produced, including warnings (tests look at those).
 #[derive(Debug, Default)]
 pub(crate) struct Loader {
@@ -128,21 +148,8 @@ pub(crate) struct Loader {
 
 impl Loader {
     pub(crate) fn load_dir(dir: &Path) -> Result<Loader, ManifestError> {
-        let read_dir_err = |source| ManifestError::ReadDir {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        let mut files = Vec::new();
-        for entry in fs::read_dir(dir).map_err(read_dir_err)? {
-            let path = entry.map_err(read_dir_err)?.path();
-            // fs::metadata follows symlinks (ConfigMap volumes are symlink farms).
-            if is_manifest_name(&path) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-                files.push(path);
-            }
-        }
-        files.sort();
         let mut loader = Loader::default();
-        for file in files {
+        for file in manifest_files(dir)? {
             loader.load_file(&file);
         }
         Ok(loader)
@@ -291,7 +298,11 @@ impl Loader {
             Ok(obj) => {
                 unknown.sort();
                 for path in unknown {
-                    warn!(at = %at, object = %object, field = %path, "unknown field ignored (typo?)");
+                    if first_warning(&at.file, &object, &path) {
+                        warn!(at = %at, object = %object, field = %path, "unknown field ignored (typo?)");
+                    } else {
+                        debug!(at = %at, object = %object, field = %path, "unknown field ignored (typo?)");
+                    }
                     self.unknown_fields.push(UnknownField {
                         at: at.clone(),
                         object: object.clone(),
@@ -343,9 +354,20 @@ impl Loader {
     }
 
     fn error(&mut self, e: ManifestError) {
-        warn!(error = %e, "manifest problem; skipping");
+        // Returned to the caller, which reports it (once, not on every rescan).
+        debug!(error = %e, "manifest problem; skipping");
         self.errors.push(e);
     }
+}
+
+/// Whether this unknown field has not been warned about yet in this process: the agent reloads
+/// the directory on every change and periodically, and one typo should be one warning.
+fn first_warning(file: &Path, object: &str, path: &str) -> bool {
+    static WARNED: Mutex<BTreeSet<(PathBuf, String, String)>> = Mutex::new(BTreeSet::new());
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    warned.insert((file.to_path_buf(), object.to_owned(), path.to_owned()))
 }
 
 fn is_manifest_name(path: &Path) -> bool {
@@ -392,6 +414,9 @@ fn value_type(v: &Value) -> &'static str {
 
 /// `Kind ns/name` from an undecoded value, as far as it can be known.
 fn describe_value(kind: &str, value: &Value) -> String {
+    if !value.is_object() {
+        return "top level".into();
+    }
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or(kind);
     let meta = value.get("metadata");
     let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
@@ -538,13 +563,14 @@ mod tests {
         let dir = data("broken");
         let f = |name: &str| dir.join(name).display().to_string();
         assert_eq!(errors.len(), 6, "{errors:#?}");
-        assert!(
-            errors[0].starts_with(&format!(
-                "{}: document 2 (line 10): malformed document: ",
+        // The line is the file's (the unclosed `[` is noticed at the next key).
+        assert_eq!(
+            errors[0],
+            format!(
+                "{}: document 2 (line 10): malformed document: line 17: did not find expected \
+                 ',' or ']'",
                 f("01-multi.yaml")
-            )),
-            "{}",
-            errors[0]
+            )
         );
         assert_eq!(
             errors[1],
@@ -581,7 +607,7 @@ mod tests {
         assert_eq!(
             errors[5],
             format!(
-                "{}: document 1 (line 1): object default/<no name>: expected an object, found a string",
+                "{}: document 1 (line 1): top level: expected an object, found a string",
                 f("05-scalar.yaml")
             )
         );
@@ -611,6 +637,26 @@ mod tests {
         assert_eq!(loader.unknown_fields[0].object, "Service default/typo");
         let svc = &loader.objects.services[0];
         assert_eq!(svc.spec.as_ref().unwrap().selector, None);
+    }
+
+    #[test]
+    fn only_visible_manifest_files_are_read_in_name_order() {
+        let files: Vec<String> = manifest_files(&data("broken"))
+            .unwrap()
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        // Not .hidden.yaml, 02-typo.yaml~ (editor backup) or notes.txt.
+        assert_eq!(
+            files,
+            [
+                "01-multi.yaml",
+                "02-typo.yaml",
+                "03-list.json",
+                "04-truncated.json",
+                "05-scalar.yaml"
+            ]
+        );
     }
 
     #[test]
