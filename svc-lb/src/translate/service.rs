@@ -193,7 +193,11 @@ pub(super) fn plan<'a>(
         }
         // Endpoints are matched to ports by name, so names must be unique.
         if !names.insert(port.name.clone()) {
-            reject(format!("port {label}: duplicate port name"));
+            reject(if port.name.is_empty() {
+                format!("port {label}: ports of a multi-port Service must be named")
+            } else {
+                format!("port {label}: duplicate port name")
+            });
             continue;
         }
         let key = |ip| FrontendKey {

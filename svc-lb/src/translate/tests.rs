@@ -452,3 +452,34 @@ fn unknown_service_type_is_rejected() {
         ["Service default/s: unknown spec.type \"Nodeport\""]
     );
 }
+
+#[test]
+fn port_names_must_be_unique() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.5
+  ports:
+    - {port: 80}
+    - {port: 81}
+    - {name: a, port: 82}
+    - {name: a, port: 83}
+"#;
+    let t = translate(&load_yaml(yaml), &cfg(&[], None));
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.5:80/TCP ClusterIP default/s:80 -> ",
+            "10.96.0.5:82/TCP ClusterIP default/s:a -> ",
+        ]
+    );
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service default/s: port 81: ports of a multi-port Service must be named",
+            "Service default/s: port a: duplicate port name",
+        ]
+    );
+}
