@@ -8,6 +8,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -25,6 +26,27 @@ use svc_lb_tests::{
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+
+/// Collects `log` records (the dataplane forwards aya-log records from the programs into `log`).
+struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+fn logged(needle: &str) -> bool {
+    CAPTURE.0.lock().unwrap().iter().any(|l| l.contains(needle))
+}
 
 /// Uninstalls (detaching the links) on drop, also when the test fails.
 struct Installed(PathBuf);
@@ -108,10 +130,12 @@ fn veth_traffic_dnat_revnat_and_rejects() {
         pin_dir: pin_dir.clone(),
         ifaces: topo.node_ifaces(),
     };
-    // Loaded inside the node namespace (interfaces, rp_filter); the links are pinned, so the
-    // loader object can go right away.
-    topo.node
-        .in_ns(move || Dataplane::load(&cfg).map(drop))
+    log::set_logger(&CAPTURE).expect("install the capturing logger");
+    log::set_max_level(log::LevelFilter::Trace);
+    // Loaded inside the node namespace (interfaces, rp_filter); kept alive for log forwarding.
+    let dp = topo
+        .node
+        .in_ns(move || Dataplane::load(&cfg))
         .expect("Dataplane::load in the node namespace");
 
     let pods: Vec<_> = topo.pods.iter().map(|p| (p.name.clone(), p.ip)).collect();
@@ -180,4 +204,12 @@ fn veth_traffic_dnat_revnat_and_rejects() {
     assert!(stat(&pin_dir, STAT_DNAT) > 0);
     assert!(stat(&pin_dir, STAT_REVNAT) > 0);
     assert_eq!(stat(&pin_dir, STAT_NO_BACKEND), 2);
+
+    // Rare events are logged by the programs and reach `log` through the dataplane.
+    svc_lb_tests::wait_for(
+        "aya-log records from the datapath",
+        Duration::from_secs(5),
+        || (logged("new flow") && logged("no backends")).then_some(()),
+    );
+    drop(dp);
 }
