@@ -2,12 +2,12 @@
 
 pub mod cli;
 pub mod dataplane;
-pub mod k8s;
-pub mod model;
-pub mod error;
-pub mod maps;
-pub mod reconcile;
-pub mod translate;
 pub mod debug;
+pub mod error;
+pub mod k8s;
+pub mod maps;
+pub mod model;
 pub mod netif;
+pub mod reconcile;
 pub mod run;
+pub mod translate;

@@ -1,4 +1,7 @@
-use std::io::Write as _;
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
@@ -12,13 +15,12 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .finish()
         .try_init();
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    init_tracing();
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => svc_lb::run::run(&args).context("svc-lb run")?,
         Command::Debug(cmd) => {
@@ -37,4 +39,18 @@ fn main() -> Result<()> {
             .with_context(|| format!("uninstalling from {}", pin.pin_dir.display()))?,
     }
     Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; no backtrace even if RUST_BACKTRACE is set
+            // (these are operator errors, not bugs).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

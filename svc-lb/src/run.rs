@@ -10,8 +10,8 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::OsStr,
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -37,8 +37,9 @@ use crate::{
     cli::RunArgs,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
     error::{MapsError, NetifError, chain},
-    k8s::manifest::{Loader, ManifestError, Objects},
+    k8s::manifest::{Loader, ManifestError, Objects, manifest_files},
     maps::BpfLbMaps,
+    model::DesiredState,
     netif,
     reconcile::{self, Limits, Outcome},
     translate::{TranslateConfig, translate},
@@ -107,30 +108,6 @@ impl FileObjects {
     }
 }
 
-/// Same selection as the manifest loader: `*.yaml|*.yml|*.json`, not hidden, regular file
-/// (following symlinks), sorted.
-fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let err = |source| ManifestError::ReadDir {
-        dir: dir.to_path_buf(),
-        source,
-    };
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).map_err(err)? {
-        let path = entry.map_err(err)?.path();
-        let name = path.file_name().and_then(OsStr::to_str).unwrap_or(".");
-        let ext_ok = path.extension().and_then(OsStr::to_str).is_some_and(|e| {
-            ["yaml", "yml", "json"]
-                .iter()
-                .any(|x| e.eq_ignore_ascii_case(x))
-        });
-        if !name.starts_with('.') && ext_ok && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
 /// Appends the `stale` objects whose namespace/name is not among `fresh`.
 fn keep_new<T>(fresh: &mut Vec<T>, stale: Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) {
     let id = |o: &T| {
@@ -141,11 +118,29 @@ fn keep_new<T>(fresh: &mut Vec<T>, stale: Vec<T>, meta: impl Fn(&T) -> &ObjectMe
     fresh.extend(stale.into_iter().filter(|o| !seen.contains(&id(o))));
 }
 
+/// What identifies a version of the directory without reading it: per file, its inode,
+/// size and modification time (following symlinks, like the loader).
+type Fingerprint = Vec<(PathBuf, u64, u64, i64, i64)>;
+
+fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
+    Ok(manifest_files(dir)?
+        .into_iter()
+        .map(|f| {
+            let m = fs::metadata(&f).ok();
+            let (ino, len, s, ns) = m.map_or((0, 0, 0, 0), |m| {
+                (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+            });
+            (f, ino, len, s, ns)
+        })
+        .collect())
+}
+
 /// Reads the manifest directory, remembering each file's last good objects.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, FileObjects>,
+    last_fingerprint: Option<Fingerprint>,
 }
 
 /// One read of the directory.
@@ -162,12 +157,26 @@ impl ManifestCache {
         Self {
             dir: dir.to_path_buf(),
             last_good: BTreeMap::new(),
+            last_fingerprint: None,
         }
+    }
+
+    /// Loads unless nothing changed on disk since the last load (`None`). The periodic rescan
+    /// uses this so an idle agent neither re-parses every file nor repeats its warnings.
+    pub fn load_if_changed(&mut self) -> Result<Option<Loaded>, ManifestError> {
+        let fp = fingerprint(&self.dir)?;
+        if self.last_fingerprint.as_ref() == Some(&fp) {
+            return Ok(None);
+        }
+        self.load().map(Some)
     }
 
     /// `Err` only when the directory itself cannot be listed.
     pub fn load(&mut self) -> Result<Loaded, ManifestError> {
-        let files = manifest_files(&self.dir)?;
+        // Taken before reading: a write that lands during the read changes the fingerprint,
+        // so the next rescan reads again.
+        let fp = fingerprint(&self.dir)?;
+        let files: Vec<PathBuf> = fp.iter().map(|f| f.0.clone()).collect();
         // One loader for all files, so duplicate detection spans files; each file's objects
         // are the tail its `load_file` appended.
         let mut loader = Loader::default();
@@ -211,6 +220,7 @@ impl ManifestCache {
         }
         // Deleted files drop out here: removing a file is a deliberate change.
         self.last_good = next_good;
+        self.last_fingerprint = Some(fp);
         let mut objects = loader.objects;
         // An object that moved to a readable file is taken from there, not from the stale copy.
         keep_new(&mut objects.services, stale.services, |o| &o.metadata);
@@ -223,6 +233,26 @@ impl ManifestCache {
             objects,
             errors: loader.errors,
             kept_stale,
+        })
+    }
+}
+
+/// Why a sync runs (logged with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Startup,
+    /// inotify saw a change.
+    Change,
+    /// Periodic safety net: re-reads only if the files changed, always re-applies.
+    Rescan,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Trigger::Startup => "startup",
+            Trigger::Change => "change",
+            Trigger::Rescan => "rescan",
         })
     }
 }
@@ -246,6 +276,9 @@ struct Agent {
     maps: BpfLbMaps,
     cache: ManifestCache,
     translate_cfg: TranslateConfig,
+    /// From the last manifest read; re-applied on every rescan (repairs failed or foreign
+    /// writes to the maps) even when the files did not change.
+    desired: DesiredState,
     manifest_log: Dedup,
     rejected_log: Dedup,
     plan_log: Dedup,
@@ -255,8 +288,42 @@ struct Agent {
 impl Agent {
     /// Read, translate, reconcile. Problems with individual objects are logged; only a failed
     /// dump/apply or an unreadable directory is an error.
-    fn sync(&mut self, why: &str) -> Result<Outcome, RunError> {
-        let loaded = self.cache.load()?;
+    fn sync(&mut self, why: Trigger) -> Result<Outcome, RunError> {
+        let loaded = if why == Trigger::Rescan {
+            self.cache.load_if_changed()?
+        } else {
+            Some(self.cache.load()?)
+        };
+        if let Some(loaded) = loaded {
+            self.desired = self.read(loaded);
+        }
+        let outcome = reconcile::reconcile(&mut self.maps, &self.desired, Limits::default())
+            .map_err(RunError::Reconcile)?;
+        let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
+        if let Some(msgs) = self.plan_log.changed(plan_errors) {
+            if msgs.is_empty() {
+                info!("every frontend is programmed again");
+            }
+            for m in msgs {
+                warn!("cannot program {m}");
+            }
+        }
+        if outcome.ops > 0 || why == Trigger::Startup {
+            info!(
+                trigger = %why,
+                "synced {} frontends, {} backends ({} ops)",
+                outcome.frontends,
+                outcome.backends,
+                outcome.ops
+            );
+        } else {
+            debug!(trigger = %why, "maps already in sync");
+        }
+        Ok(outcome)
+    }
+
+    /// Translates a manifest read, logging what was skipped (each distinct set once).
+    fn read(&mut self, loaded: Loaded) -> DesiredState {
         let mut msgs: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         msgs.extend(loaded.kept_stale.iter().map(|f| {
             format!(
@@ -265,6 +332,9 @@ impl Agent {
             )
         }));
         if let Some(msgs) = self.manifest_log.changed(msgs) {
+            if msgs.is_empty() {
+                info!("manifests read without problems again");
+            }
             for m in msgs {
                 warn!("manifest: {m}");
             }
@@ -276,34 +346,18 @@ impl Agent {
             .map(|r| format!("skipping {}: {}", r.object, r.reason))
             .collect();
         if let Some(msgs) = self.rejected_log.changed(rejected) {
+            if msgs.is_empty() {
+                info!("no objects skipped any more");
+            }
             for m in msgs {
                 warn!("{m}");
             }
         }
-        let outcome = reconcile::reconcile(&mut self.maps, &t.state, Limits::default())
-            .map_err(RunError::Reconcile)?;
-        let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
-        if let Some(msgs) = self.plan_log.changed(plan_errors) {
-            for m in msgs {
-                warn!("cannot program {m}");
-            }
-        }
-        if outcome.ops > 0 || why == "startup" {
-            info!(
-                trigger = why,
-                "synced {} frontends, {} backends ({} ops)",
-                outcome.frontends,
-                outcome.backends,
-                outcome.ops
-            );
-        } else {
-            debug!(trigger = why, "maps already in sync");
-        }
-        Ok(outcome)
+        t.state
     }
 
     /// A sync inside the loop: errors are logged (once per distinct error) and retried.
-    fn sync_logged(&mut self, why: &str) {
+    fn sync_logged(&mut self, why: Trigger) {
         match self.sync(why) {
             Ok(_) => {
                 if self.last_error.take().is_some() {
@@ -363,13 +417,14 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
             node_name: args.node_name.clone(),
             nodeport_range: args.nodeport_range,
         },
+        desired: DesiredState::default(),
         manifest_log: Dedup::default(),
         rejected_log: Dedup::default(),
         plan_log: Dedup::default(),
         last_error: None,
     };
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
-    agent.sync("startup")?;
+    agent.sync(Trigger::Startup)?;
 
     let changed = Arc::new(Notify::new());
     let notify_changed = changed.clone();
@@ -418,9 +473,9 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
             }
             _ = debounce => {
                 deadline = None;
-                agent.sync_logged("change");
+                agent.sync_logged(Trigger::Change);
             }
-            _ = rescan.tick() => agent.sync_logged("rescan"),
+            _ = rescan.tick() => agent.sync_logged(Trigger::Rescan),
         }
     }
     drop(watcher);
@@ -546,6 +601,24 @@ mod tests {
         let l = cache.load().unwrap();
         assert!(l.objects.services.is_empty());
         assert!(l.kept_stale.is_empty());
+    }
+
+    #[test]
+    fn rescan_skips_unchanged_directories() {
+        let d = TempDir::new("fp");
+        fs::write(d.0.join("a.yaml"), svc("a")).unwrap();
+        let mut cache = ManifestCache::new(&d.0);
+        assert!(cache.load_if_changed().unwrap().is_some());
+        assert!(cache.load_if_changed().unwrap().is_none());
+        // Same size, new content: the mtime/inode still differ.
+        fs::write(d.0.join("a.yaml"), svc("b")).unwrap();
+        let l = cache.load_if_changed().unwrap().expect("changed");
+        assert_eq!(names(&l.objects), ["b"]);
+        fs::write(d.0.join("c.yaml"), svc("c")).unwrap();
+        assert!(cache.load_if_changed().unwrap().is_some());
+        fs::remove_file(d.0.join("c.yaml")).unwrap();
+        assert!(cache.load_if_changed().unwrap().is_some());
+        assert!(cache.load_if_changed().unwrap().is_none());
     }
 
     #[test]
