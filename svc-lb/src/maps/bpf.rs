@@ -216,3 +216,172 @@ impl LbStats for BpfLbMaps {
             .map_err(map_err(CT_MAP, "iterate"))
     }
 }
+
+/// Against real kernel maps: needs root and bpffs on /sys/fs/bpf, and fails (does not skip)
+/// without them. Only maps are created (from the embedded object); no program is attached.
+#[cfg(test)]
+mod tests {
+    use std::{fs, net::Ipv4Addr};
+
+    use svc_lb_common::{MAX_BACKENDS, STAT_COUNT};
+
+    use super::*;
+    use crate::{
+        model::{
+            BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Proto, ServicePortRef,
+        },
+        reconcile::{Limits, plan, reconcile},
+    };
+
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn pinned_maps(tag: &str) -> PinDir {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/svc-lb-unit-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot create {} (needs root and bpffs: mount -t bpf bpf /sys/fs/bpf): {e}",
+                dir.display()
+            )
+        });
+        let guard = PinDir(dir);
+        // The loader pins every map by name; dropping it leaves the pins (and maps) behind.
+        aya::EbpfLoader::new()
+            .default_map_pin_directory(&guard.0)
+            .load(crate::dataplane::ebpf_object())
+            .expect("load the embedded eBPF object's maps");
+        guard
+    }
+
+    fn desired(backends: &[[u8; 4]]) -> DesiredState {
+        let f = Frontend {
+            key: FrontendKey {
+                ip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            kind: FrontendKind::ClusterIp,
+            service: ServicePortRef {
+                namespace: "default".into(),
+                name: "frontend-svc".into(),
+                port: "http".into(),
+            },
+            backends: backends
+                .iter()
+                .map(|ip| BackendAddr {
+                    ip: (*ip).into(),
+                    port: 5000,
+                })
+                .collect(),
+        };
+        DesiredState {
+            frontends: [(f.key, f)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn reconcile_dump_and_reopen_against_kernel_maps() {
+        let pins = pinned_maps("roundtrip");
+        let mut maps = BpfLbMaps::open(&pins.0).unwrap();
+        let want = desired(&[[10, 244, 1, 2], [10, 244, 2, 2], [10, 244, 3, 2]]);
+        let outcome = reconcile(&mut maps, &want, Limits::default()).unwrap();
+        assert_eq!((outcome.frontends, outcome.backends), (1, 3));
+        let expected = plan(&want, &MapState::default()).target;
+        assert_eq!(maps.dump().unwrap(), expected);
+
+        // A second process (restarted agent, `svc-lb debug`) sees the same state and has
+        // nothing to do.
+        drop(maps);
+        let mut maps = BpfLbMaps::open(&pins.0).unwrap();
+        assert_eq!(maps.dump().unwrap(), expected);
+        assert!(plan(&want, &maps.dump().unwrap()).ops.is_empty());
+
+        // Scale down: the kernel agrees with the plan.
+        let fewer = desired(&[[10, 244, 1, 2]]);
+        reconcile(&mut maps, &fewer, Limits::default()).unwrap();
+        assert_eq!(maps.dump().unwrap().backends.len(), 1);
+        assert!(plan(&fewer, &maps.dump().unwrap()).ops.is_empty());
+    }
+
+    #[test]
+    fn deleting_missing_keys_succeeds_and_other_errors_do_not() {
+        let pins = pinned_maps("enoent");
+        let mut maps = BpfLbMaps::open(&pins.0).unwrap();
+        for op in [
+            Op::DeleteService(ServiceKeyV4::default()),
+            Op::DeleteBackend(12345),
+            Op::DeleteRevNat(4321),
+            Op::DeleteName(4321),
+        ] {
+            maps.apply(&op)
+                .unwrap_or_else(|e| panic!("{op:?}: {}", crate::error::chain(&e)));
+        }
+        // Out of range for the per-CPU array: a real error, reported with the map's name.
+        let err = maps.apply(&Op::ZeroBackendStats(MAX_BACKENDS)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MapsError::Map {
+                    map: BE_STATS_MAP,
+                    op: "zero",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn counters_are_summed_over_cpus_and_zeroed() {
+        let pins = pinned_maps("stats");
+        let mut maps = BpfLbMaps::open(&pins.0).unwrap();
+        let cpus = nr_cpus().unwrap();
+        // Play the datapath: every CPU counted 2 packets / 100 bytes for backend 7.
+        let mut be: PerCpu<Counter> = open_typed(&pins.0, BE_STATS_MAP).unwrap();
+        let per_cpu = Counter {
+            packets: 2,
+            bytes: 100,
+        };
+        be.set(7, PerCpuValues::try_from(vec![per_cpu; cpus]).unwrap(), 0)
+            .unwrap();
+        let mut g: PerCpu<u64> = open_typed(&pins.0, STATS_MAP).unwrap();
+        g.set(1, PerCpuValues::try_from(vec![5u64; cpus]).unwrap(), 0)
+            .unwrap();
+
+        assert_eq!(
+            maps.backend_counter(7).unwrap(),
+            Counter {
+                packets: 2 * cpus as u64,
+                bytes: 100 * cpus as u64
+            }
+        );
+        let global = maps.global_counters().unwrap();
+        assert_eq!(global.len(), STAT_COUNT as usize);
+        assert_eq!(global[1], 5 * cpus as u64);
+
+        maps.apply(&Op::ZeroBackendStats(7)).unwrap();
+        assert_eq!(maps.backend_counter(7).unwrap(), Counter::default());
+        assert_eq!(maps.svc_counter(3).unwrap(), Counter::default());
+        assert!(maps.conntrack().unwrap().is_empty());
+    }
+
+    #[test]
+    fn partial_pins_name_the_missing_map() {
+        let pins = pinned_maps("partial");
+        fs::remove_file(pins.0.join(CT_MAP)).unwrap();
+        let err = BpfLbMaps::open(&pins.0).unwrap_err();
+        assert!(
+            matches!(&err, MapsError::PinMissing { path } if path.ends_with(CT_MAP)),
+            "{err:?}"
+        );
+    }
+}
