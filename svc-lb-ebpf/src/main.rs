@@ -3,18 +3,29 @@
 #![no_main]
 
 mod ct;
+mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
 mod tc;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// Attached at TC ingress of every node interface (see `tc` for the semantics).
 #[classifier]
 pub fn svc_lb_tc_ingress(ctx: TcContext) -> i32 {
     tc::ingress(&ctx)
+}
+
+/// Optional XDP DNAT for NodePort/ExternalIP/LoadBalancer frontends; not attached by default.
+#[xdp]
+pub fn svc_lb_xdp(ctx: XdpContext) -> u32 {
+    xdp::xdp(&ctx)
 }
 
 #[cfg(not(test))]

@@ -19,6 +19,10 @@ pub use error::DataplaneError;
 
 /// Name of the TC ingress program in the eBPF object.
 pub const TC_INGRESS_PROG: &str = "svc_lb_tc_ingress";
+/// Name of the optional XDP DNAT program (NodePort/ExternalIP/LoadBalancer frontends). It is in
+/// the object but not attached by default: XDP cannot see CHECKSUM_PARTIAL packets from local
+/// veth peers and would corrupt their L4 checksums.
+pub const XDP_PROG: &str = "svc_lb_xdp";
 /// Sub-directory of the pin dir holding one pinned link per attached interface.
 pub const LINKS_DIR: &str = "links";
 

@@ -1,0 +1,94 @@
+//! Backend choice shared by the TC and XDP programs: conntrack first, otherwise a random slot of
+//! the frontend; creates the conntrack entries of new flows and keeps the global counters.
+
+use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32};
+use aya_log_ebpf::info;
+use svc_lb_common::{
+    BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW,
+    STAT_CT_RESELECT, STAT_LOOKUP_MISS, ServiceEntry, ServiceKeyV4, select::slot_for_hash,
+};
+
+use crate::{
+    ct,
+    maps::{LB4_BACKENDS, LB4_SERVICES, stat},
+    parse::{Packet, TCP_ACK, TCP_SYN},
+};
+
+/// The frontend key (slot 0) a packet addresses.
+#[inline(always)]
+pub fn frontend_key(p: &Packet) -> ServiceKeyV4 {
+    ServiceKeyV4 {
+        addr: p.daddr,
+        dport: p.dport,
+        backend_slot: 0,
+        proto: p.proto,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    }
+}
+
+/// The frontend entry for `key`, copied out of the map.
+#[inline(always)]
+pub fn frontend(key: &ServiceKeyV4) -> Option<ServiceEntry> {
+    let e = LB4_SERVICES.get_ptr(key)?;
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    Some(unsafe { *e })
+}
+
+/// Backend id and address for the packet's flow, or `None` when a slot or backend is missing
+/// (the agent is midway through an update; counted as STAT_LOOKUP_MISS, caller drops so the
+/// client retransmits into the finished state).
+#[inline(always)]
+pub fn pick_backend<C: EbpfContext>(
+    ctx: &C,
+    p: &Packet,
+    key: &ServiceKeyV4,
+    svc: &ServiceEntry,
+) -> Option<(u32, BackendV4)> {
+    if let Some(ct) = ct::lookup_touch(&ct::packet_key(p, CT_DIR_FORWARD), p) {
+        match LB4_BACKENDS.get_ptr(ct.backend_id) {
+            Some(be) => {
+                stat(STAT_CT_HIT);
+                // SAFETY: pointer from a successful lookup; copied out at once.
+                return Some((ct.backend_id, unsafe { *be }));
+            }
+            None => stat(STAT_CT_RESELECT),
+        }
+    }
+
+    // SAFETY: helper without arguments.
+    let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
+    let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
+        stat(STAT_LOOKUP_MISS);
+        return None;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let backend_id = unsafe { (*entry).backend_id };
+    let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
+        stat(STAT_LOOKUP_MISS);
+        return None;
+    };
+    // SAFETY: as above.
+    let be = unsafe { *be };
+
+    if ct::create(p, be.addr, be.port, backend_id, svc.rev_nat_id) {
+        stat(STAT_CT_NEW);
+    } else {
+        stat(STAT_CT_FULL);
+    }
+    // Only the first SYN of a connection is logged: rare enough to never cost per packet.
+    if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        info!(
+            ctx,
+            "new flow {:i}:{} -> {:i}:{} => backend {} {:i}:{}",
+            u32::from_be(p.saddr),
+            u16::from_be(p.sport),
+            u32::from_be(p.daddr),
+            u16::from_be(p.dport),
+            backend_id,
+            u32::from_be(be.addr),
+            u16::from_be(be.port)
+        );
+    }
+    Some((backend_id, be))
+}

@@ -1,0 +1,320 @@
+//! `svc_lb_xdp` under BPF_PROG_TEST_RUN: DNAT of NodePort frontends with incremental checksum
+//! updates (verified by full recomputation), everything else passed untouched for the TC
+//! program, and the conntrack entries it creates let TC reverse-NAT the replies.
+//! Needs root; fails, never skips.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
+};
+use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG, ebpf_object};
+use svc_lb_common::{
+    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4,
+    SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT, SVC_F_CLUSTER_IP,
+    SVC_F_NODE_PORT, ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
+};
+use svc_lb_tests::packet::{self, ETH_LEN, L4, TCP_ACK, TCP_SYN, decode};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+
+fn pod(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, n, 2)
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// One BPF_PROG_TEST_RUN (repeat 1: the kernel does not reset the packet between repeats).
+macro_rules! test_run {
+    ($prog:expr, $frame:expr) => {{
+        let frame: &[u8] = $frame;
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = 1;
+        let res = $prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }};
+}
+
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Harness {
+    ebpf: Ebpf,
+    _dir: PinDir,
+}
+
+impl Harness {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        svc_lb_tests::require_root();
+        svc_lb_tests::ensure_bpffs();
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/svc-lb-xdptest-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )));
+        std::fs::create_dir_all(&dir.0).expect("create pin dir");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir.0)
+            .load(ebpf_object())
+            .expect("load the svc-lb eBPF object");
+        let xdp: &mut Xdp = ebpf.program_mut(XDP_PROG).unwrap().try_into().unwrap();
+        xdp.load().expect("verifier accepts svc_lb_xdp");
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        tc.load().expect("verifier accepts svc_lb_tc_ingress");
+        Harness { ebpf, _dir: dir }
+    }
+
+    fn add_service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        flags: u16,
+        rev_nat_id: u16,
+        backends: &[(u32, Ipv4Addr, u16)],
+    ) {
+        let mut bes: HashMap<_, u32, BackendV4> =
+            HashMap::try_from(self.ebpf.map_mut(maps::BACKENDS_MAP).unwrap()).unwrap();
+        for &(id, ip, p) in backends {
+            bes.insert(id, BackendV4::new(ip, p, proto, 0), 0).unwrap();
+        }
+        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
+        let mut svcs: HashMap<_, ServiceKeyV4, ServiceEntry> =
+            HashMap::try_from(self.ebpf.map_mut(maps::SERVICES_MAP).unwrap()).unwrap();
+        for (i, &(id, _, _)) in backends.iter().enumerate() {
+            let e = ServiceEntry {
+                backend_id: id,
+                rev_nat_id,
+                ..Default::default()
+            };
+            svcs.insert(key.with_slot(u16::try_from(i + 1).unwrap()), e, 0)
+                .unwrap();
+        }
+        let front = ServiceEntry {
+            count: u16::try_from(backends.len()).unwrap(),
+            rev_nat_id,
+            flags,
+            ..Default::default()
+        };
+        svcs.insert(key, front, 0).unwrap();
+        let mut revnat: HashMap<_, u16, RevNatV4> =
+            HashMap::try_from(self.ebpf.map_mut(maps::REVNAT_MAP).unwrap()).unwrap();
+        revnat
+            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
+            .unwrap();
+    }
+
+    fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = self.ebpf.program_mut(XDP_PROG).unwrap().try_into().unwrap();
+        test_run!(prog, frame)
+    }
+
+    fn run_tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_INGRESS_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        test_run!(prog, frame)
+    }
+
+    fn ct(&self, key: &CtKeyV4) -> Option<CtEntry> {
+        let m: HashMap<&MapData, CtKeyV4, CtEntry> =
+            HashMap::try_from(self.ebpf.map(maps::CT_MAP).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    fn stat(&self, idx: u32) -> u64 {
+        let a: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::STATS_MAP).unwrap()).unwrap();
+        a.get(&idx, 0).unwrap().iter().sum()
+    }
+}
+
+fn ct_key(s: SocketAddrV4, d: SocketAddrV4, proto: u8, dir: u8) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: ip_to_net(*s.ip()),
+        daddr: ip_to_net(*d.ip()),
+        sport: port_to_net(s.port()),
+        dport: port_to_net(d.port()),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+fn dst_of(out: &[u8]) -> SocketAddrV4 {
+    let d = decode(out).expect("checksums after XDP");
+    match d.l4 {
+        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => sa(d.dst, dport),
+        L4::Icmp { .. } => panic!("ICMP"),
+    }
+}
+
+#[test]
+fn nodeport_tcp_dnat_and_tc_reverse_nat() {
+    let mut h = Harness::new();
+    h.add_service(
+        NODE_IP,
+        30080,
+        IPPROTO_TCP,
+        SVC_F_NODE_PORT,
+        3,
+        &[(7, pod(2), 80)],
+    );
+    let client = sa(CLIENT, 50000);
+    let nodeport = sa(NODE_IP, 30080);
+    let syn = packet::tcp(client, nodeport, TCP_SYN, 77, 0, b"");
+    let (v, out) = h.run_xdp(&syn);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(dst_of(&out), sa(pod(2), 80));
+    let data = packet::tcp(client, nodeport, TCP_ACK, 78, 1, b"GET / HTTP/1.1\r\n\r\n");
+    let (v, out) = h.run_xdp(&data);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(dst_of(&out), sa(pod(2), 80));
+    assert!(
+        matches!(decode(&out).unwrap().l4, L4::Tcp { ref payload, .. } if payload.starts_with(b"GET"))
+    );
+
+    let fwd = h
+        .ct(&ct_key(client, nodeport, IPPROTO_TCP, CT_DIR_FORWARD))
+        .expect("forward CT");
+    assert_eq!((fwd.backend_id, fwd.rev_nat_id), (7, 3));
+    assert!(
+        h.ct(&ct_key(sa(pod(2), 80), client, IPPROTO_TCP, CT_DIR_REPLY))
+            .is_some()
+    );
+    assert_eq!(h.stat(STAT_DNAT), 2);
+    assert_eq!(h.stat(STAT_CT_NEW), 1);
+    assert_eq!(h.stat(STAT_CT_HIT), 1);
+
+    // The backend's reply is reverse-NATed by the TC program to the NodePort frontend.
+    let reply = packet::tcp(sa(pod(2), 80), client, TCP_SYN | TCP_ACK, 9, 78, b"");
+    let (v, out) = h.run_tc(&reply);
+    assert_eq!(v, TC_ACT_OK);
+    let d = decode(&out).unwrap();
+    assert_eq!(d.src, NODE_IP);
+    assert!(matches!(
+        d.l4,
+        L4::Tcp {
+            sport: 30080,
+            dport: 50000,
+            ..
+        }
+    ));
+    assert_eq!(h.stat(STAT_REVNAT), 1);
+}
+
+#[test]
+fn nodeport_udp_dnat_keeps_zero_checksum() {
+    let mut h = Harness::new();
+    h.add_service(
+        NODE_IP,
+        30053,
+        IPPROTO_UDP,
+        SVC_F_NODE_PORT,
+        4,
+        &[(8, pod(3), 5353)],
+    );
+    for (port, with_csum) in [(50001, true), (50002, false)] {
+        let q = packet::udp(sa(CLIENT, port), sa(NODE_IP, 30053), b"query", with_csum);
+        let (v, out) = h.run_xdp(&q);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(dst_of(&out), sa(pod(3), 5353));
+        let L4::Udp { csum, .. } = decode(&out).unwrap().l4 else {
+            panic!("not UDP")
+        };
+        assert_eq!(csum != 0, with_csum, "checksum {csum:#06x}");
+    }
+}
+
+#[test]
+fn conntrack_keeps_backend_and_flows_spread() {
+    let mut h = Harness::new();
+    let bes = [(1, pod(1), 80), (2, pod(2), 80), (3, pod(3), 80)];
+    h.add_service(NODE_IP, 30080, IPPROTO_TCP, SVC_F_NODE_PORT, 3, &bes);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 51000..51040u16 {
+        let c = sa(CLIENT, port);
+        let (_, out) = h.run_xdp(&packet::tcp(c, sa(NODE_IP, 30080), TCP_SYN, 1, 0, b""));
+        let first = dst_of(&out);
+        seen.insert(first);
+        for i in 0..3 {
+            let (_, out) = h.run_xdp(&packet::tcp(c, sa(NODE_IP, 30080), TCP_ACK, 2 + i, 1, b"x"));
+            assert_eq!(dst_of(&out), first);
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[test]
+fn clusterip_empty_and_unparseable_pass_untouched() {
+    let mut h = Harness::new();
+    h.add_service(
+        VIP,
+        8080,
+        IPPROTO_TCP,
+        SVC_F_CLUSTER_IP,
+        5,
+        &[(9, pod(1), 80)],
+    );
+    h.add_service(NODE_IP, 30099, IPPROTO_TCP, SVC_F_NODE_PORT, 6, &[]);
+    h.add_service(
+        NODE_IP,
+        30080,
+        IPPROTO_TCP,
+        SVC_F_NODE_PORT,
+        3,
+        &[(7, pod(2), 80)],
+    );
+    let mut frames = vec![
+        packet::tcp(sa(CLIENT, 1), sa(VIP, 8080), TCP_SYN, 1, 0, b""),
+        packet::tcp(sa(CLIENT, 1), sa(NODE_IP, 30099), TCP_SYN, 1, 0, b""),
+        packet::tcp(sa(CLIENT, 1), sa(NODE_IP, 22), TCP_SYN, 1, 0, b""),
+        packet::icmp_echo(CLIENT, NODE_IP),
+    ];
+    let np = packet::tcp(sa(CLIENT, 2), sa(NODE_IP, 30080), TCP_SYN, 1, 0, b"");
+    for len in ETH_LEN..np.len() {
+        frames.push(np[..len].to_vec());
+    }
+    let mut frag = packet::udp(sa(CLIENT, 3), sa(NODE_IP, 30080), b"x", true);
+    frag[ETH_LEN + 6] = 0x20;
+    packet::fix_ip_checksum(&mut frag);
+    frames.push(frag);
+    for f in &frames {
+        let (v, out) = h.run_xdp(f);
+        assert_eq!(v, XDP_PASS, "{f:02x?}");
+        assert_eq!(&out, f, "must pass unchanged");
+    }
+    assert_eq!(h.stat(STAT_DNAT), 0);
+    let _ = XDP_DROP;
+}
