@@ -147,6 +147,32 @@ impl BpfLbMaps {
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+
+    /// Removes conntrack entries naming any of `backend_ids`. Keys are collected first:
+    /// deleting while walking with get_next_key would restart the walk.
+    fn purge_flows(&mut self, backend_ids: &[u32]) -> Result<(), MapsError> {
+        let doomed: Vec<CtKeyV4> = self
+            .ct
+            .iter()
+            .filter_map(|r| match r {
+                Ok((k, e)) => backend_ids.contains(&e.backend_id).then_some(Ok(k)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_err(CT_MAP, "iterate"))?;
+        for k in &doomed {
+            // The LRU may have evicted it meanwhile.
+            ignore_missing(CT_MAP, self.ct.remove(k))?;
+        }
+        if !doomed.is_empty() {
+            tracing::debug!(
+                entries = doomed.len(),
+                ?backend_ids,
+                "purged conntrack entries of removed backends"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl LbMaps for BpfLbMaps {
@@ -183,6 +209,7 @@ impl LbMaps for BpfLbMaps {
             Op::DeleteName(k) => ignore_missing(SVC_NAMES_MAP, self.names.remove(k)),
             Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
+            Op::PurgeFlows(ids) => self.purge_flows(ids),
         }
     }
 }
@@ -372,6 +399,32 @@ mod tests {
         assert_eq!(maps.backend_counter(7).unwrap(), Counter::default());
         assert_eq!(maps.svc_counter(3).unwrap(), Counter::default());
         assert!(maps.conntrack().unwrap().is_empty());
+    }
+
+    #[test]
+    fn purge_removes_only_flows_of_the_given_backends() {
+        let pins = pinned_maps("purge");
+        let mut maps = BpfLbMaps::open(&pins.0).unwrap();
+        let mut ct: Hash<CtKeyV4, CtEntry> = open_typed(&pins.0, CT_MAP).unwrap();
+        for (sport, backend_id) in [(1u16, 4u32), (2, 5), (3, 4), (4, 6)] {
+            let k = CtKeyV4 {
+                sport,
+                ..Default::default()
+            };
+            let e = CtEntry {
+                backend_id,
+                ..Default::default()
+            };
+            ct.insert(k, e, 0).unwrap();
+        }
+        maps.apply(&Op::PurgeFlows(vec![4, 6])).unwrap();
+        let left: Vec<u32> = maps
+            .conntrack()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| e.backend_id)
+            .collect();
+        assert_eq!(left, [5]);
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl LbMaps for FakeLbMaps {
             Op::ZeroBackendStats(id) => {
                 self.be_stats.remove(id);
             }
+            Op::PurgeFlows(ids) => self.ct.retain(|(_, e)| !ids.contains(&e.backend_id)),
             _ => op.apply_to(&mut self.state),
         }
         self.log.push(op.clone());

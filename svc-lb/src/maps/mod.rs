@@ -44,6 +44,11 @@ pub enum Op {
     ZeroSvcStats(u16),
     /// Same for a newly allocated backend id.
     ZeroBackendStats(u32),
+    /// Drop conntrack entries (both directions) that point at these backend ids, which the
+    /// plan is about to delete. Otherwise an idle flow could outlive its backend, and when the
+    /// id is handed out again, its next packet would reach whichever pod got the id — possibly
+    /// another Service's. No new entry can name them: their slots are already gone.
+    PurgeFlows(Vec<u32>),
 }
 
 impl Op {
@@ -75,7 +80,7 @@ impl Op {
             Op::DeleteName(k) => {
                 state.names.remove(k);
             }
-            Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) => {}
+            Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) | Op::PurgeFlows(_) => {}
         }
     }
 }

@@ -417,7 +417,8 @@ impl<'a> Planner<'a> {
 
 /// Ordered writes from `current` to `target`:
 /// backends -> rev-NAT + names -> backend slots -> slot 0 -> delete slot 0 of removed
-/// frontends -> delete surplus slots -> delete rev-NAT + names -> delete backends.
+/// frontends -> delete surplus slots -> delete rev-NAT + names -> purge their flows and delete
+/// backends.
 /// Only entries that differ are written.
 fn diff(
     current: &MapState,
@@ -489,11 +490,18 @@ fn diff(
             ops.push(Op::DeleteName(*id));
         }
     }
-    for id in current.backends.keys() {
-        if !target.backends.contains_key(id) {
-            ops.push(Op::DeleteBackend(*id));
-        }
+    let removed: Vec<u32> = current
+        .backends
+        .keys()
+        .filter(|id| !target.backends.contains_key(id))
+        .copied()
+        .collect();
+    if !removed.is_empty() {
+        // Before the deletes: if the purge fails, the backends are still there and the next
+        // plan purges and deletes them again.
+        ops.push(Op::PurgeFlows(removed.clone()));
     }
+    ops.extend(removed.into_iter().map(Op::DeleteBackend));
     ops
 }
 

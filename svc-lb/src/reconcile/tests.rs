@@ -169,6 +169,7 @@ fn touched(ops: &[Op]) -> Vec<String> {
             Op::DeleteName(id) => format!("-name {id}"),
             Op::ZeroSvcStats(id) => format!("0svc {id}"),
             Op::ZeroBackendStats(id) => format!("0be {id}"),
+            Op::PurgeFlows(ids) => format!("purge {ids:?}"),
         })
         .collect()
 }
@@ -286,7 +287,12 @@ fn removing_the_last_slot_backend_touches_only_that_slot_and_the_count() {
     let (after, ops) = step(&s, &state([frontend_svc(2)]));
     assert_eq!(
         touched(&ops),
-        ["+svc 10.96.0.10:80#0", "-svc 10.96.0.10:80#3", "-be 3"]
+        [
+            "+svc 10.96.0.10:80#0",
+            "-svc 10.96.0.10:80#3",
+            "purge [3]",
+            "-be 3"
+        ]
     );
     assert_eq!(after.services[&svc_key("10.96.0.10", 80, 0)].count, 2);
 }
@@ -309,6 +315,7 @@ fn removing_a_middle_backend_moves_the_last_into_its_slot() {
             "+svc 10.96.0.10:80#2",
             "+svc 10.96.0.10:80#0",
             "-svc 10.96.0.10:80#3",
+            "purge [2]",
             "-be 2"
         ]
     );
@@ -328,6 +335,7 @@ fn scale_3_2_0_3() {
             "+svc 10.96.0.10:80#0",
             "-svc 10.96.0.10:80#1",
             "-svc 10.96.0.10:80#2",
+            "purge [1, 2]",
             "-be 1",
             "-be 2"
         ]
@@ -406,7 +414,10 @@ fn garbage_in_the_maps_is_cleaned_up() {
     s.backends.insert(40, BackendV4::default());
     s.revnat.insert(9, RevNatV4::default());
     let (_, ops) = step(&s, &state([frontend_svc(1)]));
-    assert_eq!(touched(&ops), ["-svc 10.96.0.10:80#5", "-rev 9", "-be 40"]);
+    assert_eq!(
+        touched(&ops),
+        ["-svc 10.96.0.10:80#5", "-rev 9", "purge [40]", "-be 40"]
+    );
 }
 
 fn small(max_revnat: u32, max_backends: u32) -> Limits {
@@ -547,6 +558,46 @@ fn fault_at_any_op_then_retry_converges() {
             assert!(plan(desired, &after).ops.is_empty());
         }
     }
+}
+
+#[test]
+fn flows_of_removed_backends_are_purged_before_their_ids_can_be_reused() {
+    use svc_lb_common::{CtEntry, CtKeyV4};
+    let mut maps = FakeLbMaps::default();
+    reconcile(&mut maps, &state([frontend_svc(3)]), Limits::default()).unwrap();
+    let flow = |sport: u16, backend_id: u32| {
+        (
+            CtKeyV4 {
+                sport,
+                ..Default::default()
+            },
+            CtEntry {
+                backend_id,
+                rev_nat_id: 1,
+                ..Default::default()
+            },
+        )
+    };
+    maps.ct = vec![flow(1, 1), flow(2, 3), flow(3, 3), flow(4, 2)];
+    reconcile(&mut maps, &state([frontend_svc(2)]), Limits::default()).unwrap();
+    let left: Vec<u32> = maps.ct.iter().map(|(_, e)| e.backend_id).collect();
+    assert_eq!(left, [1, 2]);
+    // Id 3 is free again; a different Service's backend may get it, with no flow pointing at it.
+    let other = fe(
+        "10.96.0.99",
+        80,
+        Proto::Tcp,
+        FrontendKind::ClusterIp,
+        "default/other:80",
+        &[("10.244.9.9", 80)],
+    );
+    reconcile(
+        &mut maps,
+        &state([frontend_svc(2), other]),
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(maps.state.backends[&3].ip(), ip("10.244.9.9"));
 }
 
 /// Tiny deterministic PRNG so the random walk is reproducible.
