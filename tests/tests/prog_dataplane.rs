@@ -180,3 +180,57 @@ fn pin_dir_outside_bpffs_is_refused() {
     let err = Dataplane::load(&cfg).expect_err("a pin dir on tmpfs/ext4 cannot hold pins");
     assert!(err.to_string().contains("not on a bpf filesystem"), "{err}");
 }
+
+/// Dataplane::load mounts bpffs when /sys/fs/bpf is not one. Runs itself again under
+/// `unshare -m -n` (private mount and network namespaces), where the child unmounts bpffs
+/// and loads; the host's mounts and sysctls are never touched.
+#[test]
+fn load_mounts_bpffs_when_missing() {
+    const CHILD_ENV: &str = "SVC_LB_MOUNT_TEST_CHILD";
+    svc_lb_tests::require_root();
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new("unshare")
+            .args(["-m", "-n", "--propagation", "private"])
+            .arg(exe)
+            .args(["--exact", "load_mounts_bpffs_when_missing", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .expect("run unshare");
+        assert!(
+            out.status.success(),
+            "child failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "child did not run the test"
+        );
+        return;
+    }
+    // Child: drop every bpffs mounted on /sys/fs/bpf in this private mount namespace.
+    while is_bpffs("/sys/fs/bpf") {
+        let st = Command::new("umount").arg("/sys/fs/bpf").status().unwrap();
+        assert!(st.success(), "umount /sys/fs/bpf");
+    }
+    let dir = PinDir::new();
+    let cfg = DataplaneConfig {
+        pin_dir: dir.0.clone(),
+        ifaces: vec![],
+    };
+    drop(Dataplane::load(&cfg).expect("Dataplane::load without bpffs"));
+    assert!(is_bpffs("/sys/fs/bpf"), "bpffs was not mounted");
+    for name in PINNED_MAPS {
+        assert!(dir.0.join(name).exists(), "map pin {name}");
+    }
+    uninstall(&dir.0).unwrap();
+}
+
+fn is_bpffs(path: &str) -> bool {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "bpf_fs"
+}

@@ -2,7 +2,7 @@
 
 use std::{
     ffi::CString,
-    os::unix::ffi::OsStrExt as _,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
     path::{Path, PathBuf},
 };
 
@@ -58,12 +58,24 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     mount_bpffs(root)
 }
 
+/// Mounts bpffs on `root`. Several agents (or test processes) may start at once; two mounts
+/// would stack and hide the first one's pins, so the check-and-mount runs under an exclusive
+/// flock on the mount point directory (a process arriving after the mount locks the new bpffs
+/// root instead and then sees it mounted).
 fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
     let mount_err = |source| DataplaneError::Mount {
         path: root.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(root).map_err(mount_err)?;
+    let dir = std::fs::File::open(root).map_err(mount_err)?;
+    // SAFETY: valid fd owned by `dir`; the lock is released when `dir` is closed.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(mount_err(std::io::Error::last_os_error()));
+    }
+    if is_bpffs(root).unwrap_or(false) {
+        return Ok(());
+    }
     let target = CString::new(root.as_os_str().as_bytes())
         .map_err(|e| mount_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     let fstype = c"bpf";
@@ -82,4 +94,30 @@ fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
     }
     info!(path = %root.display(), "mounted bpffs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn existing_ancestor_walks_up() {
+        assert_eq!(
+            existing_ancestor(Path::new("/proc/self/does-not-exist/x")),
+            PathBuf::from("/proc/self")
+        );
+        assert_eq!(existing_ancestor(Path::new("/")), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn procfs_is_not_bpffs() {
+        assert!(!is_bpffs(Path::new("/proc")).unwrap());
+        assert!(is_bpffs(Path::new("/does-not-exist-svc-lb")).is_err());
+    }
+
+    #[test]
+    fn pin_dir_outside_sys_fs_bpf_needs_bpffs() {
+        let err = ensure_bpffs(Path::new("/proc/svc-lb-pins")).unwrap_err();
+        assert!(matches!(err, DataplaneError::NotBpffs { .. }), "{err}");
+    }
 }

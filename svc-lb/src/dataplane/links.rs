@@ -136,3 +136,21 @@ pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_to_iface() {
+        let p = link_pin_path(Path::new("/sys/fs/bpf/x/links"), "n-p1");
+        assert_eq!(p, PathBuf::from("/sys/fs/bpf/x/links/n-p1-tc-ingress"));
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(name.strip_suffix(SUFFIX), Some("n-p1"));
+    }
+
+    #[test]
+    fn remove_stale_on_missing_dir_is_ok() {
+        remove_stale(Path::new("/proc/self/no-such-links-dir"), &[]).unwrap();
+    }
+}
