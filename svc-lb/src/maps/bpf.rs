@@ -148,14 +148,16 @@ impl BpfLbMaps {
         &self.pin_dir
     }
 
-    /// Removes conntrack entries naming any of `backend_ids`. Keys are collected first:
-    /// deleting while walking with get_next_key would restart the walk.
-    fn purge_flows(&mut self, backend_ids: &[u32]) -> Result<(), MapsError> {
+    /// Removes conntrack entries naming any of `backend_ids` or `rev_nat_ids`. Keys are
+    /// collected first: deleting while walking with get_next_key would restart the walk.
+    fn purge_flows(&mut self, backend_ids: &[u32], rev_nat_ids: &[u16]) -> Result<(), MapsError> {
         let doomed: Vec<CtKeyV4> = self
             .ct
             .iter()
             .filter_map(|r| match r {
-                Ok((k, e)) => backend_ids.contains(&e.backend_id).then_some(Ok(k)),
+                Ok((k, e)) => (backend_ids.contains(&e.backend_id)
+                    || rev_nat_ids.contains(&e.rev_nat_id))
+                .then_some(Ok(k)),
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<_, _>>()
@@ -168,7 +170,8 @@ impl BpfLbMaps {
             tracing::debug!(
                 entries = doomed.len(),
                 ?backend_ids,
-                "purged conntrack entries of removed backends"
+                ?rev_nat_ids,
+                "purged conntrack entries of removed backends/frontends"
             );
         }
         Ok(())
@@ -209,7 +212,10 @@ impl LbMaps for BpfLbMaps {
             Op::DeleteName(k) => ignore_missing(SVC_NAMES_MAP, self.names.remove(k)),
             Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
-            Op::PurgeFlows(ids) => self.purge_flows(ids),
+            Op::PurgeFlows {
+                backend_ids,
+                rev_nat_ids,
+            } => self.purge_flows(backend_ids, rev_nat_ids),
         }
     }
 }
@@ -406,25 +412,36 @@ mod tests {
         let pins = pinned_maps("purge");
         let mut maps = BpfLbMaps::open(&pins.0).unwrap();
         let mut ct: Hash<CtKeyV4, CtEntry> = open_typed(&pins.0, CT_MAP).unwrap();
-        for (sport, backend_id) in [(1u16, 4u32), (2, 5), (3, 4), (4, 6)] {
+        for (sport, backend_id, rev_nat_id) in [
+            (1u16, 4u32, 1u16),
+            (2, 5, 1),
+            (3, 4, 2),
+            (4, 6, 2),
+            (5, 5, 3),
+        ] {
             let k = CtKeyV4 {
                 sport,
                 ..Default::default()
             };
             let e = CtEntry {
                 backend_id,
+                rev_nat_id,
                 ..Default::default()
             };
             ct.insert(k, e, 0).unwrap();
         }
-        maps.apply(&Op::PurgeFlows(vec![4, 6])).unwrap();
-        let left: Vec<u32> = maps
+        maps.apply(&Op::PurgeFlows {
+            backend_ids: vec![4, 6],
+            rev_nat_ids: vec![3],
+        })
+        .unwrap();
+        let left: Vec<(u32, u16)> = maps
             .conntrack()
             .unwrap()
             .iter()
-            .map(|(_, e)| e.backend_id)
+            .map(|(_, e)| (e.backend_id, e.rev_nat_id))
             .collect();
-        assert_eq!(left, [5]);
+        assert_eq!(left, [(5, 1)]);
     }
 
     #[test]

@@ -56,7 +56,12 @@ impl LbMaps for FakeLbMaps {
             Op::ZeroBackendStats(id) => {
                 self.be_stats.remove(id);
             }
-            Op::PurgeFlows(ids) => self.ct.retain(|(_, e)| !ids.contains(&e.backend_id)),
+            Op::PurgeFlows {
+                backend_ids,
+                rev_nat_ids,
+            } => self.ct.retain(|(_, e)| {
+                !backend_ids.contains(&e.backend_id) && !rev_nat_ids.contains(&e.rev_nat_id)
+            }),
             _ => op.apply_to(&mut self.state),
         }
         self.log.push(op.clone());

@@ -44,11 +44,14 @@ pub enum Op {
     ZeroSvcStats(u16),
     /// Same for a newly allocated backend id.
     ZeroBackendStats(u32),
-    /// Drop conntrack entries (both directions) that point at these backend ids, which the
-    /// plan is about to delete. Otherwise an idle flow could outlive its backend, and when the
-    /// id is handed out again, its next packet would reach whichever pod got the id — possibly
-    /// another Service's. No new entry can name them: their slots are already gone.
-    PurgeFlows(Vec<u32>),
+    /// Drop conntrack entries (both directions) that name a backend id or rev-NAT id the plan
+    /// is about to delete. Otherwise an idle flow could outlive them, and once an id is handed
+    /// out again its next packet would reach, or its replies be rewritten to, whatever got the
+    /// id — possibly another Service. No new entry can name them: their slots are gone.
+    PurgeFlows {
+        backend_ids: Vec<u32>,
+        rev_nat_ids: Vec<u16>,
+    },
 }
 
 impl Op {
@@ -80,7 +83,7 @@ impl Op {
             Op::DeleteName(k) => {
                 state.names.remove(k);
             }
-            Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) | Op::PurgeFlows(_) => {}
+            Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) | Op::PurgeFlows { .. } => {}
         }
     }
 }

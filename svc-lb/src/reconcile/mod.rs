@@ -417,8 +417,8 @@ impl<'a> Planner<'a> {
 
 /// Ordered writes from `current` to `target`:
 /// backends -> rev-NAT + names -> backend slots -> slot 0 -> delete slot 0 of removed
-/// frontends -> delete surplus slots -> delete rev-NAT + names -> purge their flows and delete
-/// backends.
+/// frontends -> delete surplus slots -> purge flows of what goes away -> delete rev-NAT +
+/// names -> delete backends.
 /// Only entries that differ are written.
 fn diff(
     current: &MapState,
@@ -480,28 +480,33 @@ fn diff(
     for k in removed_services().filter(|k| k.backend_slot != 0) {
         ops.push(Op::DeleteService(*k));
     }
-    for id in current.revnat.keys() {
-        if !target.revnat.contains_key(id) {
-            ops.push(Op::DeleteRevNat(*id));
-        }
-    }
-    for id in current.names.keys() {
-        if !target.names.contains_key(id) {
-            ops.push(Op::DeleteName(*id));
-        }
-    }
-    let removed: Vec<u32> = current
+    let removed_rev: Vec<u16> = current
+        .revnat
+        .keys()
+        .filter(|id| !target.revnat.contains_key(id))
+        .copied()
+        .collect();
+    let removed_be: Vec<u32> = current
         .backends
         .keys()
         .filter(|id| !target.backends.contains_key(id))
         .copied()
         .collect();
-    if !removed.is_empty() {
-        // Before the deletes: if the purge fails, the backends are still there and the next
+    if !removed_rev.is_empty() || !removed_be.is_empty() {
+        // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
-        ops.push(Op::PurgeFlows(removed.clone()));
+        ops.push(Op::PurgeFlows {
+            backend_ids: removed_be.clone(),
+            rev_nat_ids: removed_rev.clone(),
+        });
     }
-    ops.extend(removed.into_iter().map(Op::DeleteBackend));
+    ops.extend(removed_rev.into_iter().map(Op::DeleteRevNat));
+    for id in current.names.keys() {
+        if !target.names.contains_key(id) {
+            ops.push(Op::DeleteName(*id));
+        }
+    }
+    ops.extend(removed_be.into_iter().map(Op::DeleteBackend));
     ops
 }
 

@@ -169,7 +169,10 @@ fn touched(ops: &[Op]) -> Vec<String> {
             Op::DeleteName(id) => format!("-name {id}"),
             Op::ZeroSvcStats(id) => format!("0svc {id}"),
             Op::ZeroBackendStats(id) => format!("0be {id}"),
-            Op::PurgeFlows(ids) => format!("purge {ids:?}"),
+            Op::PurgeFlows {
+                backend_ids,
+                rev_nat_ids,
+            } => format!("purge be{backend_ids:?} rev{rev_nat_ids:?}"),
         })
         .collect()
 }
@@ -290,7 +293,7 @@ fn removing_the_last_slot_backend_touches_only_that_slot_and_the_count() {
         [
             "+svc 10.96.0.10:80#0",
             "-svc 10.96.0.10:80#3",
-            "purge [3]",
+            "purge be[3] rev[]",
             "-be 3"
         ]
     );
@@ -315,7 +318,7 @@ fn removing_a_middle_backend_moves_the_last_into_its_slot() {
             "+svc 10.96.0.10:80#2",
             "+svc 10.96.0.10:80#0",
             "-svc 10.96.0.10:80#3",
-            "purge [2]",
+            "purge be[2] rev[]",
             "-be 2"
         ]
     );
@@ -335,7 +338,7 @@ fn scale_3_2_0_3() {
             "+svc 10.96.0.10:80#0",
             "-svc 10.96.0.10:80#1",
             "-svc 10.96.0.10:80#2",
-            "purge [1, 2]",
+            "purge be[1, 2] rev[]",
             "-be 1",
             "-be 2"
         ]
@@ -361,6 +364,7 @@ fn removing_a_frontend_deletes_only_its_entries_slot0_first() {
             "-svc 172.31.0.1:30080#1",
             "-svc 172.31.0.1:30080#2",
             "-svc 172.31.0.1:30080#3",
+            "purge be[] rev[4]",
             "-rev 4",
             "-name 4",
         ],
@@ -416,7 +420,12 @@ fn garbage_in_the_maps_is_cleaned_up() {
     let (_, ops) = step(&s, &state([frontend_svc(1)]));
     assert_eq!(
         touched(&ops),
-        ["-svc 10.96.0.10:80#5", "-rev 9", "purge [40]", "-be 40"]
+        [
+            "-svc 10.96.0.10:80#5",
+            "purge be[40] rev[9]",
+            "-rev 9",
+            "-be 40"
+        ]
     );
 }
 
@@ -561,7 +570,7 @@ fn fault_at_any_op_then_retry_converges() {
 }
 
 #[test]
-fn flows_of_removed_backends_are_purged_before_their_ids_can_be_reused() {
+fn flows_of_removed_backends_and_frontends_are_purged_before_their_ids_can_be_reused() {
     use svc_lb_common::{CtEntry, CtKeyV4};
     let mut maps = FakeLbMaps::default();
     reconcile(&mut maps, &state([frontend_svc(3)]), Limits::default()).unwrap();
@@ -582,6 +591,10 @@ fn flows_of_removed_backends_are_purged_before_their_ids_can_be_reused() {
     reconcile(&mut maps, &state([frontend_svc(2)]), Limits::default()).unwrap();
     let left: Vec<u32> = maps.ct.iter().map(|(_, e)| e.backend_id).collect();
     assert_eq!(left, [1, 2]);
+    // Removing the frontend drops the rest of its flows (its rev-NAT id is freed too).
+    reconcile(&mut maps, &DesiredState::default(), Limits::default()).unwrap();
+    assert!(maps.ct.is_empty());
+    reconcile(&mut maps, &state([frontend_svc(2)]), Limits::default()).unwrap();
     // Id 3 is free again; a different Service's backend may get it, with no flow pointing at it.
     let other = fe(
         "10.96.0.99",
