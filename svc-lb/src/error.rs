@@ -84,14 +84,46 @@ pub enum DebugError {
     Clock(#[source] io::Error),
 }
 
-/// "outer: inner: innermost", for log lines (tracing records one string, not a chain).
+/// "outer: inner: innermost", for log lines (tracing records one string, not a chain). A
+/// source whose text the outer message already ends with (errors that print their source
+/// themselves) is not repeated.
 pub fn chain(err: &dyn StdError) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
+        let text = e.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("cannot read {what}: {source}")]
+    struct PrintsItsSource {
+        what: &'static str,
+        source: io::Error,
+    }
+
+    #[derive(Debug, Error)]
+    #[error("sync failed")]
+    struct Outer(#[source] PrintsItsSource);
+
+    #[test]
+    fn chain_joins_causes_without_repeating_them() {
+        let e = Outer(PrintsItsSource {
+            what: "dir",
+            source: io::Error::new(io::ErrorKind::NotFound, "gone"),
+        });
+        assert_eq!(chain(&e), "sync failed: cannot read dir: gone");
+        let m = MapsError::Injected { index: 3 };
+        assert_eq!(chain(&m), "injected fault on map operation #3");
+    }
 }

@@ -357,12 +357,15 @@ impl Agent {
     }
 
     /// A sync inside the loop: errors are logged (once per distinct error) and retried.
-    fn sync_logged(&mut self, why: Trigger) {
+    /// Returns whether the manifest directory could be listed (false = it is gone, and so
+    /// is its inotify watch).
+    fn sync_logged(&mut self, why: Trigger) -> bool {
         match self.sync(why) {
             Ok(_) => {
                 if self.last_error.take().is_some() {
                     info!("reconcile recovered");
                 }
+                true
             }
             Err(e) => {
                 let msg = chain(&e);
@@ -370,6 +373,7 @@ impl Agent {
                     warn!("reconcile failed, will retry: {msg}");
                 }
                 self.last_error = Some(msg);
+                !matches!(e, RunError::Manifests(ManifestError::ReadDir { .. }))
             }
         }
     }
@@ -457,6 +461,7 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
     let mut rescan = tokio::time::interval_at(Instant::now() + RESCAN, RESCAN);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut deadline: Option<Instant> = None;
+    let mut dir_lost = false;
     loop {
         let debounce = async {
             match deadline {
@@ -473,9 +478,20 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
             }
             _ = debounce => {
                 deadline = None;
-                agent.sync_logged(Trigger::Change);
+                dir_lost = !agent.sync_logged(Trigger::Change);
             }
-            _ = rescan.tick() => agent.sync_logged(Trigger::Rescan),
+            _ = rescan.tick() => {
+                let listed = agent.sync_logged(Trigger::Rescan);
+                if listed && dir_lost {
+                    // The directory was removed and is back: its old watch died with it.
+                    let _ = watcher.unwatch(&args.manifests);
+                    match watcher.watch(&args.manifests, RecursiveMode::NonRecursive) {
+                        Ok(()) => info!(dir = %args.manifests.display(), "watching manifests again"),
+                        Err(e) => warn!("cannot watch {} again (rescans continue): {e}", args.manifests.display()),
+                    }
+                }
+                dir_lost = !listed;
+            }
         }
     }
     drop(watcher);
