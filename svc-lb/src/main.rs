@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line with the whole cause chain; no backtrace even if RUST_BACKTRACE is set
             // (these are operator errors, not bugs).
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", svc_lb::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -289,10 +289,11 @@ impl Agent {
     /// Read, translate, reconcile. Problems with individual objects are logged; only a failed
     /// dump/apply or an unreadable directory is an error.
     fn sync(&mut self, why: Trigger) -> Result<Outcome, RunError> {
-        let loaded = if why == Trigger::Rescan {
-            self.cache.load_if_changed()?
-        } else {
-            Some(self.cache.load()?)
+        let loaded = match why {
+            // `run_async` read the manifests before attaching the datapath.
+            Trigger::Startup => None,
+            Trigger::Change => Some(self.cache.load()?),
+            Trigger::Rescan => self.cache.load_if_changed()?,
         };
         if let Some(loaded) = loaded {
             self.desired = self.read(loaded);
@@ -400,11 +401,8 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
 
-    let dataplane = Dataplane::load(&DataplaneConfig {
-        pin_dir: args.pin.pin_dir.clone(),
-        ifaces: args.ifaces.clone(),
-    })?;
-    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    // Everything that can fail on bad arguments runs before the datapath is attached, so a
+    // typo leaves the node untouched.
     let node_ips = node_ips(args)?;
     if node_ips.is_empty() {
         warn!(
@@ -413,23 +411,7 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
     } else {
         info!(?node_ips, "NodePort addresses");
     }
-    let mut agent = Agent {
-        maps,
-        cache: ManifestCache::new(&args.manifests),
-        translate_cfg: TranslateConfig {
-            node_ips,
-            node_name: args.node_name.clone(),
-            nodeport_range: args.nodeport_range,
-        },
-        desired: DesiredState::default(),
-        manifest_log: Dedup::default(),
-        rejected_log: Dedup::default(),
-        plan_log: Dedup::default(),
-        last_error: None,
-    };
-    // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
-    agent.sync(Trigger::Startup)?;
-
+    // Watching starts before the first read, so no change can fall between the two.
     let changed = Arc::new(Notify::new());
     let notify_changed = changed.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -457,6 +439,31 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
             source,
         })?;
     info!(dir = %args.manifests.display(), "watching manifests");
+    let mut cache = ManifestCache::new(&args.manifests);
+    let first = cache.load()?;
+
+    let dataplane = Dataplane::load(&DataplaneConfig {
+        pin_dir: args.pin.pin_dir.clone(),
+        ifaces: args.ifaces.clone(),
+    })?;
+    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    let mut agent = Agent {
+        maps,
+        cache,
+        translate_cfg: TranslateConfig {
+            node_ips,
+            node_name: args.node_name.clone(),
+            nodeport_range: args.nodeport_range,
+        },
+        desired: DesiredState::default(),
+        manifest_log: Dedup::default(),
+        rejected_log: Dedup::default(),
+        plan_log: Dedup::default(),
+        last_error: None,
+    };
+    agent.desired = agent.read(first);
+    // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
+    agent.sync(Trigger::Startup)?;
 
     let mut rescan = tokio::time::interval_at(Instant::now() + RESCAN, RESCAN);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
