@@ -90,7 +90,8 @@ fn demo_steps(steps: &mut Steps, demo: &mut Demo) -> Result<()> {
         demo.start_agent()?;
         demo.wait_programmed()
     })?;
-    steps.step("send traffic from the client namespace", || demo.traffic())?;
+    // The debug output helps most when some requests failed, so it runs either way.
+    let traffic = steps.step("send traffic from the client namespace", || demo.traffic());
     steps.step("svc-lb debug services / stats", || {
         for what in ["services", "stats"] {
             println!("\n$ svc-lb debug {what} --pin-dir {PIN_DIR}");
@@ -99,7 +100,8 @@ fn demo_steps(steps: &mut Steps, demo: &mut Demo) -> Result<()> {
             print!("{out}");
         }
         Ok(())
-    })
+    })?;
+    traffic
 }
 
 struct Demo {
