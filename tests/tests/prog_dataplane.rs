@@ -82,8 +82,8 @@ fn attached(iface: &str) -> Vec<u32> {
         .collect()
 }
 
-fn rp_filter(name: &str) -> String {
-    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"))
+fn sysctl(name: &str, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/{key}"))
         .unwrap()
         .trim()
         .to_string()
@@ -112,8 +112,10 @@ fn load_pins_maps_and_links_and_survives_the_loader() {
             assert!(link_pin(&dir.0, iface).exists(), "link pin of {iface}");
             assert_eq!(attached(iface).len(), 1, "{iface}");
         }
-        assert_eq!(rp_filter("all"), "0");
-        assert_eq!(rp_filter("dpa0"), "0");
+        assert_eq!(sysctl("all", "rp_filter"), "0");
+        assert_eq!(sysctl("dpa0", "rp_filter"), "0");
+        assert_eq!(sysctl("dpa0", "accept_local"), "1");
+        assert_eq!(sysctl("dpa1", "accept_local"), "1");
         let first = attached("dpa0");
 
         // The agent goes away (as with kill -9, nothing is cleaned up): still attached.

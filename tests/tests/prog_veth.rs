@@ -26,6 +26,8 @@ use svc_lb_tests::{
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+/// The node's own address on the client link (n-c): a NodePort frontend.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 
 /// Collects `log` records (the dataplane forwards aya-log records from the programs into `log`).
 struct Capture(Mutex<Vec<String>>);
@@ -153,6 +155,12 @@ fn veth_traffic_dnat_revnat_and_rejects() {
     seed.service(WEB_VIP, 80, IPPROTO_TCP, 1, &web);
     seed.service(DNS_VIP, 53, IPPROTO_UDP, 2, &dns);
     seed.service(EMPTY_VIP, 80, IPPROTO_TCP, 3, &[]);
+    let node_port: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ip))| (i as u32 + 21, *ip, 80))
+        .collect();
+    seed.service(NODE_IP, 30080, IPPROTO_TCP, 5, &node_port);
     seed.service(EMPTY_VIP, 53, IPPROTO_UDP, 4, &[]);
 
     let names: BTreeSet<String> = pods.iter().map(|(n, _)| n.clone()).collect();
@@ -164,6 +172,14 @@ fn veth_traffic_dnat_revnat_and_rejects() {
         seen.insert(body);
     }
     assert_eq!(seen, names, "30 connections should reach every backend");
+
+    // NodePort on the node's own address: replies are reverse-NATed to a local source address,
+    // which the node forwards only with accept_local (set by the dataplane).
+    for i in 0..5 {
+        let body = client::http_get(&topo.client, SocketAddr::from((NODE_IP, 30080)))
+            .unwrap_or_else(|e| panic!("NodePort request {i}: {e}"));
+        assert!(names.contains(&body), "unexpected NodePort answer {body:?}");
+    }
 
     // One connection stays on its backend.
     let mut conn = HttpConn::connect(&topo.client, web_addr).expect("keep-alive connect");

@@ -110,7 +110,7 @@ impl Dataplane {
         }
         links::remove_stale(&links_dir, &cfg.ifaces)?;
 
-        sysctl::disable_rp_filter(&cfg.ifaces)?;
+        sysctl::configure(&cfg.ifaces)?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),

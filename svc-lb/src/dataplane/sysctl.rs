@@ -1,5 +1,11 @@
-//! rp_filter: reverse NAT rewrites the source of replies to the frontend address, which the
-//! strict reverse-path filter of the node would drop, so it is disabled where we attach.
+//! Per-interface IPv4 sysctls the datapath needs in the node's network namespace.
+//!
+//! - rp_filter=0: reverse NAT rewrites the source of replies to the frontend address, which the
+//!   strict reverse-path filter would drop. The effective value is max(all, iface), so both are 0.
+//! - accept_local=1 on attached interfaces: replies of a NodePort (or ExternalIP on a node
+//!   address) flow are reverse-NATed, at TC ingress of the pod interface, to a source address
+//!   that is the node's own; without accept_local the kernel drops such forwarded packets as
+//!   martians (fib_validate_source).
 
 use std::path::PathBuf;
 
@@ -7,19 +13,22 @@ use tracing::info;
 
 use super::DataplaneError;
 
-/// Sets `net.ipv4.conf.{all,<iface>}.rp_filter = 0` in the current network namespace. The
-/// effective value is max(all, iface), so both must be 0.
-pub fn disable_rp_filter(ifaces: &[String]) -> Result<(), DataplaneError> {
-    for name in std::iter::once("all").chain(ifaces.iter().map(String::as_str)) {
-        let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"));
-        std::fs::write(&path, b"0").map_err(|source| DataplaneError::Sysctl {
-            path: path.clone(),
-            source,
-        })?;
+fn write(name: &str, key: &str, value: &str) -> Result<(), DataplaneError> {
+    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{name}/{key}"));
+    std::fs::write(&path, value).map_err(|source| DataplaneError::Sysctl { path, source })
+}
+
+/// Applies the sysctls in the current network namespace.
+pub fn configure(ifaces: &[String]) -> Result<(), DataplaneError> {
+    write("all", "rp_filter", "0")?;
+    for iface in ifaces {
+        write(iface, "rp_filter", "0")?;
+        write(iface, "accept_local", "1")?;
     }
     info!(
         ifaces = ?ifaces,
-        "set rp_filter=0 on all and attached interfaces (reverse NAT replies would be dropped otherwise)"
+        "set rp_filter=0 (all + attached interfaces) and accept_local=1 (attached interfaces) \
+         so reverse-NATed replies are not dropped"
     );
     Ok(())
 }
