@@ -56,21 +56,43 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs `cmd` with inherited stdio, printing a heartbeat with the elapsed time every 15 s
 /// (cargo install or apt can be silent for a long time). Returns the exit status.
 pub fn run_progress(label: &str, cmd: &mut Command) -> Result<ExitStatus> {
+    run_with_limit(label, cmd, None)
+}
+
+/// Like [`run_progress`], but kills the command's whole process group (it runs in its own)
+/// after `limit`, so a hung test cannot hang CI.
+pub fn run_with_limit(
+    label: &str,
+    cmd: &mut Command,
+    limit: Option<Duration>,
+) -> Result<ExitStatus> {
     println!("    $ {}", describe(cmd));
     let start = Instant::now();
     let mut child = cmd
         .process_group(0)
         .spawn()
         .with_context(|| format!("spawn {}", describe(cmd)))?;
+    let kill_group = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on the process group we created for this child.
+        unsafe {
+            libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+        }
+        let _ = child.wait();
+    };
     let mut next_beat = Duration::from_secs(15);
     loop {
         if let Some(st) = child.try_wait()? {
             return Ok(st);
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
             bail!("interrupted (Ctrl-C) during {label}");
+        }
+        if let Some(limit) = limit
+            && start.elapsed() > limit
+        {
+            kill_group(&mut child);
+            bail!("{label} still running after {}s: killed", limit.as_secs());
         }
         if start.elapsed() >= next_beat {
             println!(
