@@ -19,7 +19,14 @@ pub fn connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Result<Tc
 /// One GET on a new connection (`Connection: close`); returns the trimmed body, i.e. the name of
 /// the backend that answered.
 pub fn http_get(ns: &Netns, addr: SocketAddr) -> io::Result<String> {
-    let mut conn = HttpConn::connect(ns, addr)?;
+    http_get_within(ns, addr, TIMEOUT)
+}
+
+/// [`http_get`] with a shorter connect and read timeout, for polling until something starts
+/// working: a SYN dropped before the Service was programmed would otherwise cost the 1 s SYN
+/// retransmission (the node rate-limits its ICMP unreachables, so not every probe fails fast).
+pub fn http_get_within(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    let mut conn = HttpConn::connect_within(ns, addr, timeout)?;
     conn.request(true)
 }
 
@@ -32,9 +39,13 @@ pub struct HttpConn {
 
 impl HttpConn {
     pub fn connect(ns: &Netns, addr: SocketAddr) -> io::Result<HttpConn> {
-        let stream = connect(ns, addr, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.set_write_timeout(Some(TIMEOUT))?;
+        Self::connect_within(ns, addr, TIMEOUT)
+    }
+
+    pub fn connect_within(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Result<HttpConn> {
+        let stream = connect(ns, addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(HttpConn {
             local: stream.local_addr()?,

@@ -128,7 +128,7 @@ pub mod fixture {
             Duration::from_secs(20),
             || {
                 agent.assert_running();
-                client::http_get(&topo.client, frontend()).ok()
+                client::http_get_within(&topo.client, frontend(), Duration::from_millis(300)).ok()
             },
         );
     }

@@ -120,3 +120,49 @@ fn agent_kill_9_and_restart_keep_connections() {
     agent.assert_running();
     assert!(news.len() >= 2, "new connections after restart: {news:?}");
 }
+
+#[test]
+fn restarted_agent_applies_changes_made_while_it_was_down() {
+    let (topo, dir) = fixture::standard();
+    let mut agent = AgentGuard::start(&topo, &dir.path);
+    fixture::wait_serving(&topo, &mut agent);
+
+    agent.kill_hard();
+    let remaining: Vec<_> = topo.pods.iter().filter(|p| p.name != "pod-a").collect();
+    dir.write("services.yaml", &manifests::standard(&remaining));
+    dir.write("pods.yaml", &manifests::pods(&remaining));
+    // Nobody watches the directory now: pod-a is still programmed and still chosen.
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(client::http_get(&topo.client, fixture::frontend()).expect("agent down"));
+    }
+    assert!(
+        seen.contains("pod-a"),
+        "pod-a gone without an agent? {seen:?}"
+    );
+
+    agent.restart();
+    // The new agent reconciles at startup: pod-a disappears (poll until 20 new connections in
+    // a row avoid it), then stays away.
+    let mut streak = 0;
+    svc_lb_tests::wait_for(
+        "pod-a to be removed after restart",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            match client::http_get(&topo.client, fixture::frontend()) {
+                Ok(n) if n != "pod-a" => streak += 1,
+                _ => streak = 0,
+            }
+            (streak >= 20).then_some(())
+        },
+    );
+    for i in 0..20 {
+        let name = client::http_get(&topo.client, fixture::frontend())
+            .unwrap_or_else(|e| panic!("request {i} after restart: {e}"));
+        assert_ne!(
+            name, "pod-a",
+            "request {i}: removed pod-a chosen after restart"
+        );
+    }
+}
