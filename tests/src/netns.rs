@@ -322,25 +322,10 @@ impl Topology {
         );
     }
 
-    /// Registers a process so that Drop kills it.
-    pub fn adopt(&self, label: &str, child: Child) {
-        self.procs.lock().unwrap().push((label.to_string(), child));
-    }
-
     /// Creates (truncates) `<dir>/<label>.log`.
     pub fn log_file(&self, label: &str) -> File {
         let path = self.dir.join(format!("{label}.log"));
         File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
-    }
-
-    /// Stops one process started through this topology (SIGKILL) and forgets it.
-    pub fn kill(&self, label: &str) {
-        let mut procs = self.procs.lock().unwrap();
-        if let Some(i) = procs.iter().position(|(l, _)| l == label) {
-            let (_, mut child) = procs.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
