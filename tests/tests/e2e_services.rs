@@ -188,3 +188,50 @@ fn service_without_endpoints_is_refused_quickly() {
         );
     }
 }
+
+#[test]
+fn external_ip_and_load_balancer_ingress_answer() {
+    let (topo, dir) = fixture::standard();
+    let external_ip = std::net::Ipv4Addr::new(192, 0, 2, 10);
+    let lb_ip = std::net::Ipv4Addr::new(198, 51, 100, 10);
+    // Traffic for both addresses reaches the node, as an upstream router would send it.
+    for net in ["192.0.2.0/24", "198.51.100.0/24"] {
+        topo.client
+            .run("ip", &["route", "add", net, "via", &NODE_IP.to_string()]);
+    }
+    let ports = [Port {
+        node_port: Some(30090),
+        ..Port::tcp("http", 443, 5000)
+    }];
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: public\n  namespace: default\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  clusterIPs:\n  - 10.96.0.70\n\
+         \x20 externalIPs:\n  - {external_ip}\n  selector:\n    app: frontend\n  ports:\n\
+         \x20 - name: http\n    protocol: TCP\n    port: 443\n    targetPort: 5000\n    nodePort: 30090\n\
+         status:\n  loadBalancer:\n    ingress:\n    - ip: {lb_ip}\n      ipMode: VIP\n"
+    );
+    let pods: Vec<_> = topo.pods.iter().collect();
+    dir.write(
+        "public.yaml",
+        &manifests::join(&[svc, manifests::endpoint_slice("public", &ports, &pods)]),
+    );
+    let mut agent = AgentGuard::start(&topo, &dir.path);
+    fixture::wait_serving(&topo, &mut agent);
+
+    for addr in [
+        SocketAddr::from((external_ip, 443)),
+        SocketAddr::from((lb_ip, 443)),
+        SocketAddr::from((NODE_IP, 30090)),
+        SocketAddr::from(([10, 96, 0, 70], 443)),
+    ] {
+        let seen = tally((0..12).map(|i| {
+            client::http_get(&topo.client, addr)
+                .unwrap_or_else(|e| panic!("request {i} to {addr}: {e}"))
+        }));
+        assert_known_backends(&seen);
+        assert!(
+            seen.len() >= 2,
+            "{addr} balanced over one backend only: {seen:?}"
+        );
+    }
+}
