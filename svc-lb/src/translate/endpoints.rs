@@ -1,12 +1,19 @@
 //! The backends of a Service port: from its EndpointSlices when it has any, otherwise from the
 //! Pods its selector picks (doing the EndpointSlice controller's job locally).
+//!
+//! Endpoint conditions follow kube-proxy (KEP-1669): a port uses its ready endpoints; only when
+//! it has none does it fall back to endpoints that are serving and terminating, so a Service
+//! whose pods are all shutting down keeps answering until they are gone instead of refusing.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Pod,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
 use tracing::debug;
 
 use super::{
@@ -33,13 +40,65 @@ pub(super) struct EndpointIndex<'a> {
 
 struct Slice<'a> {
     slice: &'a EndpointSlice,
-    /// Addresses of ready endpoints.
-    ready: Vec<Ipv4Addr>,
+    /// Addresses of endpoints that may serve, with their condition.
+    endpoints: Vec<(Ipv4Addr, Serving)>,
+}
+
+/// How an endpoint may serve traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Serving {
+    /// Ready: gets new connections.
+    Ready,
+    /// Serving but terminating: only used when the port has no ready endpoint.
+    Terminating,
 }
 
 struct ServingPod<'a> {
     pod: &'a Pod,
     ip: Ipv4Addr,
+    serving: Serving,
+}
+
+/// Collects backends split by condition; the result is the ready ones, or the terminating ones
+/// when there is no ready one.
+#[derive(Default)]
+struct Candidates {
+    ready: BTreeSet<BackendAddr>,
+    terminating: BTreeSet<BackendAddr>,
+}
+
+impl Candidates {
+    fn insert(&mut self, b: BackendAddr, serving: Serving) {
+        match serving {
+            Serving::Ready => self.ready.insert(b),
+            Serving::Terminating => self.terminating.insert(b),
+        };
+    }
+
+    fn into_backends(self) -> Vec<BackendAddr> {
+        if self.ready.is_empty() {
+            self.terminating.into_iter().collect()
+        } else {
+            self.ready.into_iter().collect()
+        }
+    }
+}
+
+/// The condition of a slice endpoint, `None` when it must not get traffic at all.
+fn slice_serving(e: &Endpoint) -> Option<Serving> {
+    let c = e.conditions.as_ref();
+    // API docs: nil `ready` means ready; nil `serving` defers to `ready`; nil `terminating`
+    // means not terminating.
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    if ready {
+        Some(Serving::Ready)
+    } else if serving && terminating {
+        Some(Serving::Terminating)
+    } else {
+        None
+    }
 }
 
 impl<'a> EndpointIndex<'a> {
@@ -59,15 +118,14 @@ impl<'a> EndpointIndex<'a> {
             if slice.address_type != "IPv4" {
                 continue;
             }
-            let ready = slice
+            let endpoints = slice
                 .endpoints
                 .iter()
-                // nil `ready` means ready (API docs: "nil should be interpreted as true").
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .filter_map(|e| Some((e, slice_serving(e)?)))
                 // Consumers use the first address only (the API allows more for future use).
-                .filter_map(|e| e.addresses.first())
-                .filter_map(|a| match a.parse::<Ipv4Addr>() {
-                    Ok(ip) => Some(ip),
+                .filter_map(|(e, serving)| Some((e.addresses.first()?, serving)))
+                .filter_map(|(a, serving)| match a.parse::<Ipv4Addr>() {
+                    Ok(ip) => Some((ip, serving)),
                     Err(_) => {
                         rejected.push(Rejected {
                             object: format!(
@@ -85,15 +143,15 @@ impl<'a> EndpointIndex<'a> {
                 .slices
                 .entry(key)
                 .or_default()
-                .push(Slice { slice, ready });
+                .push(Slice { slice, endpoints });
         }
         for pod in &objects.pods {
-            if let Some(ip) = serving_ip(pod) {
+            if let Some((ip, serving)) = serving_ip(pod) {
                 index
                     .pods
                     .entry(namespace(&pod.metadata))
                     .or_default()
-                    .push(ServingPod { pod, ip });
+                    .push(ServingPod { pod, ip, serving });
             }
         }
         index
@@ -102,13 +160,15 @@ impl<'a> EndpointIndex<'a> {
     /// Sorted, deduplicated backends of one Service port.
     pub fn backends(&self, svc: &ServicePlan<'_>, port: &PortPlan) -> Vec<BackendAddr> {
         let key = (svc.namespace, svc.name);
-        let mut out = BTreeSet::new();
+        let mut out = Candidates::default();
         if self.has_slices.contains(&key) {
             for s in self.slices.get(&key).into_iter().flatten() {
                 let Some(target) = slice_port(s.slice, port) else {
                     continue;
                 };
-                out.extend(s.ready.iter().map(|&ip| BackendAddr { ip, port: target }));
+                for &(ip, serving) in &s.endpoints {
+                    out.insert(BackendAddr { ip, port: target }, serving);
+                }
             }
         } else {
             for p in self.pods.get(svc.namespace).into_iter().flatten() {
@@ -116,12 +176,13 @@ impl<'a> EndpointIndex<'a> {
                     continue;
                 }
                 match target_port(p.pod, port) {
-                    Some(target) => {
-                        out.insert(BackendAddr {
+                    Some(target) => out.insert(
+                        BackendAddr {
                             ip: p.ip,
                             port: target,
-                        });
-                    }
+                        },
+                        p.serving,
+                    ),
                     None => debug!(
                         service = %svc.object(),
                         pod = p.pod.metadata.name.as_deref().unwrap_or(""),
@@ -131,7 +192,7 @@ impl<'a> EndpointIndex<'a> {
                 }
             }
         }
-        out.into_iter().collect()
+        out.into_backends()
     }
 }
 
@@ -149,12 +210,15 @@ fn slice_port(slice: &EndpointSlice, port: &PortPlan) -> Option<u16> {
         .and_then(valid_port)
 }
 
-/// The Pod's IPv4 address when it should receive traffic: what the EndpointSlice controller
-/// would publish as a ready endpoint.
-fn serving_ip(pod: &Pod) -> Option<Ipv4Addr> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None; // terminating
-    }
+/// The Pod's IPv4 address when it may receive traffic, as the EndpointSlice controller would
+/// publish it: ready, or (deletionTimestamp set) serving and terminating. A Pod without a Ready
+/// condition yet counts as ready (hand-written manifests often omit status conditions).
+fn serving_ip(pod: &Pod) -> Option<(Ipv4Addr, Serving)> {
+    let serving = if pod.metadata.deletion_timestamp.is_some() {
+        Serving::Terminating
+    } else {
+        Serving::Ready
+    };
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
@@ -172,7 +236,7 @@ fn serving_ip(pod: &Pod) -> Option<Ipv4Addr> {
     ips.chain(status.pod_ip.as_deref())
         .filter_map(|ip| ip.parse::<IpAddr>().ok())
         .find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V4(v4) => Some((v4, serving)),
             IpAddr::V6(_) => None,
         })
 }

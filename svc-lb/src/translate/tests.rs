@@ -126,7 +126,8 @@ fn every_service_kind_and_endpoint_source() {
     );
     // web-1 and web-2 (dual-stack, IPv6 primary, no Ready condition yet) resolve the named
     // targetPort `web` to their own numbers; web-7 has no port of that name and web-8 has it
-    // only for UDP. Not ready (web-3), terminating (web-4), Succeeded (web-5), no IP (web-6),
+    // only for UDP. Not ready (web-3), terminating (web-4: a fallback only, and ready pods
+    // exist), Succeeded (web-5), no IP (web-6),
     // other namespace (web-9) and other labels (db-0) never count.
     let web = "10.244.1.10:8080,10.244.2.10:8088";
     let all = |p: u16| format!("10.244.1.10:{p},10.244.2.10:{p},10.244.7.10:{p},10.244.8.20:{p}");
@@ -482,4 +483,80 @@ spec:
             "Service default/s: port a: duplicate port name",
         ]
     );
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
+    let slice = |svc: &str, eps: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+             addressType: IPv4\nports: [{{name: '', port: 8080}}]\nendpoints:\n{eps}"
+        )
+    };
+    let svc = |name: &str, ip: &str, selector: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{clusterIP: {ip}, selector: {{app: {selector}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
+        )
+    };
+    let pod = |name: &str, app: &str, ip: &str, ready: &str, deleting: bool| {
+        let deletion = if deleting {
+            ", deletionTimestamp: '2026-11-25T09:00:00Z'"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}{deletion}}}\n\
+             spec: {{containers: [{{name: c, image: x}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: '{ready}'}}]}}\n"
+        )
+    };
+    let docs = [
+        // Slices, one ready endpoint: the terminating ones are not used.
+        svc("mixed", "10.96.0.1", "none"),
+        slice(
+            "mixed",
+            "- {addresses: [10.0.0.1], conditions: {ready: true, serving: true, terminating: false}}\n\
+             - {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}\n",
+        ),
+        // Slices, nothing ready: serving+terminating only (not the terminating non-serving one,
+        // nor the not-ready one whose nil `serving` defers to `ready`).
+        svc("draining", "10.96.0.2", "none"),
+        slice(
+            "draining",
+            "- {addresses: [10.0.1.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.1.2], conditions: {ready: false, serving: false, terminating: true}}\n\
+             - {addresses: [10.0.1.3], conditions: {ready: false}}\n\
+             - {addresses: [10.0.1.4], conditions: {ready: false, serving: true, terminating: true}}\n",
+        ),
+        // Slices, nothing serving: no backends, the frontend rejects.
+        svc("gone", "10.96.0.3", "none"),
+        slice(
+            "gone",
+            "- {addresses: [10.0.2.1], conditions: {ready: false, serving: false, terminating: true}}\n",
+        ),
+        // Pods: a ready pod wins over a deleting one that is still Ready.
+        svc("pods-mixed", "10.96.0.4", "a"),
+        pod("a1", "a", "10.0.3.1", "True", false),
+        pod("a2", "a", "10.0.3.2", "True", true),
+        // Pods: only deleting ones; the still-Ready one serves, the not-Ready one does not.
+        svc("pods-draining", "10.96.0.5", "b"),
+        pod("b1", "b", "10.0.4.1", "True", true),
+        pod("b2", "b", "10.0.4.2", "False", true),
+        pod("b3", "b", "10.0.4.3", "False", false),
+    ];
+    let t = translate(&load_yaml(&docs.join("---\n")), &cfg(&[], None));
+    assert_eq!(
+        lines(&t),
+        [
+            "10.96.0.1:80/TCP ClusterIP default/mixed:80 -> 10.0.0.1:8080",
+            "10.96.0.2:80/TCP ClusterIP default/draining:80 -> 10.0.1.1:8080,10.0.1.4:8080",
+            "10.96.0.3:80/TCP ClusterIP default/gone:80 -> ",
+            "10.96.0.4:80/TCP ClusterIP default/pods-mixed:80 -> 10.0.3.1:8080",
+            "10.96.0.5:80/TCP ClusterIP default/pods-draining:80 -> 10.0.4.1:8080",
+        ]
+    );
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
 }
