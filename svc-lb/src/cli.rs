@@ -1,6 +1,11 @@
 //! Command-line interface (parsed here, executed in `main.rs`).
 
-use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -41,9 +46,13 @@ pub struct PinArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Standalone mode: read Service, EndpointSlice, Pod and Node objects (YAML or JSON, as
-    /// Kubernetes writes them) from this directory and follow its changes.
+    /// Kubernetes writes them) from this directory and follow its changes. Without it, svc-lb
+    /// watches the Kubernetes API server (API mode).
     #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Interface to attach the datapath to (repeatable). Traffic to Services enters the node
     /// here, and replies from backends too.
@@ -65,6 +74,50 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub pin: PinArgs,
+}
+
+/// API mode: where the API server is and how often to re-check the maps.
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// Kubeconfig file. Default, like kubectl: $KUBECONFIG, then ~/.kube/config, then the
+    /// in-cluster service account.
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubeconfig context to use instead of its current-context.
+    #[arg(long, value_name = "NAME", conflicts_with = "manifests")]
+    pub context: Option<String>,
+
+    /// API mode: full reconcile interval (maps vs. the watched objects; repairs drift).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// API mode: local health endpoint (/healthz: 200 once synced, /livez). Like
+    /// kube-proxy's healthz address.
+    #[arg(long, default_value = "127.0.0.1:10256", value_name = "ADDR")]
+    pub health_addr: SocketAddr,
+}
+
+/// `500ms`, `2s`, `1m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 30s or 1m, got {s:?}"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m)")),
+    };
+    if d.is_zero() {
+        return Err("duration must be > 0".into());
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +226,72 @@ mod tests {
             }
         );
         assert_eq!(run.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn api_mode_without_manifests() {
+        let cli = Cli::try_parse_from([
+            "svc-lb",
+            "run",
+            "--iface",
+            "eth0",
+            "--kubeconfig",
+            "/etc/kc",
+            "--context",
+            "prod",
+            "--resync-interval",
+            "500ms",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.manifests, None);
+        assert_eq!(run.kube.kubeconfig, Some(PathBuf::from("/etc/kc")));
+        assert_eq!(run.kube.context.as_deref(), Some("prod"));
+        assert_eq!(run.kube.resync_interval, Duration::from_millis(500));
+        assert_eq!(
+            run.kube.health_addr,
+            "127.0.0.1:10256".parse::<SocketAddr>().unwrap()
+        );
+        let plain = Cli::try_parse_from(["svc-lb", "run", "--iface", "eth0"]).unwrap();
+        let Command::Run(run) = plain.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.kube.resync_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn manifests_and_api_flags_are_exclusive() {
+        for flag in [["--kubeconfig", "/k"], ["--context", "c"]] {
+            let err = Cli::try_parse_from([
+                "svc-lb",
+                "run",
+                "--iface",
+                "eth0",
+                "--manifests",
+                "dir",
+                flag[0],
+                flag[1],
+            ])
+            .unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
     }
 
     #[test]

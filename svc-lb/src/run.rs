@@ -1,5 +1,7 @@
 //! `svc-lb run`: load and attach the datapath, then keep the maps equal to what the manifests
-//! describe. Changes are picked up through inotify (debounced) with a periodic rescan as a
+//! describe (this file), or to what the API server holds (`api`, without `--manifests`).
+//!
+//! Manifest mode: changes are picked up through inotify (debounced) with a periodic rescan as a
 //! safety net; a failing reconcile is logged and retried, never fatal.
 //!
 //! Bad input policy: an object that fails to parse or translate is absent from the new state
@@ -45,6 +47,9 @@ use crate::{
     translate::{TranslateConfig, translate},
 };
 
+mod api;
+mod health;
+
 /// How long to wait after a change event for the rest of a multi-file update.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Full rescan interval, in case an inotify event was missed (or the directory was replaced).
@@ -80,6 +85,16 @@ pub enum RunError {
 
     #[error("cannot program the maps")]
     Reconcile(#[source] reconcile::ReconcileError),
+
+    #[error("cannot configure the Kubernetes client")]
+    Client(#[from] crate::k8s::client::ClientError),
+
+    #[error("cannot serve the health endpoint on {addr}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Objects of one file, as last read successfully.
@@ -394,10 +409,13 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    rt.block_on(run_async(args))
+    match &args.manifests {
+        Some(dir) => rt.block_on(run_async(args, dir)),
+        None => rt.block_on(api::run(args)),
+    }
 }
 
-async fn run_async(args: &RunArgs) -> Result<(), RunError> {
+async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
 
@@ -429,17 +447,17 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
         }
     })
     .map_err(|source| RunError::Watch {
-        dir: args.manifests.clone(),
+        dir: dir.to_path_buf(),
         source,
     })?;
     watcher
-        .watch(&args.manifests, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::NonRecursive)
         .map_err(|source| RunError::Watch {
-            dir: args.manifests.clone(),
+            dir: dir.to_path_buf(),
             source,
         })?;
-    info!(dir = %args.manifests.display(), "watching manifests");
-    let mut cache = ManifestCache::new(&args.manifests);
+    info!(dir = %dir.display(), "watching manifests");
+    let mut cache = ManifestCache::new(dir);
     let first = cache.load()?;
 
     let dataplane = Dataplane::load(&DataplaneConfig {
@@ -491,10 +509,10 @@ async fn run_async(args: &RunArgs) -> Result<(), RunError> {
                 let listed = agent.sync_logged(Trigger::Rescan);
                 if listed && dir_lost {
                     // The directory was removed and is back: its old watch died with it.
-                    let _ = watcher.unwatch(&args.manifests);
-                    match watcher.watch(&args.manifests, RecursiveMode::NonRecursive) {
-                        Ok(()) => info!(dir = %args.manifests.display(), "watching manifests again"),
-                        Err(e) => warn!("cannot watch {} again (rescans continue): {e}", args.manifests.display()),
+                    let _ = watcher.unwatch(dir);
+                    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => info!(dir = %dir.display(), "watching manifests again"),
+                        Err(e) => warn!("cannot watch {} again (rescans continue): {e}", dir.display()),
                     }
                 }
                 dir_lost = !listed;

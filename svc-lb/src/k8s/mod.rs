@@ -1,9 +1,11 @@
-//! Kubernetes objects in standalone mode: reading them from manifests and the label-selector
-//! semantics the Service -> Pod mapping relies on.
+//! Kubernetes objects: reading them from manifests (standalone mode) or watching the API server
+//! (API mode), and the label-selector semantics the Service -> Pod mapping relies on.
 
+pub mod client;
 mod documents;
 pub mod manifest;
 pub mod selector;
+pub mod watch;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 

@@ -1,0 +1,154 @@
+//! A tiny local HTTP health endpoint for API mode (kubelet probes, like kube-proxy's healthz):
+//!
+//! - `/healthz`: 200 once the maps were programmed from a complete list and the last reconcile
+//!   succeeded, 503 before (readiness);
+//! - `/livez`: 200 while the agent's event loop runs (liveness).
+//!
+//! Hand-rolled on a tokio listener: two fixed GET routes do not justify an HTTP server crate.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tracing::debug;
+
+/// Shared between the agent loop (writer) and the server (reader).
+#[derive(Debug, Default)]
+pub struct HealthState {
+    synced: AtomicBool,
+    healthy: AtomicBool,
+    /// Unix seconds of the last successful reconcile (0 = never).
+    last_ok: std::sync::atomic::AtomicU64,
+}
+
+impl HealthState {
+    /// Records a reconcile result (the first call also marks the initial sync).
+    pub fn reconciled(&self, ok: bool) {
+        self.synced.store(true, Ordering::Relaxed);
+        self.healthy.store(ok, Ordering::Relaxed);
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            self.last_ok.store(now.as_secs(), Ordering::Relaxed);
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds `addr` (so a taken port is a startup error) and serves in a background task.
+pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                // EMFILE and the like: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), answer(conn, &state)).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(mut conn: TcpStream, state: &HealthState) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let request = String::from_utf8_lossy(&buf);
+    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, body) = route(method, path, state);
+    debug!(method, path, status, "health request");
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(response.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
+    if method != "GET" && method != "HEAD" {
+        return (405, "{}".into());
+    }
+    match path {
+        "/healthz" => {
+            let ready = state.ready();
+            let body = format!(
+                "{{\"synced\":{},\"lastUpdated\":{}}}\n",
+                ready,
+                state.last_ok.load(Ordering::Relaxed)
+            );
+            (if ready { 200 } else { 503 }, body)
+        }
+        "/livez" => (200, "{\"alive\":true}\n".into()),
+        _ => (404, "{}".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_sync_state() {
+        let state = Arc::new(HealthState::default());
+        // Port 0 is resolved by bind; find it through a throwaway listener first.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        serve(addr, state.clone()).await.unwrap();
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503 "));
+        assert!(get(addr, "/livez").await.starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+        state.reconciled(true);
+        let ok = get(addr, "/healthz?verbose").await;
+        assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+        assert!(ok.contains("\"synced\":true"), "{ok}");
+        state.reconciled(false);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503 "));
+        // Binding a taken port is an error, not a silent no-op.
+        assert!(serve(addr, state).await.is_err());
+    }
+}
