@@ -4,8 +4,9 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW,
-    STAT_CT_RESELECT, STAT_LOOKUP_MISS, ServiceEntry, ServiceKeyV4, select::slot_for_hash,
+    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, STAT_CT_FULL,
+    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, ServiceEntry, ServiceKeyV4,
+    select::slot_for_hash,
 };
 
 use crate::{
@@ -35,6 +36,12 @@ pub fn frontend(key: &ServiceKeyV4) -> Option<ServiceEntry> {
     Some(unsafe { *e })
 }
 
+/// A TCP SYN without ACK, or any non-TCP packet (UDP has no connection to keep).
+#[inline(always)]
+fn opens_connection(p: &Packet) -> bool {
+    p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// Backend id and address for the packet's flow, or `None` when a slot or backend is missing
 /// (the agent is midway through an update; counted as STAT_LOOKUP_MISS, caller drops so the
 /// client retransmits into the finished state).
@@ -48,9 +55,15 @@ pub fn pick_backend<C: EbpfContext>(
     if let Some(ct) = ct::lookup_touch(&ct::packet_key(p, CT_DIR_FORWARD), p) {
         match LB4_BACKENDS.get_ptr(ct.backend_id) {
             Some(be) => {
-                stat(STAT_CT_HIT);
                 // SAFETY: pointer from a successful lookup; copied out at once.
-                return Some((ct.backend_id, unsafe { *be }));
+                let be = unsafe { *be };
+                // A draining backend keeps the connections it has; a new connection that
+                // happens to reuse an old tuple (SYN) must not reach it.
+                if be.state == BE_STATE_ACTIVE || !opens_connection(p) {
+                    stat(STAT_CT_HIT);
+                    return Some((ct.backend_id, be));
+                }
+                stat(STAT_CT_RESELECT);
             }
             None => stat(STAT_CT_RESELECT),
         }

@@ -14,10 +14,11 @@ use aya::{
 };
 use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
 use svc_lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP,
-    IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT,
-    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED,
-    STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
+    BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, Counter, CtEntry,
+    CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW,
+    STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
+    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4,
+    ip_to_net, maps, port_to_net,
 };
 use svc_lb_tests::packet::{
     self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
@@ -615,4 +616,47 @@ fn restarted_loader_reuses_pinned_maps() {
     assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(2), 5000));
     assert_eq!(h.stat(STAT_CT_HIT), 1);
     assert_eq!(h.stat(STAT_DNAT), 2);
+}
+
+#[test]
+fn draining_backend_keeps_its_connections_but_no_new_ones() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(1), 5000)]);
+    let client = sa(CLIENT, 42100);
+    h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+    // The agent drains backend 4: TERMINATING, replaced by backend 6 in slot 1.
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(6, pod(3), 5000)]);
+    h.backends()
+        .insert(
+            4,
+            BackendV4::new(pod(1), 5000, IPPROTO_TCP, BE_STATE_TERMINATING),
+            0,
+        )
+        .unwrap();
+    // Established: data and FIN still reach the draining backend.
+    for flags in [TCP_ACK | TCP_PSH, TCP_FIN | TCP_ACK] {
+        let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), flags, 2, 1, b"x"));
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(1), 5000));
+    }
+    assert_eq!(h.stat(STAT_CT_RESELECT), 0);
+    // A new connection reusing the tuple goes to an active backend, and stays there.
+    let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 100, 0, b""));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(3), 5000));
+    assert_eq!(h.stat(STAT_CT_RESELECT), 1);
+    let (_, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_ACK, 101, 1, b""));
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(3), 5000));
+    // Other new connections never pick it.
+    for port in 42101..42121u16 {
+        let (_, out) = h.run(&packet::tcp(
+            sa(CLIENT, port),
+            sa(VIP, 80),
+            TCP_SYN,
+            1,
+            0,
+            b"",
+        ));
+        assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(3), 5000));
+    }
 }

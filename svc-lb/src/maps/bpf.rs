@@ -150,14 +150,17 @@ impl BpfLbMaps {
 
     /// Removes conntrack entries naming any of `backend_ids` or `rev_nat_ids`. Keys are
     /// collected first: deleting while walking with get_next_key would restart the walk.
-    fn purge_flows(&mut self, backend_ids: &[u32], rev_nat_ids: &[u16]) -> Result<(), MapsError> {
+    fn purge_flows(
+        &mut self,
+        backend_ids: &[u32],
+        rev_nat_ids: &[u16],
+        pairs: &[(u16, u32)],
+    ) -> Result<(), MapsError> {
         let doomed: Vec<CtKeyV4> = self
             .ct
             .iter()
             .filter_map(|r| match r {
-                Ok((k, e)) => (backend_ids.contains(&e.backend_id)
-                    || rev_nat_ids.contains(&e.rev_nat_id))
-                .then_some(Ok(k)),
+                Ok((k, e)) => Op::purges(backend_ids, rev_nat_ids, pairs, &e).then_some(Ok(k)),
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<_, _>>()
@@ -171,6 +174,7 @@ impl BpfLbMaps {
                 entries = doomed.len(),
                 ?backend_ids,
                 ?rev_nat_ids,
+                ?pairs,
                 "purged conntrack entries of removed backends/frontends"
             );
         }
@@ -215,9 +219,27 @@ impl LbMaps for BpfLbMaps {
             Op::PurgeFlows {
                 backend_ids,
                 rev_nat_ids,
-            } => self.purge_flows(backend_ids, rev_nat_ids),
+                pairs,
+            } => self.purge_flows(backend_ids, rev_nat_ids, pairs),
         }
     }
+
+    fn flows(&self) -> Result<(u64, Vec<(CtKeyV4, CtEntry)>), MapsError> {
+        // Clock first: an entry stamped while we walk is then "in the future", i.e. live.
+        let now = monotonic_now_ns();
+        Ok((now, self.conntrack()?))
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into `ts`; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl LbStats for BpfLbMaps {
@@ -433,6 +455,7 @@ mod tests {
         maps.apply(&Op::PurgeFlows {
             backend_ids: vec![4, 6],
             rev_nat_ids: vec![3],
+            pairs: vec![],
         })
         .unwrap();
         let left: Vec<(u32, u16)> = maps

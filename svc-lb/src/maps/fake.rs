@@ -16,6 +16,8 @@ pub struct FakeLbMaps {
     pub be_stats: BTreeMap<u32, Counter>,
     pub global: Vec<u64>,
     pub ct: Vec<(CtKeyV4, CtEntry)>,
+    /// The monotonic clock `flows` reports.
+    pub now_ns: u64,
     /// Every op applied successfully, in order.
     pub log: Vec<Op>,
     /// Fail the op with this index (counting every `apply` call from 0), once.
@@ -59,13 +61,18 @@ impl LbMaps for FakeLbMaps {
             Op::PurgeFlows {
                 backend_ids,
                 rev_nat_ids,
-            } => self.ct.retain(|(_, e)| {
-                !backend_ids.contains(&e.backend_id) && !rev_nat_ids.contains(&e.rev_nat_id)
-            }),
+                pairs,
+            } => self
+                .ct
+                .retain(|(_, e)| !Op::purges(backend_ids, rev_nat_ids, pairs, e)),
             _ => op.apply_to(&mut self.state),
         }
         self.log.push(op.clone());
         Ok(())
+    }
+
+    fn flows(&self) -> Result<(u64, Vec<(CtKeyV4, CtEntry)>), MapsError> {
+        Ok((self.now_ns, self.ct.clone()))
     }
 }
 

@@ -48,9 +48,12 @@ pub enum Op {
     /// is about to delete. Otherwise an idle flow could outlive them, and once an id is handed
     /// out again its next packet would reach, or its replies be rewritten to, whatever got the
     /// id — possibly another Service. No new entry can name them: their slots are gone.
+    /// `pairs` (rev-NAT id, backend id): flows of a frontend to a backend it no longer has
+    /// (UDP only: a connected UDP client must move on; TCP connections finish where they are).
     PurgeFlows {
         backend_ids: Vec<u32>,
         rev_nat_ids: Vec<u16>,
+        pairs: Vec<(u16, u32)>,
     },
 }
 
@@ -94,6 +97,23 @@ pub trait LbMaps {
     fn dump(&self) -> Result<MapState, MapsError>;
     /// One write. Deleting a key that is not there succeeds (the plan may be re-applied).
     fn apply(&mut self, op: &Op) -> Result<(), MapsError>;
+    /// Conntrack entries and the current CLOCK_MONOTONIC time in ns (the clock the datapath
+    /// stamps `last_seen_ns` with), read before the entries.
+    fn flows(&self) -> Result<(u64, Vec<(CtKeyV4, CtEntry)>), MapsError>;
+}
+
+impl Op {
+    /// Whether a purge removes the flow `e`.
+    pub fn purges(
+        backend_ids: &[u32],
+        rev_nat_ids: &[u16],
+        pairs: &[(u16, u32)],
+        e: &CtEntry,
+    ) -> bool {
+        backend_ids.contains(&e.backend_id)
+            || rev_nat_ids.contains(&e.rev_nat_id)
+            || pairs.contains(&(e.rev_nat_id, e.backend_id))
+    }
 }
 
 /// Read-only access to what the datapath writes: counters and conntrack. Used by `svc-lb debug`.

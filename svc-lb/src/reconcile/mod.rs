@@ -6,6 +6,7 @@
 //! are ordered so the datapath never follows a slot 0 to a slot, backend or rev-NAT entry that
 //! does not exist yet or any more.
 
+mod drain;
 mod ids;
 mod slots;
 #[cfg(test)]
@@ -15,11 +16,12 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
+    time::Duration,
 };
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BackendV4, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4,
-    SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
+    MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
 };
 use thiserror::Error;
 
@@ -30,6 +32,8 @@ use crate::{
     model::{DesiredState, Frontend, FrontendKey, Proto},
 };
 
+pub use self::drain::live_tcp_backends;
+
 /// Map capacities the plan must respect. `Default` = the sizes the datapath declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -39,7 +43,17 @@ pub struct Limits {
     pub max_backends: u32,
     /// Entries in `LB4_SERVICES` (slot 0 + backend slots of every frontend).
     pub max_service_entries: u32,
+    /// A removed TCP backend stays (draining) while a flow to it was active this recently.
+    pub drain_idle: Duration,
+    /// The same for flows that saw a FIN or RST.
+    pub drain_closing: Duration,
 }
+
+/// An idle keep-alive connection to a removed pod survives this long; after that its backend
+/// id is released (bounded, so flows the LRU never evicts cannot pin ids forever).
+pub const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(3600);
+/// Long enough for the FIN/ACK exchange and retransmissions of a close.
+pub const DEFAULT_DRAIN_CLOSING: Duration = Duration::from_secs(60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -47,6 +61,8 @@ impl Default for Limits {
             max_revnat: MAX_REVNAT,
             max_backends: MAX_BACKENDS,
             max_service_entries: MAX_SERVICE_ENTRIES,
+            drain_idle: DEFAULT_DRAIN_IDLE,
+            drain_closing: DEFAULT_DRAIN_CLOSING,
         }
     }
 }
@@ -151,6 +167,8 @@ fn programmed_frontends(current: &MapState) -> BTreeMap<FrontendKey, Programmed>
 struct Planner<'a> {
     current: &'a MapState,
     limits: Limits,
+    /// Backend ids live TCP flows use (see `drain`).
+    live_tcp: &'a BTreeSet<u32>,
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Backend address -> id, from current (lowest id wins if duplicated) plus new allocations.
     backend_ids: HashMap<BackendIdent, u32>,
@@ -171,7 +189,7 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a MapState, limits: Limits) -> Self {
+    fn new(current: &'a MapState, limits: Limits, live_tcp: &'a BTreeSet<u32>) -> Self {
         let mut backend_ids = HashMap::new();
         for (id, b) in &current.backends {
             if (1..limits.max_backends).contains(id) {
@@ -207,6 +225,7 @@ impl<'a> Planner<'a> {
         Self {
             current,
             limits,
+            live_tcp,
             programmed: programmed_frontends(current),
             backend_ids,
             be_alloc: IdAllocator::new(limits.max_backends, used_be),
@@ -400,6 +419,24 @@ impl<'a> Planner<'a> {
         true
     }
 
+    /// Removed TCP backends that live flows still use stay, TERMINATING (in no slot, so no new
+    /// flow can pick them); the rest are deleted by the diff.
+    fn drain(&mut self) {
+        for (id, b) in &self.current.backends {
+            if b.proto == IPPROTO_TCP
+                && self.live_tcp.contains(id)
+                && (1..self.limits.max_backends).contains(id)
+                && !self.target.backends.contains_key(id)
+            {
+                let draining = BackendV4 {
+                    state: BE_STATE_TERMINATING,
+                    ..*b
+                };
+                self.target.backends.insert(*id, draining);
+            }
+        }
+    }
+
     fn into_plan(self) -> Plan {
         let ops = diff(
             self.current,
@@ -417,8 +454,8 @@ impl<'a> Planner<'a> {
 
 /// Ordered writes from `current` to `target`:
 /// backends -> rev-NAT + names -> backend slots -> slot 0 -> delete slot 0 of removed
-/// frontends -> delete surplus slots -> purge flows of what goes away -> delete rev-NAT +
-/// names -> delete backends.
+/// frontends -> delete surplus slots -> purge flows of what goes away (and UDP flows of
+/// frontends that dropped a backend) -> delete rev-NAT + names -> delete backends.
 /// Only entries that differ are written.
 fn diff(
     current: &MapState,
@@ -492,12 +529,14 @@ fn diff(
         .filter(|id| !target.backends.contains_key(id))
         .copied()
         .collect();
-    if !removed_rev.is_empty() || !removed_be.is_empty() {
+    let pairs = dropped_udp_pairs(current, target);
+    if !removed_rev.is_empty() || !removed_be.is_empty() || !pairs.is_empty() {
         // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
         ops.push(Op::PurgeFlows {
             backend_ids: removed_be.clone(),
             rev_nat_ids: removed_rev.clone(),
+            pairs,
         });
     }
     ops.extend(removed_rev.into_iter().map(Op::DeleteRevNat));
@@ -510,6 +549,26 @@ fn diff(
     ops
 }
 
+/// (rev-NAT id, backend id) of UDP frontends that no longer use a backend which itself stays
+/// (another frontend still has it). Their flows must go too, or a connected UDP client keeps
+/// talking to a pod that left this Service. Pairs whose backend or frontend is deleted are
+/// covered by the id purge.
+fn dropped_udp_pairs(current: &MapState, target: &MapState) -> Vec<(u16, u32)> {
+    let udp_pairs = |s: &MapState| -> BTreeSet<(u16, u32)> {
+        s.services
+            .iter()
+            .filter(|(k, _)| k.backend_slot != 0 && k.proto == IPPROTO_UDP)
+            .map(|(_, v)| (v.rev_nat_id, v.backend_id))
+            .collect()
+    };
+    let now = udp_pairs(target);
+    udp_pairs(current)
+        .into_iter()
+        .filter(|p| !now.contains(p))
+        .filter(|(rev, be)| target.revnat.contains_key(rev) && target.backends.contains_key(be))
+        .collect()
+}
+
 /// Plans with the datapath's map sizes.
 pub fn plan(desired: &DesiredState, current: &MapState) -> Plan {
     plan_with_limits(desired, current, Limits::default())
@@ -517,12 +576,25 @@ pub fn plan(desired: &DesiredState, current: &MapState) -> Plan {
 
 /// Plans the map contents for `desired`, reusing ids from `current`, and the writes to get
 /// there. Frontends that do not fit are reported in `Plan::errors`; all others proceed.
+/// Removed backends are deleted at once (no flow is known to be live).
 pub fn plan_with_limits(desired: &DesiredState, current: &MapState, limits: Limits) -> Plan {
-    let mut p = Planner::new(current, limits);
+    plan_draining(desired, current, limits, &BTreeSet::new())
+}
+
+/// [`plan_with_limits`], keeping removed TCP backends in `live_tcp` (ids live flows use, see
+/// [`live_tcp_backends`]) as TERMINATING instead of deleting them.
+pub fn plan_draining(
+    desired: &DesiredState,
+    current: &MapState,
+    limits: Limits,
+    live_tcp: &BTreeSet<u32>,
+) -> Plan {
+    let mut p = Planner::new(current, limits, live_tcp);
     p.claim_rev_ids(desired);
     for fe in desired.frontends.values() {
         p.add(fe);
     }
+    p.drain();
     p.into_plan()
 }
 
@@ -567,21 +639,36 @@ pub struct Outcome {
     pub backends: usize,
     pub ops: usize,
     pub errors: Vec<PlanError>,
+    /// Removed TCP backends kept for their established connections.
+    pub draining: usize,
 }
 
 /// Dump -> plan -> apply: adopts whatever is programmed (a previous agent's ids included).
+/// Conntrack is read only when a TCP backend is removed or draining, to find live flows.
 pub fn reconcile(
     maps: &mut impl LbMaps,
     desired: &DesiredState,
     limits: Limits,
 ) -> Result<Outcome, ReconcileError> {
     let current = maps.dump().map_err(ReconcileError::Dump)?;
-    let plan = plan_with_limits(desired, &current, limits);
+    let live_tcp = if drain::needs_flow_scan(desired, &current) {
+        let (now_ns, flows) = maps.flows().map_err(ReconcileError::Dump)?;
+        live_tcp_backends(&flows, now_ns, &limits)
+    } else {
+        BTreeSet::new()
+    };
+    let plan = plan_draining(desired, &current, limits, &live_tcp);
     apply(maps, &plan.ops)?;
     Ok(Outcome {
         frontends: plan.frontend_count(),
         backends: plan.target.backends.len(),
         ops: plan.ops.len(),
         errors: plan.errors,
+        draining: plan
+            .target
+            .backends
+            .values()
+            .filter(|b| b.state == BE_STATE_TERMINATING)
+            .count(),
     })
 }
