@@ -5,6 +5,8 @@
 
 pub mod agent;
 pub mod client;
+pub mod kube_api;
+pub mod kube_objects;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

@@ -1,0 +1,639 @@
+//! A fake Kubernetes API server for tests: the list and watch protocol of the real one for
+//! `services`, `endpointslices` (discovery.k8s.io/v1) and `nodes`, over plain HTTP/1.1.
+//!
+//! What it does like the real server:
+//! - one resourceVersion counter shared by all objects (like etcd); lists return it in
+//!   `metadata.resourceVersion`, items without `kind`/`apiVersion`;
+//! - `?watch=true&resourceVersion=N` streams (chunked) `{"type":"ADDED|MODIFIED|DELETED",
+//!   "object":{...}}` lines for every change after N, then follows new changes; a watch from
+//!   a compacted resourceVersion gets one `ERROR` event with a 410 `Expired` Status, and
+//!   `BOOKMARK` events carry only `metadata.resourceVersion`;
+//! - `labelSelector` (`k`, `!k`, `k=v`, `k!=v`) and `fieldSelector` (`metadata.name=`,
+//!   `metadata.namespace=`) filter lists and watches; an object that stops (starts) matching a
+//!   watch's selector is sent as DELETED (ADDED);
+//! - bearer-token authentication (401 Status otherwise).
+//!
+//! Controls for tests: [`FakeApi::drop_watches`] (connections cut mid-stream),
+//! [`FakeApi::expire_watches`] (410 on every open watch and compaction, forcing a re-list),
+//! [`FakeApi::bookmark`], and [`FakeApi::requests`] (every request, for asserting what the
+//! client called). The listener is created by the caller (e.g. inside a network namespace).
+
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+/// The bearer token the fake server accepts (written into generated kubeconfigs).
+pub const TOKEN: &str = "svc-lb-test-token";
+
+/// The resources served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Res {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl Res {
+    pub const ALL: [Res; 3] = [Res::Services, Res::EndpointSlices, Res::Nodes];
+
+    /// (group, plural) as RBAC rules name them.
+    pub fn rbac(self) -> (&'static str, &'static str) {
+        match self {
+            Res::Services => ("", "services"),
+            Res::EndpointSlices => ("discovery.k8s.io", "endpointslices"),
+            Res::Nodes => ("", "nodes"),
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Res::Services => "/api/v1/services",
+            Res::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Res::Nodes => "/api/v1/nodes",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Res::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            Res::Services => "Service",
+            Res::EndpointSlices => "EndpointSlice",
+            Res::Nodes => "Node",
+        }
+    }
+
+    fn of_kind(kind: &str) -> Option<Res> {
+        Res::ALL.into_iter().find(|r| r.kind() == kind)
+    }
+}
+
+/// One request as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    /// The resource, when the path is one of the served collections.
+    pub res: Option<Res>,
+}
+
+impl Request {
+    pub fn is_watch(&self) -> bool {
+        self.query
+            .get("watch")
+            .is_some_and(|w| w == "true" || w == "1")
+    }
+}
+
+type Key = (Res, String, String);
+
+struct Change {
+    rv: u64,
+    res: Res,
+    /// The object before and after (None = did not exist / deleted).
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<Change>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    drop_gen: u64,
+    expire_gen: u64,
+    bookmark_gen: u64,
+    requests: Vec<Request>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The server. Objects can be changed before or while it serves; [`FakeApi::serve`] can be
+/// called later than [`FakeApi::new`] (an API server that comes up late).
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeApi {
+    pub fn new() -> FakeApi {
+        FakeApi {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    // Real clusters never start at 0; neither does this one.
+                    rv: 1000,
+                    ..State::default()
+                }),
+                cond: Condvar::new(),
+                stop: AtomicBool::new(false),
+            }),
+            addr: Mutex::new(None),
+        }
+    }
+
+    /// Serves on `listener` (one thread per connection) until the FakeApi is dropped.
+    pub fn serve(&self, listener: TcpListener) {
+        let addr = listener.local_addr().expect("listener address");
+        *self.addr.lock().unwrap() = Some(addr);
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let shared = self.shared.clone();
+        thread::spawn(move || {
+            while !shared.stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let shared = shared.clone();
+                        thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = handle_conn(&shared, conn);
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+    }
+
+    /// Where it serves (after [`Self::serve`]).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.lock().unwrap().expect("not serving yet")
+    }
+
+    /// Creates or replaces an object (a full object with `kind`); sets its resourceVersion,
+    /// uid and creationTimestamp like the API server. Returns the new resourceVersion.
+    pub fn apply(&self, mut obj: Value) -> u64 {
+        let res = Res::of_kind(obj["kind"].as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("fake API: unsupported kind in {obj}"));
+        let key = key_of(res, &obj);
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let old = st.objects.get(&key).cloned();
+        let meta = obj["metadata"].as_object_mut().expect("metadata");
+        meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        let uid = old
+            .as_ref()
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("6f1c2a3e-0000-4000-8000-{rv:012}"));
+        meta.insert("uid".into(), json!(uid));
+        meta.entry("creationTimestamp")
+            .or_insert(json!("2026-11-25T14:00:00Z"));
+        st.objects.insert(key, obj.clone());
+        st.history.push(Change {
+            rv,
+            res,
+            old,
+            new: Some(obj),
+        });
+        drop(st);
+        self.shared.cond.notify_all();
+        rv
+    }
+
+    /// Deletes an object (no-op if absent). Returns the new resourceVersion.
+    pub fn delete(&self, kind: &str, namespace: Option<&str>, name: &str) -> u64 {
+        let res = Res::of_kind(kind).expect("kind");
+        let key = (res, namespace.unwrap_or("").to_owned(), name.to_owned());
+        let mut st = self.shared.lock();
+        let Some(mut obj) = st.objects.remove(&key) else {
+            return st.rv;
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        // The DELETED event carries the object at the deletion's resourceVersion.
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.history.push(Change {
+            rv,
+            res,
+            old: Some(obj),
+            new: None,
+        });
+        drop(st);
+        self.shared.cond.notify_all();
+        rv
+    }
+
+    /// Cuts every open watch connection mid-stream (no final chunk), like a restarted API
+    /// server or a broken connection. Clients resume from their last resourceVersion.
+    pub fn drop_watches(&self) {
+        self.shared.lock().drop_gen += 1;
+        self.shared.cond.notify_all();
+    }
+
+    /// Compacts all history and sends `410 Gone` on every open watch: clients must re-list.
+    pub fn expire_watches(&self) {
+        let mut st = self.shared.lock();
+        st.compacted = st.rv + 1;
+        st.expire_gen += 1;
+        drop(st);
+        self.shared.cond.notify_all();
+    }
+
+    /// Compacts history up to the current resourceVersion (watches from older ones get 410),
+    /// without touching open watches.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        st.compacted = st.rv;
+        drop(st);
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion on every open watch that asked for
+    /// bookmarks.
+    pub fn bookmark(&self) {
+        self.shared.lock().bookmark_gen += 1;
+        self.shared.cond.notify_all();
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// List requests (not watches) for `res` so far.
+    pub fn lists(&self, res: Res) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.res == Some(res) && !r.is_watch())
+            .count()
+    }
+
+    /// Writes a kubeconfig pointing at `server` (e.g. `http://127.0.0.1:6443`) with [`TOKEN`].
+    /// Extra contexts `(name, server)` are added after the current one.
+    pub fn write_kubeconfig(path: &Path, server: &str, extra: &[(&str, &str)]) -> PathBuf {
+        let mut clusters = format!("- name: fake\n  cluster:\n    server: {server}\n");
+        let mut contexts =
+            "- name: fake\n  context:\n    cluster: fake\n    user: test\n".to_string();
+        for (name, srv) in extra {
+            clusters.push_str(&format!("- name: {name}\n  cluster:\n    server: {srv}\n"));
+            contexts.push_str(&format!(
+                "- name: {name}\n  context:\n    cluster: {name}\n    user: test\n"
+            ));
+        }
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n{clusters}\
+             contexts:\n{contexts}users:\n- name: test\n  user:\n    token: {TOKEN}\n"
+        );
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path.to_path_buf()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.cond.notify_all();
+    }
+}
+
+fn key_of(res: Res, obj: &Value) -> Key {
+    let m = &obj["metadata"];
+    let ns = match res {
+        Res::Nodes => String::new(),
+        _ => m["namespace"].as_str().unwrap_or("default").to_owned(),
+    };
+    (
+        res,
+        ns,
+        m["name"].as_str().expect("metadata.name").to_owned(),
+    )
+}
+
+fn route(path: &str) -> Option<Res> {
+    Res::ALL.into_iter().find(|r| r.path() == path)
+}
+
+fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Percent-decoding (selectors arrive as `%21service.kubernetes.io%2F...`).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Label selector semantics of the API server for the forms clients send.
+pub fn labels_match(selector: &str, obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    let get = |k: &str| labels.get(k).and_then(Value::as_str);
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .all(|req| {
+            if let Some((k, v)) = req.split_once("!=") {
+                get(k.trim()) != Some(v.trim())
+            } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
+                get(k.trim()) == Some(v.trim())
+            } else if let Some(k) = req.strip_prefix('!') {
+                get(k.trim()).is_none()
+            } else {
+                get(req).is_some()
+            }
+        })
+}
+
+fn fields_match(selector: &str, obj: &Value) -> bool {
+    selector
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .all(|req| match req.split_once('=') {
+            Some(("metadata.name", v)) => obj["metadata"]["name"].as_str() == Some(v),
+            Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
+            // The real server rejects unknown field selectors; so does this one (no match).
+            _ => false,
+        })
+}
+
+fn matches(q: &BTreeMap<String, String>, obj: &Value) -> bool {
+    q.get("labelSelector").is_none_or(|s| labels_match(s, obj))
+        && q.get("fieldSelector").is_none_or(|s| fields_match(s, obj))
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code
+    })
+}
+
+fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> io::Result<()> {
+    let text = body.to_string();
+    let reason = match code {
+        200 => "OK",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Error",
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    conn.flush()
+}
+
+fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let target = parts.next().unwrap_or("").to_owned();
+        let mut auth = None;
+        let mut content_length = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "authorization" => auth = Some(v.trim().to_owned()),
+                    "content-length" => content_length = v.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        if content_length > 0 {
+            let mut body = vec![0; content_length];
+            io::Read::read_exact(&mut reader, &mut body)?;
+        }
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let req = Request {
+            method: method.clone(),
+            path: path.to_owned(),
+            query: parse_query(query),
+            res: route(path),
+        };
+        shared.lock().requests.push(req.clone());
+        if auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+            respond(&mut conn, 401, &status(401, "Unauthorized", "Unauthorized"))?;
+            continue;
+        }
+        let Some(res) = req.res.filter(|_| method == "GET") else {
+            respond(
+                &mut conn,
+                404,
+                &status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            )?;
+            continue;
+        };
+        if req.is_watch() {
+            return watch(shared, conn, res, &req.query);
+        }
+        let st = shared.lock();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((r, _, _), o)| *r == res && matches(&req.query, o))
+            .map(|(_, o)| {
+                let mut o = o.clone();
+                // List items come without kind/apiVersion from the real server too.
+                if let Some(m) = o.as_object_mut() {
+                    m.remove("kind");
+                    m.remove("apiVersion");
+                }
+                o
+            })
+            .collect();
+        let body = json!({
+            "kind": format!("{}List", res.kind()),
+            "apiVersion": res.api_version(),
+            "metadata": {"resourceVersion": st.rv.to_string()},
+            "items": items,
+        });
+        drop(st);
+        respond(&mut conn, 200, &body)?;
+    }
+}
+
+fn chunk(conn: &mut TcpStream, v: &Value) -> io::Result<()> {
+    let line = format!("{v}\n");
+    write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
+    conn.flush()
+}
+
+fn watch(
+    shared: &Shared,
+    mut conn: TcpStream,
+    res: Res,
+    q: &BTreeMap<String, String>,
+) -> io::Result<()> {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    conn.flush()?;
+    let mut st = shared.lock();
+    if from < st.compacted {
+        let rv_now = st.rv;
+        drop(st);
+        let msg = format!("too old resource version: {from} ({rv_now})");
+        chunk(
+            &mut conn,
+            &json!({"type": "ERROR", "object": status(410, "Expired", &msg)}),
+        )?;
+        return conn.write_all(b"0\r\n\r\n");
+    }
+    let (drop_gen, expire_gen, mut bookmark_gen) = (st.drop_gen, st.expire_gen, st.bookmark_gen);
+    let mut sent = from;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) || st.drop_gen != drop_gen {
+            drop(st);
+            // Cut mid-stream: no terminating chunk.
+            return conn.shutdown(Shutdown::Both);
+        }
+        if st.expire_gen != expire_gen {
+            drop(st);
+            let msg = format!("too old resource version: {sent}");
+            chunk(
+                &mut conn,
+                &json!({"type": "ERROR", "object": status(410, "Expired", &msg)}),
+            )?;
+            return conn.write_all(b"0\r\n\r\n");
+        }
+        let mut out = Vec::new();
+        for c in st.history.iter().filter(|c| c.rv > sent && c.res == res) {
+            let was = c.old.as_ref().is_some_and(|o| matches(q, o));
+            let is = c.new.as_ref().is_some_and(|o| matches(q, o));
+            let ev = match (was, is, &c.new) {
+                (false, true, Some(o)) => Some(("ADDED", o.clone())),
+                (true, true, Some(o)) => Some(("MODIFIED", o.clone())),
+                (true, false, Some(o)) => Some(("DELETED", o.clone())),
+                (true, false, None) => c.old.clone().map(|o| ("DELETED", o)),
+                _ => None,
+            };
+            if let Some((ty, o)) = ev {
+                out.push(json!({"type": ty, "object": o}));
+            }
+        }
+        if let Some(last) = st.history.last() {
+            sent = sent.max(last.rv);
+        }
+        let bookmark = (bookmarks && st.bookmark_gen != bookmark_gen).then(|| {
+            bookmark_gen = st.bookmark_gen;
+            json!({"type": "BOOKMARK", "object": {
+                "kind": res.kind(), "apiVersion": res.api_version(),
+                "metadata": {"resourceVersion": st.rv.to_string()}
+            }})
+        });
+        if out.is_empty() && bookmark.is_none() {
+            st = shared
+                .cond
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        drop(st);
+        for ev in out.iter().chain(bookmark.iter()) {
+            chunk(&mut conn, ev)?;
+        }
+        st = shared.lock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let o = json!({"metadata": {"name": "a", "namespace": "ns", "labels": {"k": "v"}}});
+        assert!(labels_match("k", &o));
+        assert!(labels_match("k=v,!x", &o));
+        assert!(!labels_match("!k", &o));
+        assert!(!labels_match("k!=v", &o));
+        assert!(fields_match("metadata.name=a", &o));
+        assert!(!fields_match("metadata.name=b", &o));
+        assert_eq!(decode("%21a.b%2Fc%3Dd"), "!a.b/c=d");
+    }
+}
