@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod kube_agent;
 pub mod kube_api;
 pub mod kube_objects;
 pub mod manifests;
