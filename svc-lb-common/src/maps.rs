@@ -23,6 +23,8 @@ pub const BE_STATS_MAP: &str = "LB4_BE_STATS";
 pub const STATS_MAP: &str = "LB_STATS";
 /// Rev-NAT id → "namespace/name:port" of the Service, for debugging only (datapath never reads).
 pub const SVC_NAMES_MAP: &str = "LB_SVC_NAMES";
+/// LRU sessionAffinity ClientIP: {client address, rev-NAT id} → backend id + last use.
+pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
 
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` and index `LB4_BE_STATS`; 0 means "no backend".
@@ -30,6 +32,8 @@ pub const MAX_BACKENDS: u32 = 65_536;
 /// Rev-NAT ids are `1..MAX_REVNAT` and index `LB4_SVC_STATS`; 0 is never allocated.
 pub const MAX_REVNAT: u32 = 65_536;
 pub const MAX_CT_ENTRIES: u32 = 262_144;
+/// Client/frontend pairs remembered for sessionAffinity (LRU; Cilium uses the same size).
+pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
 pub const SVC_NAME_LEN: usize = 128;
 
 /// `LB4_SERVICES` key.
@@ -61,7 +65,7 @@ pub struct ServiceEntry {
     /// `SVC_F_*`.
     pub flags: u16,
     pub _pad: u16,
-    /// sessionAffinity ClientIP timeout in seconds, 0 = no affinity (reserved).
+    /// sessionAffinity ClientIP timeout in seconds (slot 0 only), 0 = no affinity.
     pub affinity_timeout_s: u32,
 }
 
@@ -116,6 +120,27 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
+/// `LB4_AFFINITY` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKeyV4 {
+    /// Client IPv4 address, network order.
+    pub client_addr: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// `LB4_AFFINITY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new connection that used it; the affinity expires
+    /// `affinity_timeout_s` after that (kube-proxy's "recent" list semantics).
+    pub last_used_ns: u64,
+}
+
 /// `LB4_SVC_STATS` / `LB4_BE_STATS` value (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -138,6 +163,8 @@ const _: () = assert!(core::mem::size_of::<RevNatV4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
 
 /// Network-order `u32` of an address, as stored in maps and read from packets.
@@ -226,6 +253,20 @@ impl RevNatV4 {
     }
 }
 
+impl AffinityKeyV4 {
+    pub fn new(client: Ipv4Addr, rev_nat_id: u16) -> Self {
+        Self {
+            client_addr: ip_to_net(client),
+            rev_nat_id,
+            _pad: 0,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        ip_from_net(self.client_addr)
+    }
+}
+
 impl CtKeyV4 {
     pub fn ips(&self) -> (Ipv4Addr, Ipv4Addr) {
         (ip_from_net(self.saddr), ip_from_net(self.daddr))
@@ -270,6 +311,8 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for SvcName {}
+    unsafe impl aya::Pod for AffinityKeyV4 {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use svc_lb_common::{
 };
 
 use crate::{
-    ct,
+    affinity, ct,
     maps::{LB4_BACKENDS, LB4_SERVICES, stat},
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
@@ -69,20 +69,33 @@ pub fn pick_backend<C: EbpfContext>(
         }
     }
 
-    // SAFETY: helper without arguments.
-    let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
-    let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
-        stat(STAT_LOOKUP_MISS);
-        return None;
+    let remembered = if svc.affinity_timeout_s != 0 {
+        affinity::lookup(p.saddr, svc)
+    } else {
+        None
     };
-    // SAFETY: pointer from a successful lookup.
-    let backend_id = unsafe { (*entry).backend_id };
-    let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
-        stat(STAT_LOOKUP_MISS);
-        return None;
+    let (backend_id, be) = match remembered {
+        Some(found) => found,
+        None => {
+            // SAFETY: helper without arguments.
+            let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
+            let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
+                stat(STAT_LOOKUP_MISS);
+                return None;
+            };
+            // SAFETY: pointer from a successful lookup.
+            let backend_id = unsafe { (*entry).backend_id };
+            let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
+                stat(STAT_LOOKUP_MISS);
+                return None;
+            };
+            // SAFETY: as above.
+            (backend_id, unsafe { *be })
+        }
     };
-    // SAFETY: as above.
-    let be = unsafe { *be };
+    if svc.affinity_timeout_s != 0 {
+        affinity::remember(p.saddr, svc.rev_nat_id, backend_id);
+    }
 
     if ct::create(p, be.addr, be.port, backend_id, svc.rev_nat_id) {
         stat(STAT_CT_NEW);

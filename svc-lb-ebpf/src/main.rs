@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod ct;
 mod lb;
 mod maps;

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use svc_lb_common::{
-    BackendV4, Counter, CtEntry, CtKeyV4, MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SvcName,
+    AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, MAX_AFFINITY_ENTRIES,
+    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4, STAT_COUNT,
+    ServiceEntry, ServiceKeyV4, SvcName,
 };
 
 #[map(name = "LB4_SERVICES")]
@@ -23,6 +24,10 @@ pub static LB4_REVNAT: HashMap<u16, RevNatV4> = HashMap::pinned(MAX_REVNAT, 0);
 
 #[map(name = "LB4_CT")]
 pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
+
+#[map(name = "LB4_AFFINITY")]
+pub static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityEntry> =
+    LruHashMap::pinned(MAX_AFFINITY_ENTRIES, 0);
 
 #[map(name = "LB4_SVC_STATS")]
 pub static LB4_SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_REVNAT, 0);

@@ -130,6 +130,9 @@ pub struct ServiceReport {
     pub backends: Vec<BackendReport>,
     pub packets: u64,
     pub bytes: u64,
+    /// sessionAffinity ClientIP timeout, when the Service has affinity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout_s: Option<u32>,
 }
 
 /// One report per programmed frontend, in address order.
@@ -168,6 +171,7 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
             backends,
             packets: c.packets,
             bytes: c.bytes,
+            session_affinity_timeout_s: (v.affinity_timeout_s != 0).then_some(v.affinity_timeout_s),
         });
     }
     Ok(out)
@@ -195,9 +199,13 @@ pub fn services(
             1 => "1 backend".to_string(),
             n => format!("{n} backends"),
         };
+        let mut kind = r.kind.clone();
+        if let Some(t) = r.session_affinity_timeout_s {
+            kind += &format!(" affinity={t}s");
+        }
         t.row(vec![
             r.service.clone(),
-            r.kind.clone(),
+            kind,
             format!("{}/{}", r.frontend, r.protocol),
             summary,
             r.packets.to_string(),
@@ -484,6 +492,7 @@ mod tests {
                     port: *port,
                 })
                 .collect(),
+            policy: Default::default(),
         }
     }
 

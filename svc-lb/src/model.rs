@@ -126,6 +126,45 @@ impl fmt::Display for ServicePortRef {
     }
 }
 
+/// How new connections pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LbAlgorithm {
+    /// A random slot per new connection.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the connection's addresses and ports: a backend change
+    /// moves only about 1/N of the new-connection mapping.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(LbAlgorithm::Random),
+            "maglev" => Some(LbAlgorithm::Maglev),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        })
+    }
+}
+
+/// Per-Service balancing options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbPolicy {
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    /// From the `svc-lb.io/lb-algorithm` annotation; `None` = the agent's default.
+    pub algorithm: Option<LbAlgorithm>,
+}
+
 /// One frontend and the backends it balances over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
@@ -134,6 +173,7 @@ pub struct Frontend {
     pub service: ServicePortRef,
     /// Sorted and without duplicates. Empty = reject new connections.
     pub backends: Vec<BackendAddr>,
+    pub policy: LbPolicy,
 }
 
 /// Everything the dataplane should do, keyed by frontend.

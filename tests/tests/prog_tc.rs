@@ -14,11 +14,11 @@ use aya::{
 };
 use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
 use svc_lb_common::{
-    BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, Counter, CtEntry,
-    CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW,
-    STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
-    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4,
-    ip_to_net, maps, port_to_net,
+    AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL,
+    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS, STAT_NO_BACKEND,
+    STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, SVC_F_CLUSTER_IP,
+    ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
 };
 use svc_lb_tests::packet::{
     self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
@@ -659,4 +659,102 @@ fn draining_backend_keeps_its_connections_but_no_new_ones() {
         ));
         assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(3), 5000));
     }
+}
+
+/// Sets the frontend's sessionAffinity timeout (0 = off), as the agent does on slot 0.
+fn set_affinity(h: &mut Harness, vip: Ipv4Addr, port: u16, timeout_s: u32) {
+    let key = ServiceKeyV4::new(vip, port, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
+    let mut svcs = h.services();
+    let mut e = svcs.get(&key, 0).unwrap();
+    e.affinity_timeout_s = timeout_s;
+    svcs.insert(key, e, 0).unwrap();
+}
+
+fn affinity_map(h: &mut Harness) -> HashMap<&mut MapData, AffinityKeyV4, AffinityEntry> {
+    HashMap::try_from(h.ebpf.map_mut(maps::AFFINITY_MAP).unwrap()).unwrap()
+}
+
+/// Backends hit by SYNs from `client_ip`, source ports `ports`.
+fn syn_backends(
+    h: &mut Harness,
+    client_ip: Ipv4Addr,
+    ports: std::ops::Range<u16>,
+) -> Vec<Ipv4Addr> {
+    ports
+        .map(|port| {
+            let (v, out) = h.run(&packet::tcp(
+                sa(client_ip, port),
+                sa(VIP, 80),
+                TCP_SYN,
+                1,
+                0,
+                b"",
+            ));
+            assert_eq!(v, TC_ACT_OK);
+            *tcp_dst(&decode(&out).unwrap()).ip()
+        })
+        .collect()
+}
+
+#[test]
+fn session_affinity_sticks_per_client_until_timeout_or_off() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three_backends());
+    set_affinity(&mut h, VIP, 80, 60);
+
+    // One client: every new connection lands on the same backend.
+    let first = syn_backends(&mut h, CLIENT, 47000..47030);
+    let set: std::collections::BTreeSet<_> = first.iter().collect();
+    assert_eq!(set.len(), 1, "one client spread over {set:?}");
+    let sticky = first[0];
+    let entry = affinity_map(&mut h)
+        .get(&AffinityKeyV4::new(CLIENT, 7), 0)
+        .expect("affinity entry");
+    assert_eq!(
+        BackendV4::new(sticky, 5000, IPPROTO_TCP, 0),
+        h.backends().get(&entry.backend_id, 0).unwrap()
+    );
+    // Other clients are balanced independently (each sticky on its own).
+    let mut others = std::collections::BTreeSet::new();
+    for i in 0..30u8 {
+        let ip = Ipv4Addr::new(172, 31, 1, i);
+        let b = syn_backends(&mut h, ip, 47000..47003);
+        assert!(b.iter().all(|x| *x == b[0]), "client {ip}: {b:?}");
+        others.insert(b[0]);
+    }
+    assert_eq!(others.len(), 3, "30 clients should use all 3 backends");
+
+    // Expired (last use long ago): a fresh choice is made and remembered.
+    let key = AffinityKeyV4::new(CLIENT, 7);
+    let mut aff = affinity_map(&mut h);
+    let mut e = aff.get(&key, 0).unwrap();
+    e.last_used_ns = 0;
+    aff.insert(key, e, 0).unwrap();
+    set_affinity(&mut h, VIP, 80, 1);
+    syn_backends(&mut h, CLIENT, 47100..47101);
+    let refreshed = affinity_map(&mut h).get(&key, 0).unwrap();
+    assert_ne!(refreshed.last_used_ns, 0, "expired entry was not replaced");
+
+    // Its backend starts draining (out of the slots, TERMINATING): the client's affinity must
+    // not lead new connections there.
+    let id = refreshed.backend_id;
+    let rest: Vec<_> = three_backends().into_iter().filter(|b| b.0 != id).collect();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &rest);
+    let mut be = h.backends().get(&id, 0).unwrap();
+    be.state = BE_STATE_TERMINATING;
+    h.backends().insert(id, be, 0).unwrap();
+    set_affinity(&mut h, VIP, 80, 60);
+    let after = syn_backends(&mut h, CLIENT, 47200..47210);
+    assert!(
+        after.iter().all(|b| *b != be.ip() && *b == after[0]),
+        "affinity led to a terminating backend or did not re-stick: {after:?}"
+    );
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three_backends());
+
+    // Off: the same client spreads again.
+    set_affinity(&mut h, VIP, 80, 0);
+    let spread: std::collections::BTreeSet<_> = syn_backends(&mut h, CLIENT, 47300..47360)
+        .into_iter()
+        .collect();
+    assert_eq!(spread.len(), 3, "affinity off, still sticky: {spread:?}");
 }

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use svc_lb_common::{
-    BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP, Counter, CtEntry, CtKeyV4, REVNAT_MAP, RevNatV4,
-    SERVICES_MAP, STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, ServiceEntry, ServiceKeyV4, SvcName,
+    AFFINITY_MAP, AffinityEntry, AffinityKeyV4, BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP,
+    Counter, CtEntry, CtKeyV4, REVNAT_MAP, RevNatV4, SERVICES_MAP, STATS_MAP, SVC_NAMES_MAP,
+    SVC_STATS_MAP, ServiceEntry, ServiceKeyV4, SvcName,
 };
 
-use super::{LbMaps, LbStats, MapState, Op};
+use super::{LbMaps, LbStats, MapState, Op, Purge};
 use crate::error::MapsError;
 
 type Hash<K, V> = HashMap<MapData, K, V>;
@@ -22,6 +23,7 @@ pub struct BpfLbMaps {
     revnat: Hash<u16, RevNatV4>,
     names: Hash<u16, SvcName>,
     ct: Hash<CtKeyV4, CtEntry>,
+    affinity: Hash<AffinityKeyV4, AffinityEntry>,
     svc_stats: PerCpu<Counter>,
     be_stats: PerCpu<Counter>,
     stats: PerCpu<u64>,
@@ -81,6 +83,32 @@ fn ignore_missing(map: &'static str, res: Result<(), MapError>) -> Result<(), Ma
     }
 }
 
+/// Deletes the entries matching `doomed` and returns how many. Keys are collected first:
+/// deleting while walking with get_next_key would restart the walk.
+fn purge_where<K, V>(
+    map: &mut Hash<K, V>,
+    name: &'static str,
+    doomed: impl Fn(&K, &V) -> bool,
+) -> Result<usize, MapsError>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(|r| match r {
+            Ok((k, v)) => doomed(&k, &v).then_some(Ok(k)),
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name, "iterate"))?;
+    for k in &keys {
+        // The LRU may have evicted it meanwhile.
+        ignore_missing(name, map.remove(k))?;
+    }
+    Ok(keys.len())
+}
+
 fn nr_cpus() -> Result<usize, MapsError> {
     aya::util::nr_cpus().map_err(|(what, source)| MapsError::Cpus { what, source })
 }
@@ -138,6 +166,7 @@ impl BpfLbMaps {
             revnat: open_typed(pin_dir, REVNAT_MAP)?,
             names: open_typed(pin_dir, SVC_NAMES_MAP)?,
             ct: open_typed(pin_dir, CT_MAP)?,
+            affinity: open_typed(pin_dir, AFFINITY_MAP)?,
             svc_stats: open_typed(pin_dir, SVC_STATS_MAP)?,
             be_stats: open_typed(pin_dir, BE_STATS_MAP)?,
             stats: open_typed(pin_dir, STATS_MAP)?,
@@ -148,35 +177,14 @@ impl BpfLbMaps {
         &self.pin_dir
     }
 
-    /// Removes conntrack entries naming any of `backend_ids` or `rev_nat_ids`. Keys are
-    /// collected first: deleting while walking with get_next_key would restart the walk.
-    fn purge_flows(
-        &mut self,
-        backend_ids: &[u32],
-        rev_nat_ids: &[u16],
-        pairs: &[(u16, u32)],
-    ) -> Result<(), MapsError> {
-        let doomed: Vec<CtKeyV4> = self
-            .ct
-            .iter()
-            .filter_map(|r| match r {
-                Ok((k, e)) => Op::purges(backend_ids, rev_nat_ids, pairs, &e).then_some(Ok(k)),
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(map_err(CT_MAP, "iterate"))?;
-        for k in &doomed {
-            // The LRU may have evicted it meanwhile.
-            ignore_missing(CT_MAP, self.ct.remove(k))?;
-        }
-        if !doomed.is_empty() {
-            tracing::debug!(
-                entries = doomed.len(),
-                ?backend_ids,
-                ?rev_nat_ids,
-                ?pairs,
-                "purged conntrack entries of removed backends/frontends"
-            );
+    /// Removes the conntrack and affinity entries `purge` names.
+    fn purge_flows(&mut self, purge: &Purge) -> Result<(), MapsError> {
+        let flows = purge_where(&mut self.ct, CT_MAP, |k, e| purge.flow(k, e))?;
+        let affinity = purge_where(&mut self.affinity, AFFINITY_MAP, |k, e| {
+            purge.affinity(k, e)
+        })?;
+        if flows + affinity > 0 {
+            tracing::debug!(flows, affinity, ?purge, "purged conntrack/affinity entries");
         }
         Ok(())
     }
@@ -216,11 +224,7 @@ impl LbMaps for BpfLbMaps {
             Op::DeleteName(k) => ignore_missing(SVC_NAMES_MAP, self.names.remove(k)),
             Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
-            Op::PurgeFlows {
-                backend_ids,
-                rev_nat_ids,
-                pairs,
-            } => self.purge_flows(backend_ids, rev_nat_ids, pairs),
+            Op::PurgeFlows(purge) => self.purge_flows(purge),
         }
     }
 
@@ -337,6 +341,7 @@ mod tests {
                     port: 5000,
                 })
                 .collect(),
+            policy: Default::default(),
         };
         DesiredState {
             frontends: [(f.key, f)].into_iter().collect(),
@@ -452,11 +457,11 @@ mod tests {
             };
             ct.insert(k, e, 0).unwrap();
         }
-        maps.apply(&Op::PurgeFlows {
+        maps.apply(&Op::PurgeFlows(Purge {
             backend_ids: vec![4, 6],
             rev_nat_ids: vec![3],
-            pairs: vec![],
-        })
+            ..Purge::default()
+        }))
         .unwrap();
         let left: Vec<(u32, u16)> = maps
             .conntrack()

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use svc_lb_common::{Counter, CtEntry, CtKeyV4};
+use svc_lb_common::{AffinityEntry, AffinityKeyV4, Counter, CtEntry, CtKeyV4};
 
 use super::{LbMaps, LbStats, MapState, Op};
 use crate::error::MapsError;
@@ -16,6 +16,7 @@ pub struct FakeLbMaps {
     pub be_stats: BTreeMap<u32, Counter>,
     pub global: Vec<u64>,
     pub ct: Vec<(CtKeyV4, CtEntry)>,
+    pub affinity: Vec<(AffinityKeyV4, AffinityEntry)>,
     /// The monotonic clock `flows` reports.
     pub now_ns: u64,
     /// Every op applied successfully, in order.
@@ -58,13 +59,10 @@ impl LbMaps for FakeLbMaps {
             Op::ZeroBackendStats(id) => {
                 self.be_stats.remove(id);
             }
-            Op::PurgeFlows {
-                backend_ids,
-                rev_nat_ids,
-                pairs,
-            } => self
-                .ct
-                .retain(|(_, e)| !Op::purges(backend_ids, rev_nat_ids, pairs, e)),
+            Op::PurgeFlows(purge) => {
+                self.ct.retain(|(k, e)| !purge.flow(k, e));
+                self.affinity.retain(|(k, e)| !purge.affinity(k, e));
+            }
             _ => op.apply_to(&mut self.state),
         }
         self.log.push(op.clone());

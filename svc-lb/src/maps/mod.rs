@@ -9,7 +9,8 @@ mod fake;
 use std::collections::BTreeMap;
 
 use svc_lb_common::{
-    BackendV4, Counter, CtEntry, CtKeyV4, RevNatV4, ServiceEntry, ServiceKeyV4, SvcName,
+    AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, IPPROTO_UDP, RevNatV4,
+    ServiceEntry, ServiceKeyV4, SvcName,
 };
 
 pub use bpf::BpfLbMaps;
@@ -48,13 +49,8 @@ pub enum Op {
     /// is about to delete. Otherwise an idle flow could outlive them, and once an id is handed
     /// out again its next packet would reach, or its replies be rewritten to, whatever got the
     /// id — possibly another Service. No new entry can name them: their slots are gone.
-    /// `pairs` (rev-NAT id, backend id): flows of a frontend to a backend it no longer has
-    /// (UDP only: a connected UDP client must move on; TCP connections finish where they are).
-    PurgeFlows {
-        backend_ids: Vec<u32>,
-        rev_nat_ids: Vec<u16>,
-        pairs: Vec<(u16, u32)>,
-    },
+    /// The same holds for sessionAffinity entries, which also name both ids.
+    PurgeFlows(Purge),
 }
 
 impl Op {
@@ -102,17 +98,44 @@ pub trait LbMaps {
     fn flows(&self) -> Result<(u64, Vec<(CtKeyV4, CtEntry)>), MapsError>;
 }
 
-impl Op {
-    /// Whether a purge removes the flow `e`.
-    pub fn purges(
-        backend_ids: &[u32],
-        rev_nat_ids: &[u16],
-        pairs: &[(u16, u32)],
-        e: &CtEntry,
-    ) -> bool {
-        backend_ids.contains(&e.backend_id)
-            || rev_nat_ids.contains(&e.rev_nat_id)
-            || pairs.contains(&(e.rev_nat_id, e.backend_id))
+/// What `Op::PurgeFlows` removes from conntrack and the affinity map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purge {
+    /// Backends about to be deleted: every flow and affinity entry naming them.
+    pub backend_ids: Vec<u32>,
+    /// Frontends about to be deleted: the same.
+    pub rev_nat_ids: Vec<u16>,
+    /// (rev-NAT id, backend id) of frontends that no longer balance to a backend which itself
+    /// stays: their affinity entries, and their UDP flows (a connected UDP client must move on;
+    /// TCP connections finish where they are).
+    pub pairs: Vec<(u16, u32)>,
+    /// Frontends whose session affinity was turned off or changed: their affinity entries.
+    pub affinity_reset: Vec<u16>,
+}
+
+impl Purge {
+    pub fn is_empty(&self) -> bool {
+        self.backend_ids.is_empty()
+            && self.rev_nat_ids.is_empty()
+            && self.pairs.is_empty()
+            && self.affinity_reset.is_empty()
+    }
+
+    fn names(&self, rev_nat_id: u16, backend_id: u32) -> bool {
+        self.backend_ids.contains(&backend_id) || self.rev_nat_ids.contains(&rev_nat_id)
+    }
+
+    /// Whether the conntrack entry goes.
+    pub fn flow(&self, k: &CtKeyV4, e: &CtEntry) -> bool {
+        self.names(e.rev_nat_id, e.backend_id)
+            || (k.proto == IPPROTO_UDP && self.pairs.contains(&(e.rev_nat_id, e.backend_id)))
+    }
+
+    /// Whether the affinity entry goes.
+    pub fn affinity(&self, k: &AffinityKeyV4, e: &AffinityEntry) -> bool {
+        self.names(k.rev_nat_id, e.backend_id)
+            || self.pairs.contains(&(k.rev_nat_id, e.backend_id))
+            || self.affinity_reset.contains(&k.rev_nat_id)
     }
 }
 

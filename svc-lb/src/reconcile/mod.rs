@@ -20,15 +20,15 @@ use std::{
 };
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
+    MAX_SERVICE_ENTRIES, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
 };
 use thiserror::Error;
 
 use self::ids::IdAllocator;
 use crate::{
     error::MapsError,
-    maps::{LbMaps, MapState, Op},
+    maps::{LbMaps, MapState, Op, Purge},
     model::{DesiredState, Frontend, FrontendKey, Proto},
 };
 
@@ -356,6 +356,7 @@ impl<'a> Planner<'a> {
                 count: slot_ids.len() as u16,
                 rev_nat_id,
                 flags: fe.kind.flag(),
+                affinity_timeout_s: fe.policy.affinity_timeout_s,
                 ..Default::default()
             },
         );
@@ -529,15 +530,16 @@ fn diff(
         .filter(|id| !target.backends.contains_key(id))
         .copied()
         .collect();
-    let pairs = dropped_udp_pairs(current, target);
-    if !removed_rev.is_empty() || !removed_be.is_empty() || !pairs.is_empty() {
+    let purge = Purge {
+        backend_ids: removed_be.clone(),
+        rev_nat_ids: removed_rev.clone(),
+        pairs: dropped_pairs(current, target),
+        affinity_reset: affinity_changed(current, target),
+    };
+    if !purge.is_empty() {
         // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
-        ops.push(Op::PurgeFlows {
-            backend_ids: removed_be.clone(),
-            rev_nat_ids: removed_rev.clone(),
-            pairs,
-        });
+        ops.push(Op::PurgeFlows(purge));
     }
     ops.extend(removed_rev.into_iter().map(Op::DeleteRevNat));
     for id in current.names.keys() {
@@ -549,23 +551,38 @@ fn diff(
     ops
 }
 
-/// (rev-NAT id, backend id) of UDP frontends that no longer use a backend which itself stays
-/// (another frontend still has it). Their flows must go too, or a connected UDP client keeps
-/// talking to a pod that left this Service. Pairs whose backend or frontend is deleted are
-/// covered by the id purge.
-fn dropped_udp_pairs(current: &MapState, target: &MapState) -> Vec<(u16, u32)> {
-    let udp_pairs = |s: &MapState| -> BTreeSet<(u16, u32)> {
+/// (rev-NAT id, backend id) of frontends that no longer use a backend which itself stays
+/// (another frontend still has it, or it drains). Their UDP flows must go, or a connected UDP
+/// client keeps talking to a pod that left this Service, and so must their affinity entries.
+/// Pairs whose backend or frontend is deleted are covered by the id purge.
+fn dropped_pairs(current: &MapState, target: &MapState) -> Vec<(u16, u32)> {
+    let pairs = |s: &MapState| -> BTreeSet<(u16, u32)> {
         s.services
             .iter()
-            .filter(|(k, _)| k.backend_slot != 0 && k.proto == IPPROTO_UDP)
+            .filter(|(k, _)| k.backend_slot != 0)
             .map(|(_, v)| (v.rev_nat_id, v.backend_id))
             .collect()
     };
-    let now = udp_pairs(target);
-    udp_pairs(current)
+    let now = pairs(target);
+    pairs(current)
         .into_iter()
         .filter(|p| !now.contains(p))
         .filter(|(rev, be)| target.revnat.contains_key(rev) && target.backends.contains_key(be))
+        .collect()
+}
+
+/// Rev-NAT ids of frontends that stay but whose affinity timeout changed (or was turned off):
+/// clients must not keep a stickiness the Service no longer asks for.
+fn affinity_changed(current: &MapState, target: &MapState) -> Vec<u16> {
+    current
+        .services
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && v.affinity_timeout_s != 0)
+        .filter_map(|(k, v)| {
+            let t = target.services.get(k)?;
+            (t.rev_nat_id == v.rev_nat_id && t.affinity_timeout_s != v.affinity_timeout_s)
+                .then_some(v.rev_nat_id)
+        })
         .collect()
 }
 

@@ -7,7 +7,7 @@ use svc_lb_common::{
 use super::*;
 use crate::{
     maps::{FakeLbMaps, dump_text},
-    model::{BackendAddr, FrontendKind, ServicePortRef},
+    model::{BackendAddr, FrontendKind, LbPolicy, ServicePortRef},
 };
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -46,6 +46,7 @@ fn fe(
             port: port_name.into(),
         },
         backends,
+        policy: LbPolicy::default(),
     }
 }
 
@@ -171,16 +172,16 @@ fn touched(ops: &[Op]) -> Vec<String> {
             Op::DeleteName(id) => format!("-name {id}"),
             Op::ZeroSvcStats(id) => format!("0svc {id}"),
             Op::ZeroBackendStats(id) => format!("0be {id}"),
-            Op::PurgeFlows {
-                backend_ids,
-                rev_nat_ids,
-                pairs,
-            } if pairs.is_empty() => format!("purge be{backend_ids:?} rev{rev_nat_ids:?}"),
-            Op::PurgeFlows {
-                backend_ids,
-                rev_nat_ids,
-                pairs,
-            } => format!("purge be{backend_ids:?} rev{rev_nat_ids:?} pairs{pairs:?}"),
+            Op::PurgeFlows(p) => {
+                let mut s = format!("purge be{:?} rev{:?}", p.backend_ids, p.rev_nat_ids);
+                if !p.pairs.is_empty() {
+                    s += &format!(" pairs{:?}", p.pairs);
+                }
+                if !p.affinity_reset.is_empty() {
+                    s += &format!(" affinity{:?}", p.affinity_reset);
+                }
+                s
+            }
         })
         .collect()
 }
@@ -831,4 +832,56 @@ fn udp_flows_of_a_backend_another_frontend_keeps_are_purged_per_frontend() {
         [rev_b],
         "only the frontend that dropped the backend loses its flow"
     );
+}
+
+#[test]
+fn affinity_is_programmed_and_reset_when_turned_off_or_a_backend_leaves() {
+    use svc_lb_common::{AffinityEntry, AffinityKeyV4};
+    let with_affinity = |n: usize, timeout: u32| {
+        let mut f = frontend_svc(n);
+        f.policy.affinity_timeout_s = timeout;
+        f
+    };
+    let mut maps = FakeLbMaps::default();
+    reconcile(&mut maps, &state([with_affinity(3, 60)]), Limits::default()).unwrap();
+    let k0 = svc_key("10.96.0.10", 80, 0);
+    assert_eq!(maps.state.services[&k0].affinity_timeout_s, 60);
+    assert!(dump_text(&maps.state).contains("AFFINITY=60s"));
+    let rev = maps.state.services[&k0].rev_nat_id;
+    let sticky = |client: &str, backend_id: u32| {
+        (
+            AffinityKeyV4::new(ip(client), rev),
+            AffinityEntry {
+                backend_id,
+                ..Default::default()
+            },
+        )
+    };
+    maps.affinity = vec![
+        sticky("172.31.0.2", 1),
+        sticky("172.31.0.3", 2),
+        sticky("172.31.0.4", 3),
+    ];
+    // Unchanged: nothing purged.
+    reconcile(&mut maps, &state([with_affinity(3, 60)]), Limits::default()).unwrap();
+    assert_eq!(maps.affinity.len(), 3);
+    // Backend 3 leaves (and is deleted): only the client stuck to it forgets.
+    reconcile(&mut maps, &state([with_affinity(2, 60)]), Limits::default()).unwrap();
+    let left: Vec<u32> = maps.affinity.iter().map(|(_, e)| e.backend_id).collect();
+    assert_eq!(left, [1, 2]);
+    // Another timeout: the old stickiness is dropped.
+    let p = plan(&state([with_affinity(2, 30)]), &maps.state);
+    assert!(
+        touched(&p.ops).contains(&format!("purge be[] rev[] affinity[{rev}]")),
+        "{:?}",
+        touched(&p.ops)
+    );
+    maps.affinity = vec![sticky("172.31.0.2", 1)];
+    // Turned off: purged, and the frontend no longer asks for it.
+    reconcile(&mut maps, &state([with_affinity(2, 0)]), Limits::default()).unwrap();
+    assert!(maps.affinity.is_empty());
+    assert_eq!(maps.state.services[&k0].affinity_timeout_s, 0);
+    // Turning it on needs no purge.
+    let p = plan(&state([with_affinity(2, 60)]), &maps.state);
+    assert_eq!(touched(&p.ops), ["+svc 10.96.0.10:80#0"]);
 }

@@ -92,6 +92,7 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                         kind,
                         service: service_ref.clone(),
                         backends: backends.clone(),
+                        policy: plan.policy,
                     },
                 );
             }

@@ -14,8 +14,15 @@ use tracing::debug;
 use super::{Rejected, TranslateConfig};
 use crate::{
     k8s::{manifest::Objects, namespace},
-    model::{FrontendKey, FrontendKind, Proto},
+    model::{FrontendKey, FrontendKind, LbAlgorithm, LbPolicy, Proto},
 };
+
+/// Annotation choosing the backend selection of one Service (`random` or `maglev`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "svc-lb.io/lb-algorithm";
+/// kube-proxy's default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for timeoutSeconds (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 /// A valid Service, ready to be turned into frontends.
 pub(super) struct ServicePlan<'a> {
@@ -23,6 +30,7 @@ pub(super) struct ServicePlan<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub ports: Vec<PortPlan>,
+    pub policy: LbPolicy,
 }
 
 impl ServicePlan<'_> {
@@ -247,12 +255,58 @@ pub(super) fn plan<'a>(
         );
         ports.push(port);
     }
+    let policy = policy(svc, &mut reject);
     Some(ServicePlan {
         service: svc,
         namespace: ns,
         name,
         ports,
+        policy,
     })
+}
+
+/// sessionAffinity and the lb-algorithm annotation. An invalid value only loses that option
+/// (reported); the Service is still programmed.
+fn policy(svc: &Service, reject: &mut impl FnMut(String)) -> LbPolicy {
+    let mut policy = LbPolicy::default();
+    let spec = svc.spec.as_ref();
+    match spec.and_then(|s| s.session_affinity.as_deref()) {
+        None | Some("None") => {}
+        Some("ClientIP") => {
+            let timeout = spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => policy.affinity_timeout_s = DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => {
+                    policy.affinity_timeout_s = t as u32
+                }
+                Some(t) => reject(format!(
+                    "sessionAffinityConfig.clientIP.timeoutSeconds {t} is not in \
+                     1-{MAX_AFFINITY_TIMEOUT_S}; no session affinity"
+                )),
+            }
+        }
+        Some(other) => reject(format!(
+            "unknown sessionAffinity {other:?}; no session affinity"
+        )),
+    }
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    if let Some(value) = annotation {
+        match LbAlgorithm::parse(value.trim()) {
+            Some(a) => policy.algorithm = Some(a),
+            None => reject(format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {value:?} is not random or maglev; \
+                 using the default"
+            )),
+        }
+    }
+    policy
 }
 
 fn reject_all<T>(reject: &mut impl FnMut(String), reason: String) -> Option<T> {

@@ -10,7 +10,7 @@ use super::*;
 use crate::{
     cli::PortRange,
     k8s::manifest::Loader,
-    model::{FrontendKey, Proto},
+    model::{FrontendKey, LbAlgorithm, Proto},
 };
 
 fn data(dir: &str) -> PathBuf {
@@ -559,4 +559,69 @@ fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
         ]
     );
     assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+}
+
+#[test]
+fn session_affinity_and_lb_algorithm_annotation() {
+    let svc = |name: &str, ip: &str, extra_spec: &str, annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{annotations}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{port: 80}}]{extra_spec}}}\n"
+        )
+    };
+    let docs = [
+        svc("none", "10.96.0.1", ", sessionAffinity: None", ""),
+        svc("default", "10.96.0.2", ", sessionAffinity: ClientIP", ""),
+        svc(
+            "custom",
+            "10.96.0.3",
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+            ", annotations: {svc-lb.io/lb-algorithm: maglev}",
+        ),
+        svc(
+            "bad",
+            "10.96.0.4",
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+            ", annotations: {svc-lb.io/lb-algorithm: roundrobin}",
+        ),
+        svc(
+            "random",
+            "10.96.0.5",
+            "",
+            ", annotations: {svc-lb.io/lb-algorithm: random}",
+        ),
+    ];
+    let t = translate(&load_yaml(&docs.join("---\n")), &cfg(&[], None));
+    let policies: Vec<(String, u32, Option<LbAlgorithm>)> = t
+        .state
+        .frontends
+        .values()
+        .map(|f| {
+            (
+                f.service.name.clone(),
+                f.policy.affinity_timeout_s,
+                f.policy.algorithm,
+            )
+        })
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            ("none".into(), 0, None),
+            ("default".into(), 10_800, None),
+            ("custom".into(), 60, Some(LbAlgorithm::Maglev)),
+            // Invalid values lose only the option, the Service is still programmed.
+            ("bad".into(), 0, None),
+            ("random".into(), 0, Some(LbAlgorithm::Random)),
+        ]
+    );
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service default/bad: sessionAffinityConfig.clientIP.timeoutSeconds 0 is not in \
+             1-86400; no session affinity",
+            "Service default/bad: annotation svc-lb.io/lb-algorithm: \"roundrobin\" is not \
+             random or maglev; using the default",
+        ]
+    );
 }
