@@ -309,3 +309,49 @@ fn api_mode_resync_repairs_a_hand_deleted_map_entry() {
         "repair not logged"
     );
 }
+
+#[test]
+fn api_mode_restart_adopts_the_maps_and_keeps_established_connections() {
+    let topo = topology();
+    let api = cluster(&topo, &["pod-a", "pod-b", "pod-c"]);
+    serve_in_node(&topo, &api);
+    let mut agent = KubeAgent::start(&topo, ARGS);
+    wait_serving(&topo, &mut agent);
+    let mut conn = client::HttpConn::connect(&topo.client, frontend()).expect("keep-alive");
+    let backend = conn.get().expect("first request");
+
+    agent.restart();
+    // While the new agent loads, lists and reconciles, the connection keeps its backend and
+    // new connections keep working.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(
+            conn.get().expect("keep-alive request across the restart"),
+            backend,
+            "established connection moved after {:?}",
+            t0.elapsed()
+        );
+        client::http_get(&topo.client, frontend()).expect("new connection across the restart");
+        thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("healthz 200 after restart", Duration::from_secs(5), || {
+        (agent.health("/healthz") == Some(200)).then_some(())
+    });
+    // Nothing changed in the cluster: the restarted agent adopted every id and wrote nothing.
+    let log = agent.log_text();
+    let last_startup = log
+        .lines()
+        .rfind(|l| l.contains("trigger=startup"))
+        .expect("startup sync logged");
+    assert!(last_startup.contains("(0 ops)"), "{last_startup}");
+
+    // And it follows the cluster again: scale to the kept connection's backend only.
+    api.apply(slice(&topo, "frontend-svc", &[backend.as_str()]));
+    converge_to(
+        &topo,
+        &mut agent,
+        &[backend.as_str()],
+        Duration::from_secs(3),
+    );
+    assert_eq!(conn.get().expect("kept connection after scaling"), backend);
+}

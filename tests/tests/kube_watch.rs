@@ -13,6 +13,8 @@ use svc_lb::{
         client::client,
         watch::{API_ACCESS, ClusterWatch, READ_VERBS},
     },
+    maps::FakeLbMaps,
+    reconcile::{Limits, reconcile},
     translate::{TranslateConfig, translate},
 };
 use svc_lb_tests::{
@@ -466,4 +468,57 @@ async fn wrong_token_never_syncs() {
             .is_err()
     );
     assert!(env.api.requests().iter().all(|r| !r.is_watch()));
+}
+
+#[tokio::test]
+async fn one_slice_change_rewrites_only_its_services_entries() {
+    let env = Env::new("incr");
+    let (client, _) = client(Some(&env.kubeconfig), None).await.unwrap();
+    let watch = ClusterWatch::start(client, NODE);
+    synced(&watch, Duration::from_secs(5)).await;
+    let mut maps = FakeLbMaps::default();
+    let first = translate(&watch.objects(), &cfg()).state;
+    reconcile(&mut maps, &first, Limits::default()).unwrap();
+    let before = maps.state.clone();
+
+    env.api.apply(endpoint_slice(
+        "web",
+        "web-xyz",
+        "IPv4",
+        &WEB,
+        &[
+            Endpoint::ready(pod_ip(1), "pod-a"),
+            Endpoint::ready(pod_ip(6), "pod-new"),
+        ],
+    ));
+    until(&watch, "web scaled", |d| {
+        backends_of(d, "10.96.0.20:8080/TCP").len() == 2
+    })
+    .await;
+    let second = translate(&watch.objects(), &cfg()).state;
+    let outcome = reconcile(&mut maps, &second, Limits::default()).unwrap();
+    assert!(outcome.ops > 0);
+    // web's frontends are its ClusterIP and its NodePort on the node address.
+    let web =
+        |ip: Ipv4Addr| ip == Ipv4Addr::new(10, 96, 0, 20) || ip == Ipv4Addr::new(192, 168, 50, 10);
+    let others = |s: &svc_lb::maps::MapState| {
+        s.services
+            .iter()
+            .filter(|(k, _)| !web(k.ip()))
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        others(&before),
+        others(&maps.state),
+        "other Services' slots changed"
+    );
+    assert_eq!(before.revnat, maps.state.revnat, "rev-NAT entries changed");
+    assert!(
+        maps.state.backends.values().any(|b| b.ip() == pod_ip(6)),
+        "new backend not programmed"
+    );
+    // Nothing changed in the cluster: nothing to write.
+    let again = reconcile(&mut maps, &second, Limits::default()).unwrap();
+    assert_eq!(again.ops, 0);
 }
