@@ -41,9 +41,9 @@ fn removed_pod_stops_receiving_new_connections_within_1s() {
     dir.write("services.yaml", &manifests::standard(&remaining));
     dir.write("pods.yaml", &manifests::pods(&remaining));
 
-    // New connections until 1 s has passed, remembering when pod-c last answered. A connection
-    // that reached pod-c just before its removal may break (its conntrack entry now points at a
-    // deleted backend, so the next packet goes elsewhere, as in Cilium); allow a couple.
+    // New connections until 1 s has passed, remembering when pod-c last answered. None may
+    // fail: a connection that reached pod-c just before its removal keeps it (removed TCP
+    // backends drain), and the others never see a half-updated Service.
     let mut last_pod_c = None;
     let mut broken = Vec::new();
     while t0.elapsed() < Duration::from_secs(1) {
@@ -53,12 +53,9 @@ fn removed_pod_stops_receiving_new_connections_within_1s() {
             Err(e) => broken.push(format!("{:?}: {e}", t0.elapsed())),
         }
     }
-    if !broken.is_empty() {
-        eprintln!("connections broken during the update: {broken:?}");
-    }
     assert!(
-        broken.len() <= 2,
-        "too many new connections failed during the update: {broken:?}"
+        broken.is_empty(),
+        "new connections failed during the update: {broken:?}"
     );
     // From now on pod-c must never be chosen.
     let mut seen = BTreeSet::new();
