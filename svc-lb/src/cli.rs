@@ -65,6 +65,7 @@ pub struct RunArgs {
     pub node_ips: Vec<Ipv4Addr>,
 
     /// This node's name: addresses of the Node object with this name feed NodePort frontends.
+    /// API mode watches only this Node (default there: the host name, like kube-proxy).
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 

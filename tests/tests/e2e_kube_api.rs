@@ -355,3 +355,24 @@ fn api_mode_restart_adopts_the_maps_and_keeps_established_connections() {
     );
     assert_eq!(conn.get().expect("kept connection after scaling"), backend);
 }
+
+#[test]
+fn bad_kubeconfig_fails_before_touching_the_node() {
+    let dir = std::env::temp_dir().join(format!("svc-lb-badkc-{}", std::process::id()));
+    let pin_dir = dir.join("pins");
+    let out = std::process::Command::new(svc_lb_tests::bin_path("svc-lb", "SVC_LB_BIN"))
+        .args(["run", "--iface", "lo", "--node-ip", "192.0.2.1"])
+        .args(["--kubeconfig", "/nonexistent/svc-lb-kubeconfig"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run svc-lb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot read kubeconfig /nonexistent/svc-lb-kubeconfig"),
+        "{stderr}"
+    );
+    assert!(!pin_dir.exists(), "the datapath was loaded anyway");
+}

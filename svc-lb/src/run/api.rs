@@ -182,6 +182,12 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
     };
 
     if !stopped {
+        if !node_name.is_empty() && watch.objects().nodes.is_empty() {
+            warn!(
+                node = %node_name,
+                "no Node object with this name: NodePorts only use --node-ip (or interface) addresses"
+            );
+        }
         let mut syncer = Syncer {
             maps,
             cfg: TranslateConfig {
