@@ -122,6 +122,7 @@ struct State {
     drop_gen: u64,
     expire_gen: u64,
     bookmark_gen: u64,
+    bookmarks_sent: usize,
     requests: Vec<Request>,
 }
 
@@ -281,6 +282,11 @@ impl FakeApi {
     pub fn bookmark(&self) {
         self.shared.lock().bookmark_gen += 1;
         self.shared.cond.notify_all();
+    }
+
+    /// BOOKMARK events written so far (over all watches).
+    pub fn bookmarks_sent(&self) -> usize {
+        self.shared.lock().bookmarks_sent
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -618,6 +624,9 @@ fn watch(
             chunk(&mut conn, ev)?;
         }
         st = shared.lock();
+        if bookmark.is_some() {
+            st.bookmarks_sent += 1;
+        }
     }
 }
 

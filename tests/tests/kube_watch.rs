@@ -387,9 +387,17 @@ async fn gone_410_relists_and_dropped_watches_resume_without_relisting() {
 
     // Bookmarks: the Service watcher saw no Service event for a while, but a BOOKMARK moves
     // its resourceVersion forward, so after compaction it can still resume without a list.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     env.api.bookmark();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.api.bookmarks_sent() < Res::ALL.len() {
+        assert!(
+            Instant::now() < deadline,
+            "bookmarks not sent on every watch"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Written to the sockets; give the watchers a moment to read them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     env.api.compact();
     env.api.drop_watches();
     env.api
