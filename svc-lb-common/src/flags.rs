@@ -16,6 +16,9 @@ pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
 pub const SVC_F_NODE_PORT: u16 = 1 << 1;
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
+/// Not a kind: new flows pick their backend from the frontend's `LB4_MAGLEV` table (by flow
+/// hash) instead of a random slot.
+pub const SVC_F_MAGLEV: u16 = 1 << 8;
 
 /// `BackendV4::state`.
 pub const BE_STATE_ACTIVE: u8 = 0;

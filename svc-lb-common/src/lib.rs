@@ -6,6 +6,7 @@
 
 pub mod csum;
 pub mod flags;
+pub mod maglev;
 pub mod maps;
 pub mod select;
 

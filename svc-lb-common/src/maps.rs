@@ -6,6 +6,8 @@
 
 use core::net::Ipv4Addr;
 
+use crate::maglev::MAGLEV_TABLE_SIZE;
+
 /// Frontend key (slot 0) → `ServiceEntry` with the backend count; backend slots `1..=count`
 /// → `ServiceEntry` with `backend_id`.
 pub const SERVICES_MAP: &str = "LB4_SERVICES";
@@ -23,6 +25,8 @@ pub const BE_STATS_MAP: &str = "LB4_BE_STATS";
 pub const STATS_MAP: &str = "LB_STATS";
 /// Rev-NAT id → "namespace/name:port" of the Service, for debugging only (datapath never reads).
 pub const SVC_NAMES_MAP: &str = "LB_SVC_NAMES";
+/// Rev-NAT id → Maglev lookup table of backend ids (frontends with `SVC_F_MAGLEV`).
+pub const MAGLEV_MAP: &str = "LB4_MAGLEV";
 /// LRU sessionAffinity ClientIP: {client address, rev-NAT id} → backend id + last use.
 pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
 
@@ -141,6 +145,29 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
+/// `LB4_MAGLEV` value: the backend id owning each table position (see `maglev`).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
+}
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        Self {
+            backend_ids: [0; MAGLEV_TABLE_SIZE],
+        }
+    }
+}
+
+/// A summary: 16381 ids would drown every log line that prints a map write.
+impl core::fmt::Debug for MaglevTable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let ids = &self.backend_ids;
+        write!(f, "MaglevTable[{}, {}, {}, ...]", ids[0], ids[1], ids[2])
+    }
+}
+
 /// `LB4_SVC_STATS` / `LB4_BE_STATS` value (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -165,6 +192,7 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE);
 const _: () = assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
 
 /// Network-order `u32` of an address, as stored in maps and read from packets.
@@ -313,6 +341,7 @@ mod pod {
     unsafe impl aya::Pod for SvcName {}
     unsafe impl aya::Pod for AffinityKeyV4 {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for MaglevTable {}
 }
 
 #[cfg(test)]

@@ -5,13 +5,15 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::info;
 use svc_lb_common::{
     BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, STAT_CT_FULL,
-    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, ServiceEntry, ServiceKeyV4,
+    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, SVC_F_MAGLEV, ServiceEntry,
+    ServiceKeyV4,
+    maglev::{self, MAGLEV_TABLE_SIZE},
     select::slot_for_hash,
 };
 
 use crate::{
     affinity, ct,
-    maps::{LB4_BACKENDS, LB4_SERVICES, stat},
+    maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, stat},
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -34,6 +36,23 @@ pub fn frontend(key: &ServiceKeyV4) -> Option<ServiceEntry> {
     let e = LB4_SERVICES.get_ptr(key)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     Some(unsafe { *e })
+}
+
+/// The backend the frontend's Maglev table gives the flow; `None` (random slot instead) when
+/// the table is missing, e.g. while the agent switches the frontend's algorithm.
+#[inline(always)]
+fn maglev_pick(p: &Packet, rev_nat_id: u16) -> Option<u32> {
+    let table = LB4_MAGLEV.get_ptr(rev_nat_id)?;
+    let h = maglev::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let idx = (h % MAGLEV_TABLE_SIZE as u32) as usize;
+    // LLVM lowers the modulo to multiply/shift and then drops `get`'s bounds check as implied,
+    // but the verifier cannot follow that arithmetic. A volatile reload hides the range so the
+    // explicit comparison stays.
+    // SAFETY: reading a local.
+    let idx = unsafe { core::ptr::read_volatile(&idx) };
+    // SAFETY: pointer from a successful lookup; one u32 read, bounds checked by `get`.
+    let id = unsafe { *(*table).backend_ids.get(idx)? };
+    (id != 0).then_some(id)
 }
 
 /// A TCP SYN without ACK, or any non-TCP packet (UDP has no connection to keep).
@@ -77,14 +96,24 @@ pub fn pick_backend<C: EbpfContext>(
     let (backend_id, be) = match remembered {
         Some(found) => found,
         None => {
-            // SAFETY: helper without arguments.
-            let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
-            let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
-                stat(STAT_LOOKUP_MISS);
-                return None;
+            let hashed = if svc.flags & SVC_F_MAGLEV != 0 {
+                maglev_pick(p, svc.rev_nat_id)
+            } else {
+                None
             };
-            // SAFETY: pointer from a successful lookup.
-            let backend_id = unsafe { (*entry).backend_id };
+            let backend_id = match hashed {
+                Some(id) => id,
+                None => {
+                    // SAFETY: helper without arguments.
+                    let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
+                    let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
+                        stat(STAT_LOOKUP_MISS);
+                        return None;
+                    };
+                    // SAFETY: pointer from a successful lookup.
+                    unsafe { (*entry).backend_id }
+                }
+            };
             let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
                 stat(STAT_LOOKUP_MISS);
                 return None;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, MAX_AFFINITY_ENTRIES,
-    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, RevNatV4, STAT_COUNT,
-    ServiceEntry, ServiceKeyV4, SvcName,
+    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4,
+    STAT_COUNT, ServiceEntry, ServiceKeyV4, SvcName,
 };
 
 #[map(name = "LB4_SERVICES")]
@@ -24,6 +24,11 @@ pub static LB4_REVNAT: HashMap<u16, RevNatV4> = HashMap::pinned(MAX_REVNAT, 0);
 
 #[map(name = "LB4_CT")]
 pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
+
+/// One 64 KiB table per Maglev frontend; not preallocated, so only those cost memory. The
+/// agent replaces a table with one update, which readers see atomically.
+#[map(name = "LB4_MAGLEV")]
+pub static LB4_MAGLEV: HashMap<u16, MaglevTable> = HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
 
 #[map(name = "LB4_AFFINITY")]
 pub static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityEntry> =

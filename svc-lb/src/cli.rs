@@ -9,6 +9,8 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::model::LbAlgorithm;
+
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svc-lb";
 
 #[derive(Debug, Parser)]
@@ -73,6 +75,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
     pub nodeport_range: PortRange,
 
+    /// Backend selection of Services without a `svc-lb.io/lb-algorithm` annotation: `random`,
+    /// or `maglev` (consistent hashing: a flow maps to the same backend on every node, and
+    /// losing one of N backends moves only its ~1/N of the flows).
+    #[arg(long, default_value = "random", value_name = "ALGO", value_parser = parse_lb_algorithm)]
+    pub lb_algorithm: LbAlgorithm,
+
     #[command(flatten)]
     pub pin: PinArgs,
 }
@@ -97,6 +105,10 @@ pub struct KubeArgs {
     /// kube-proxy's healthz address.
     #[arg(long, default_value = "127.0.0.1:10256", value_name = "ADDR")]
     pub health_addr: SocketAddr,
+}
+
+pub fn parse_lb_algorithm(s: &str) -> Result<LbAlgorithm, String> {
+    LbAlgorithm::parse(s).ok_or_else(|| format!("expected random or maglev, got {s:?}"))
 }
 
 /// `500ms`, `2s`, `1m` or plain seconds.
@@ -343,5 +355,30 @@ mod tests {
             ])
             .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod lb_algorithm_tests {
+    use super::*;
+
+    fn run(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut args = vec!["svc-lb", "run", "--manifests", "m", "--iface", "eth0"];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(run) => Ok(run),
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn lb_algorithm_defaults_to_random_and_accepts_maglev() {
+        assert_eq!(run(&[]).unwrap().lb_algorithm, LbAlgorithm::Random);
+        let maglev = run(&["--lb-algorithm", "maglev"]).unwrap();
+        assert_eq!(maglev.lb_algorithm, LbAlgorithm::Maglev);
+        let err = run(&["--lb-algorithm", "roundrobin"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected random or maglev"), "{err}");
     }
 }

@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, SCOPE_EXTERNAL, STAT_NAMES,
+    SVC_F_MAGLEV,
 };
 
 use crate::{
@@ -133,6 +134,9 @@ pub struct ServiceReport {
     /// sessionAffinity ClientIP timeout, when the Service has affinity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_affinity_timeout_s: Option<u32>,
+    /// `maglev` when new flows use the Maglev table (absent: random).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lb_algorithm: Option<String>,
 }
 
 /// One report per programmed frontend, in address order.
@@ -165,13 +169,14 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
         let c = maps.svc_counter(v.rev_nat_id)?;
         out.push(ServiceReport {
             service: name_of(&state, v.rev_nat_id),
-            kind: dump::flags_name(v.flags),
+            kind: dump::flags_name(v.flags & !SVC_F_MAGLEV),
             frontend: format!("{}:{}", k.ip(), k.port()),
             protocol: dump::proto_name(k.proto),
             backends,
             packets: c.packets,
             bytes: c.bytes,
             session_affinity_timeout_s: (v.affinity_timeout_s != 0).then_some(v.affinity_timeout_s),
+            lb_algorithm: (v.flags & SVC_F_MAGLEV != 0).then(|| "maglev".to_string()),
         });
     }
     Ok(out)
@@ -202,6 +207,9 @@ pub fn services(
         let mut kind = r.kind.clone();
         if let Some(t) = r.session_affinity_timeout_s {
             kind += &format!(" affinity={t}s");
+        }
+        if let Some(a) = &r.lb_algorithm {
+            kind += &format!(" {a}");
         }
         t.row(vec![
             r.service.clone(),

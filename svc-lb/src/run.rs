@@ -298,6 +298,7 @@ struct Agent {
     rejected_log: Dedup,
     plan_log: Dedup,
     last_error: Option<String>,
+    limits: Limits,
 }
 
 impl Agent {
@@ -313,7 +314,7 @@ impl Agent {
         if let Some(loaded) = loaded {
             self.desired = self.read(loaded);
         }
-        let outcome = reconcile::reconcile(&mut self.maps, &self.desired, Limits::default())
+        let outcome = reconcile::reconcile(&mut self.maps, &self.desired, self.limits)
             .map_err(RunError::Reconcile)?;
         let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
         if let Some(msgs) = self.plan_log.changed(plan_errors) {
@@ -478,6 +479,10 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
         rejected_log: Dedup::default(),
         plan_log: Dedup::default(),
         last_error: None,
+        limits: Limits {
+            default_algorithm: args.lb_algorithm,
+            ..Limits::default()
+        },
     };
     agent.desired = agent.read(first);
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.

@@ -15,10 +15,12 @@ use aya::{
 use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL,
-    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS, STAT_NO_BACKEND,
-    STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, SVC_F_CLUSTER_IP,
-    ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
+    CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, RevNatV4,
+    SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS,
+    STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT,
+    SVC_F_CLUSTER_IP, SVC_F_MAGLEV, ServiceEntry, ServiceKeyV4, ip_to_net,
+    maglev::{self, MAGLEV_TABLE_SIZE},
+    maps, port_to_net,
 };
 use svc_lb_tests::packet::{
     self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
@@ -757,4 +759,74 @@ fn session_affinity_sticks_per_client_until_timeout_or_off() {
         .into_iter()
         .collect();
     assert_eq!(spread.len(), 3, "affinity off, still sticky: {spread:?}");
+}
+
+/// Programs the frontend's Maglev table for `backends` (as the agent does: permutations from
+/// the sorted addresses) and sets `SVC_F_MAGLEV` on slot 0.
+fn set_maglev(h: &mut Harness, rev_nat_id: u16, backends: &[(u32, Ipv4Addr, u16)]) {
+    let mut sorted = backends.to_vec();
+    sorted.sort_by_key(|b| (b.1, b.2));
+    let perms: Vec<(usize, usize)> = sorted
+        .iter()
+        .map(|b| maglev::permutation(ip_to_net(b.1), port_to_net(b.2), MAGLEV_TABLE_SIZE))
+        .collect();
+    let mut positions = vec![0u32; MAGLEV_TABLE_SIZE];
+    maglev::populate(&perms, &mut positions, &mut vec![0; perms.len()]).unwrap();
+    let mut table = Box::<MaglevTable>::default();
+    for (slot, pos) in table.backend_ids.iter_mut().zip(&positions) {
+        *slot = sorted[*pos as usize].0;
+    }
+    let mut tables: HashMap<&mut MapData, u16, MaglevTable> =
+        HashMap::try_from(h.ebpf.map_mut(maps::MAGLEV_MAP).unwrap()).unwrap();
+    tables.insert(rev_nat_id, table.as_ref(), 0).unwrap();
+    let key = ServiceKeyV4::new(VIP, 80, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
+    let mut svcs = h.services();
+    let mut e = svcs.get(&key, 0).unwrap();
+    e.flags |= SVC_F_MAGLEV;
+    svcs.insert(key, e, 0).unwrap();
+}
+
+#[test]
+fn maglev_flows_keep_their_backend_when_another_goes_away() {
+    let mut h = Harness::new();
+    let four: Vec<_> = (1..=4u8).map(|n| (u32::from(n), pod(n), 5000)).collect();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &four);
+    set_maglev(&mut h, 7, &four);
+    let ports = 48000..48400u16;
+    let first = syn_backends(&mut h, CLIENT, ports.clone());
+    let used: std::collections::BTreeSet<_> = first.iter().collect();
+    assert_eq!(used.len(), 4, "400 flows over 4 backends: {used:?}");
+
+    // Backend 3 goes away; conntrack is gone too (another node, or entries evicted): every
+    // flow is decided by the table alone.
+    let three: Vec<_> = four.iter().copied().filter(|b| b.0 != 3).collect();
+    h.backends().remove(&3).unwrap();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &three);
+    set_maglev(&mut h, 7, &three);
+    let keys: Vec<CtKeyV4> = h.ct().keys().map(Result::unwrap).collect();
+    let mut ct: HashMap<&mut MapData, CtKeyV4, CtEntry> =
+        HashMap::try_from(h.ebpf.map_mut(maps::CT_MAP).unwrap()).unwrap();
+    for k in keys {
+        ct.remove(&k).unwrap();
+    }
+    let again = syn_backends(&mut h, CLIENT, ports);
+    let (mut kept, mut moved, mut from_removed) = (0, 0, 0);
+    for (a, b) in first.iter().zip(&again) {
+        assert_ne!(*b, pod(3), "a flow went to the removed backend");
+        if *a == pod(3) {
+            from_removed += 1;
+        } else if a == b {
+            kept += 1;
+        } else {
+            moved += 1;
+        }
+    }
+    eprintln!("maglev: kept {kept}, moved {moved}, re-homed from the removed one {from_removed}");
+    // Random slots would move about half of them; Maglev only a few percent.
+    assert!(from_removed > 0);
+    assert!(
+        moved * 100 <= (kept + moved) * 3,
+        "{moved} of {} flows of remaining backends moved",
+        kept + moved
+    );
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use svc_lb_common::{
     AFFINITY_MAP, AffinityEntry, AffinityKeyV4, BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP,
-    Counter, CtEntry, CtKeyV4, REVNAT_MAP, RevNatV4, SERVICES_MAP, STATS_MAP, SVC_NAMES_MAP,
-    SVC_STATS_MAP, ServiceEntry, ServiceKeyV4, SvcName,
+    Counter, CtEntry, CtKeyV4, MAGLEV_MAP, MaglevTable, REVNAT_MAP, RevNatV4, SERVICES_MAP,
+    STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, ServiceEntry, ServiceKeyV4, SvcName,
 };
 
 use super::{LbMaps, LbStats, MapState, Op, Purge};
@@ -22,6 +22,7 @@ pub struct BpfLbMaps {
     backends: Hash<u32, BackendV4>,
     revnat: Hash<u16, RevNatV4>,
     names: Hash<u16, SvcName>,
+    maglev: Hash<u16, MaglevTable>,
     ct: Hash<CtKeyV4, CtEntry>,
     affinity: Hash<AffinityKeyV4, AffinityEntry>,
     svc_stats: PerCpu<Counter>,
@@ -165,6 +166,7 @@ impl BpfLbMaps {
             backends: open_typed(pin_dir, BACKENDS_MAP)?,
             revnat: open_typed(pin_dir, REVNAT_MAP)?,
             names: open_typed(pin_dir, SVC_NAMES_MAP)?,
+            maglev: open_typed(pin_dir, MAGLEV_MAP)?,
             ct: open_typed(pin_dir, CT_MAP)?,
             affinity: open_typed(pin_dir, AFFINITY_MAP)?,
             svc_stats: open_typed(pin_dir, SVC_STATS_MAP)?,
@@ -197,6 +199,10 @@ impl LbMaps for BpfLbMaps {
             backends: collect(&self.backends, BACKENDS_MAP)?,
             revnat: collect(&self.revnat, REVNAT_MAP)?,
             names: collect(&self.names, SVC_NAMES_MAP)?,
+            maglev: collect(&self.maglev, MAGLEV_MAP)?
+                .into_iter()
+                .map(|(k, v)| (k, Box::new(v)))
+                .collect(),
         })
     }
 
@@ -222,6 +228,11 @@ impl LbMaps for BpfLbMaps {
                 .insert(k, v, 0)
                 .map_err(map_err(SVC_NAMES_MAP, "update")),
             Op::DeleteName(k) => ignore_missing(SVC_NAMES_MAP, self.names.remove(k)),
+            Op::UpsertMaglev(k, v) => self
+                .maglev
+                .insert(k, v.as_ref(), 0)
+                .map_err(map_err(MAGLEV_MAP, "update")),
+            Op::DeleteMaglev(k) => ignore_missing(MAGLEV_MAP, self.maglev.remove(k)),
             Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
             Op::PurgeFlows(purge) => self.purge_flows(purge),

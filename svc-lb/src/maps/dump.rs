@@ -5,7 +5,8 @@
 use std::fmt::Write as _;
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKeyV4,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_MAGLEV,
+    ServiceKeyV4,
 };
 
 use super::MapState;
@@ -28,7 +29,10 @@ pub(crate) fn flags_name(flags: u16) -> String {
         .filter(|k| flags & k.flag() != 0)
         .map(|k| k.to_string())
         .collect();
-    let known = kinds.iter().fold(0, |acc, k| acc | k.flag());
+    if flags & SVC_F_MAGLEV != 0 {
+        parts.push("Maglev".into());
+    }
+    let known = kinds.iter().fold(SVC_F_MAGLEV, |acc, k| acc | k.flag());
     if flags & !known != 0 {
         parts.push(format!("{:#x}", flags & !known));
     }
@@ -104,6 +108,15 @@ pub fn dump_text(state: &MapState) -> String {
     for (id, n) in &state.names {
         let _ = writeln!(out, "NAME: ID={id} NAME={}", n.as_str());
     }
+    for (id, t) in &state.maglev {
+        // Positions per backend id: shows the table's balance at a glance.
+        let mut share = std::collections::BTreeMap::new();
+        for b in t.backend_ids {
+            *share.entry(b).or_insert(0usize) += 1;
+        }
+        let share: Vec<String> = share.iter().map(|(b, n)| format!("{b}:{n}")).collect();
+        let _ = writeln!(out, "MAGLEV: REVNAT={id} POSITIONS={}", share.join(","));
+    }
     out
 }
 
@@ -129,7 +142,7 @@ mod tests {
             ServiceEntry {
                 count: 1,
                 rev_nat_id: 2,
-                flags: SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | 0x100,
+                flags: SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | 0x200,
                 ..Default::default()
             },
         );
@@ -152,7 +165,7 @@ mod tests {
         assert_eq!(
             dump_text(&s),
             "SVC: ADDR=10.96.0.9:80/TCP SLOT=0 COUNT=0 REVNAT=0 FLAGS=none\n\
-             SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=1 REVNAT=2 FLAGS=ClusterIP|NodePort|0x100\n\
+             SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=1 REVNAT=2 FLAGS=ClusterIP|NodePort|0x200\n\
              SVC: ADDR=10.96.0.10:80/TCP SLOT=1 BACKEND=7 REVNAT=2\n\
              BE: ID=7 ADDR=10.244.1.2:5000/TCP STATE=terminating\n\
              REV: ID=2 ADDR=10.96.0.10:80\n\

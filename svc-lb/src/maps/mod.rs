@@ -9,8 +9,8 @@ mod fake;
 use std::collections::BTreeMap;
 
 use svc_lb_common::{
-    AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, IPPROTO_UDP, RevNatV4,
-    ServiceEntry, ServiceKeyV4, SvcName,
+    AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, IPPROTO_UDP, MaglevTable,
+    RevNatV4, ServiceEntry, ServiceKeyV4, SvcName,
 };
 
 pub use bpf::BpfLbMaps;
@@ -19,13 +19,15 @@ pub use fake::FakeLbMaps;
 
 use crate::error::MapsError;
 
-/// Contents of the four maps the agent owns. Ordered so that dumps and diffs are deterministic.
+/// Contents of the maps the agent owns. Ordered so that dumps and diffs are deterministic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKeyV4, ServiceEntry>,
     pub backends: BTreeMap<u32, BackendV4>,
     pub revnat: BTreeMap<u16, RevNatV4>,
     pub names: BTreeMap<u16, SvcName>,
+    /// Maglev tables by rev-NAT id (boxed: 64 KiB each).
+    pub maglev: BTreeMap<u16, Box<MaglevTable>>,
 }
 
 /// One write to one map. Applying a sequence of these moves the maps from one `MapState` to
@@ -40,6 +42,8 @@ pub enum Op {
     DeleteRevNat(u16),
     UpsertName(u16, SvcName),
     DeleteName(u16),
+    UpsertMaglev(u16, Box<MaglevTable>),
+    DeleteMaglev(u16),
     /// Reset the per-frontend counters of a newly allocated rev-NAT id (a previous frontend may
     /// have used the id; its counts must not show up under the new one).
     ZeroSvcStats(u16),
@@ -81,6 +85,12 @@ impl Op {
             }
             Op::DeleteName(k) => {
                 state.names.remove(k);
+            }
+            Op::UpsertMaglev(k, v) => {
+                state.maglev.insert(*k, v.clone());
+            }
+            Op::DeleteMaglev(k) => {
+                state.maglev.remove(k);
             }
             Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) | Op::PurgeFlows { .. } => {}
         }

@@ -21,7 +21,9 @@ use std::{
 
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, SvcName,
+    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_MAGLEV, ServiceEntry,
+    ServiceKeyV4, SvcName,
+    maglev::{self, MAGLEV_TABLE_SIZE},
 };
 use thiserror::Error;
 
@@ -29,7 +31,7 @@ use self::ids::IdAllocator;
 use crate::{
     error::MapsError,
     maps::{LbMaps, MapState, Op, Purge},
-    model::{DesiredState, Frontend, FrontendKey, Proto},
+    model::{DesiredState, Frontend, FrontendKey, LbAlgorithm, Proto},
 };
 
 pub use self::drain::live_tcp_backends;
@@ -47,6 +49,8 @@ pub struct Limits {
     pub drain_idle: Duration,
     /// The same for flows that saw a FIN or RST.
     pub drain_closing: Duration,
+    /// Backend selection of Services without the `svc-lb.io/lb-algorithm` annotation.
+    pub default_algorithm: LbAlgorithm,
 }
 
 /// An idle keep-alive connection to a removed pod survives this long; after that its backend
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_service_entries: MAX_SERVICE_ENTRIES,
             drain_idle: DEFAULT_DRAIN_IDLE,
             drain_closing: DEFAULT_DRAIN_CLOSING,
+            default_algorithm: LbAlgorithm::Random,
         }
     }
 }
@@ -184,6 +189,9 @@ struct Planner<'a> {
     new_rev_ids: BTreeSet<u16>,
     /// Entries `LB4_SERVICES` holds at the peak of applying the plan (current ∪ target).
     peak_services: u64,
+    /// Maglev tables built in this plan, by backend id list (frontends of one Service port
+    /// share their backends, so their tables are equal).
+    maglev_cache: HashMap<Vec<u32>, Box<MaglevTable>>,
     target: MapState,
     errors: Vec<PlanError>,
 }
@@ -235,6 +243,7 @@ impl<'a> Planner<'a> {
             new_backend_ids: BTreeSet::new(),
             new_rev_ids: BTreeSet::new(),
             peak_services: current.services.len() as u64,
+            maglev_cache: HashMap::new(),
             target: MapState::default(),
             errors: Vec::new(),
         }
@@ -350,12 +359,24 @@ impl<'a> Planner<'a> {
                 .backends
                 .insert(*id, BackendV4::new(b.ip, b.port, proto, BE_STATE_ACTIVE));
         }
+        let algorithm = fe.policy.algorithm.unwrap_or(self.limits.default_algorithm);
+        let table = if algorithm == LbAlgorithm::Maglev {
+            self.unchanged_maglev_table(&fe.key, rev_nat_id, &ids)
+                .or_else(|| self.maglev_table(&fe.backends, &ids))
+        } else {
+            None
+        };
+        let mut flags = fe.kind.flag();
+        if let Some(table) = table {
+            flags |= SVC_F_MAGLEV;
+            self.target.maglev.insert(rev_nat_id, table);
+        }
         self.target.services.insert(
             frontend_key(&fe.key, 0),
             ServiceEntry {
                 count: slot_ids.len() as u16,
                 rev_nat_id,
-                flags: fe.kind.flag(),
+                flags,
                 affinity_timeout_s: fe.policy.affinity_timeout_s,
                 ..Default::default()
             },
@@ -377,6 +398,61 @@ impl<'a> Planner<'a> {
             .names
             .insert(rev_nat_id, SvcName::new(&fe.service.to_string()));
         Ok(())
+    }
+
+    /// The programmed table of a Maglev frontend whose backends did not change (building one
+    /// costs ~M log M steps; the agent re-plans every few seconds).
+    fn unchanged_maglev_table(
+        &self,
+        key: &FrontendKey,
+        rev_nat_id: u16,
+        ids: &[u32],
+    ) -> Option<Box<MaglevTable>> {
+        let p = self.programmed.get(key)?;
+        let before: BTreeSet<u32> = p.slots.iter().map(|s| s.unwrap_or(0)).collect();
+        let now: BTreeSet<u32> = ids.iter().copied().collect();
+        if p.rev_nat_id != rev_nat_id || before != now || p.slots.len() != ids.len() {
+            return None;
+        }
+        let k0 = frontend_key(key, 0);
+        let flags = self.current.services.get(&k0)?.flags;
+        if flags & SVC_F_MAGLEV == 0 {
+            return None;
+        }
+        self.current.maglev.get(&rev_nat_id).cloned()
+    }
+
+    /// The Maglev table over `backends` (sorted, so equal sets give equal tables on every node)
+    /// with their `ids`; `None` without backends (the frontend rejects) or with more backends
+    /// than positions (random slots then).
+    fn maglev_table(
+        &mut self,
+        backends: &[crate::model::BackendAddr],
+        ids: &[u32],
+    ) -> Option<Box<MaglevTable>> {
+        if ids.is_empty() || ids.len() > MAGLEV_TABLE_SIZE {
+            return None;
+        }
+        if let Some(t) = self.maglev_cache.get(ids) {
+            return Some(t.clone());
+        }
+        let perms: Vec<(usize, usize)> = backends
+            .iter()
+            .map(|b| {
+                let addr = svc_lb_common::ip_to_net(b.ip);
+                let port = svc_lb_common::port_to_net(b.port);
+                maglev::permutation(addr, port, MAGLEV_TABLE_SIZE)
+            })
+            .collect();
+        let mut positions = vec![0u32; MAGLEV_TABLE_SIZE];
+        let mut next = vec![0usize; perms.len()];
+        maglev::populate(&perms, &mut positions, &mut next).ok()?;
+        let mut table = Box::<MaglevTable>::default();
+        for (slot, pos) in table.backend_ids.iter_mut().zip(&positions) {
+            *slot = ids[*pos as usize];
+        }
+        self.maglev_cache.insert(ids.to_vec(), table.clone());
+        Some(table)
     }
 
     fn release_backends(&mut self, allocated: &[(BackendIdent, u32)]) {
@@ -417,6 +493,9 @@ impl<'a> Planner<'a> {
         if let Some(n) = cur.names.get(&rev) {
             self.target.names.insert(rev, *n);
         }
+        if let Some(t) = cur.maglev.get(&rev) {
+            self.target.maglev.insert(rev, t.clone());
+        }
         true
     }
 
@@ -454,8 +533,8 @@ impl<'a> Planner<'a> {
 }
 
 /// Ordered writes from `current` to `target`:
-/// backends -> rev-NAT + names -> backend slots -> slot 0 -> delete slot 0 of removed
-/// frontends -> delete surplus slots -> purge flows of what goes away (and UDP flows of
+/// backends -> rev-NAT + names -> Maglev tables -> backend slots -> slot 0 -> delete slot 0 of
+/// removed frontends -> delete surplus slots -> delete Maglev tables no longer used -> purge flows of what goes away (and UDP flows of
 /// frontends that dropped a backend) -> delete rev-NAT + names -> delete backends.
 /// Only entries that differ are written.
 fn diff(
@@ -492,6 +571,13 @@ fn diff(
             && current.names.get(&id) != Some(n)
         {
             ops.push(Op::UpsertName(id, *n));
+        }
+    }
+    // Tables before any slot changes and before the slot 0 that turns Maglev on: they name
+    // only backends written above, and none that a slot change is about to retire.
+    for (id, t) in &target.maglev {
+        if current.maglev.get(id) != Some(t) {
+            ops.push(Op::UpsertMaglev(*id, t.clone()));
         }
     }
     let changed_services = || {
@@ -540,6 +626,12 @@ fn diff(
         // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
         ops.push(Op::PurgeFlows(purge));
+    }
+    // After slot 0 stopped using them; before the rev-NAT ids and backends they name go.
+    for id in current.maglev.keys() {
+        if !target.maglev.contains_key(id) {
+            ops.push(Op::DeleteMaglev(*id));
+        }
     }
     ops.extend(removed_rev.into_iter().map(Op::DeleteRevNat));
     for id in current.names.keys() {

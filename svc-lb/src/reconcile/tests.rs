@@ -1,13 +1,14 @@
 use std::net::Ipv4Addr;
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, ServiceKeyV4,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
+    SVC_F_MAGLEV, ServiceKeyV4, maglev::MAGLEV_TABLE_SIZE,
 };
 
 use super::*;
 use crate::{
     maps::{FakeLbMaps, dump_text},
-    model::{BackendAddr, FrontendKind, LbPolicy, ServicePortRef},
+    model::{BackendAddr, FrontendKind, LbAlgorithm, LbPolicy, ServicePortRef},
 };
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -107,9 +108,23 @@ fn example() -> DesiredState {
 /// Every frontend the datapath can see (slot 0) leads only to existing entries: its rev-NAT
 /// entry, slots `1..=count` that belong to it, and the backends those slots name.
 fn check_consistent(s: &MapState) -> Result<(), String> {
+    check_consistent_with(s, true)
+}
+
+/// `tables`: also check Maglev tables (slow in debug builds: 16381 ids each), needed only after
+/// a write that can affect them.
+fn check_consistent_with(s: &MapState, tables: bool) -> Result<(), String> {
     for (k, v) in s.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         if !s.revnat.contains_key(&v.rev_nat_id) {
             return Err(format!("{k:?}: rev-NAT {} missing", v.rev_nat_id));
+        }
+        if tables && v.flags & SVC_F_MAGLEV != 0 {
+            let Some(t) = s.maglev.get(&v.rev_nat_id) else {
+                return Err(format!("{k:?}: Maglev table missing"));
+            };
+            if let Some(id) = t.backend_ids.iter().find(|id| !s.backends.contains_key(id)) {
+                return Err(format!("{k:?}: Maglev table names missing backend {id}"));
+            }
         }
         for slot in 1..=v.count {
             let Some(e) = s.services.get(&k.with_slot(slot)) else {
@@ -135,7 +150,12 @@ fn apply_checked(start: &MapState, ops: &[Op]) -> MapState {
     check_consistent(&s).expect("start state consistent");
     for (i, op) in ops.iter().enumerate() {
         op.apply_to(&mut s);
-        if let Err(e) = check_consistent(&s) {
+        let tables = match op {
+            Op::UpsertMaglev(..) | Op::DeleteMaglev(_) | Op::DeleteBackend(_) => true,
+            Op::UpsertService(k, _) => k.backend_slot == 0,
+            _ => false,
+        };
+        if let Err(e) = check_consistent_with(&s, tables) {
             panic!("inconsistent after op {i} {op:?}: {e}\nops: {ops:#?}");
         }
     }
@@ -170,6 +190,8 @@ fn touched(ops: &[Op]) -> Vec<String> {
             Op::DeleteRevNat(id) => format!("-rev {id}"),
             Op::UpsertName(id, _) => format!("+name {id}"),
             Op::DeleteName(id) => format!("-name {id}"),
+            Op::UpsertMaglev(id, _) => format!("+maglev {id}"),
+            Op::DeleteMaglev(id) => format!("-maglev {id}"),
             Op::ZeroSvcStats(id) => format!("0svc {id}"),
             Op::ZeroBackendStats(id) => format!("0be {id}"),
             Op::PurgeFlows(p) => {
@@ -656,14 +678,19 @@ fn random_state(rng: &mut XorShift) -> DesiredState {
         } else {
             FrontendKind::ClusterIp
         };
-        frontends.push(fe(
+        let mut frontend = fe(
             &format!("10.96.0.{}", 10 + f),
             80,
             if f == 2 { Proto::Udp } else { Proto::Tcp },
             kind,
             &format!("default/svc{f}:p"),
             &refs,
-        ));
+        );
+        // Sometimes Maglev (not often: building tables is slow in debug builds).
+        if rng.below(5) == 0 {
+            frontend.policy.algorithm = Some(LbAlgorithm::Maglev);
+        }
+        frontends.push(frontend);
     }
     state(frontends)
 }
@@ -884,4 +911,69 @@ fn affinity_is_programmed_and_reset_when_turned_off_or_a_backend_leaves() {
     // Turning it on needs no purge.
     let p = plan(&state([with_affinity(2, 60)]), &maps.state);
     assert_eq!(touched(&p.ops), ["+svc 10.96.0.10:80#0"]);
+}
+
+#[test]
+fn maglev_frontends_get_a_table_written_before_slot_0_and_removed_after() {
+    let maglev = |n: usize| {
+        let mut f = frontend_svc(n);
+        f.policy.algorithm = Some(LbAlgorithm::Maglev);
+        f
+    };
+    let (s1, ops) = step(&MapState::default(), &state([maglev(3)]));
+    let k0 = svc_key("10.96.0.10", 80, 0);
+    let rev = s1.services[&k0].rev_nat_id;
+    assert_ne!(s1.services[&k0].flags & SVC_F_MAGLEV, 0);
+    let t = ops.iter().position(|o| matches!(o, Op::UpsertMaglev(..)));
+    let slot0 = ops
+        .iter()
+        .position(|o| matches!(o, Op::UpsertService(k, _) if k.backend_slot == 0));
+    assert!(t < slot0, "table after slot 0: {:?}", touched(&ops));
+    let dump = dump_text(&s1);
+    assert!(dump.contains("FLAGS=ClusterIP|Maglev"), "{dump}");
+    assert!(
+        dump.contains(&format!("MAGLEV: REVNAT={rev} POSITIONS=1:")),
+        "{dump}"
+    );
+
+    // One of three backends goes: its positions move, about 1/3 of the table, the rest stay.
+    let (s2, _) = step(&s1, &state([maglev(2)]));
+    let (a, b) = (&s1.maglev[&rev].backend_ids, &s2.maglev[&rev].backend_ids);
+    let changed = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
+    let lost = a.iter().filter(|&&id| id == 3).count();
+    assert!(b.iter().all(|&id| id == 1 || id == 2));
+    assert!(
+        changed <= lost + MAGLEV_TABLE_SIZE / 50,
+        "{changed} positions changed, {lost} were the removed backend's"
+    );
+
+    // The global default applies to Services without the annotation.
+    let limits = Limits {
+        default_algorithm: LbAlgorithm::Maglev,
+        ..Limits::default()
+    };
+    let p = plan_with_limits(&state([frontend_svc(2)]), &s2, limits);
+    assert!(p.ops.is_empty(), "{:?}", touched(&p.ops));
+    let mut random = frontend_svc(2);
+    random.policy.algorithm = Some(LbAlgorithm::Random);
+    let p = plan_with_limits(&state([random]), &s2, limits);
+    assert_eq!(
+        touched(&p.ops),
+        ["+svc 10.96.0.10:80#0", &format!("-maglev {rev}")]
+    );
+
+    // Back to random (the default): slot 0 first, then the table goes.
+    let (s3, ops) = step(&s2, &state([frontend_svc(2)]));
+    assert!(s3.maglev.is_empty());
+    assert_eq!(
+        touched(&ops),
+        ["+svc 10.96.0.10:80#0", &format!("-maglev {rev}")]
+    );
+    // Removing a Maglev frontend removes its table before its rev-NAT entry.
+    let (s4, _) = step(&s3, &state([maglev(2)]));
+    let (_, ops) = step(&s4, &DesiredState::default());
+    let t = touched(&ops);
+    let del_t = t.iter().position(|o| o.starts_with("-maglev"));
+    let del_rev = t.iter().position(|o| o.starts_with("-rev"));
+    assert!(del_t.is_some() && del_t < del_rev, "{t:?}");
 }

@@ -61,6 +61,7 @@ struct Syncer {
     rejected_log: Dedup,
     plan_log: Dedup,
     last_error: Option<String>,
+    limits: Limits,
 }
 
 impl Syncer {
@@ -81,7 +82,7 @@ impl Syncer {
                 warn!("{m}");
             }
         }
-        match reconcile::reconcile(&mut self.maps, &t.state, Limits::default()) {
+        match reconcile::reconcile(&mut self.maps, &t.state, self.limits) {
             Ok(outcome) => {
                 let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
                 if let Some(msgs) = self.plan_log.changed(plan_errors) {
@@ -199,6 +200,10 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
             rejected_log: Dedup::default(),
             plan_log: Dedup::default(),
             last_error: None,
+            limits: Limits {
+                default_algorithm: args.lb_algorithm,
+                ..Limits::default()
+            },
         };
         let mut deadline = (!syncer.sync(&watch, Trigger::Startup)).then(|| Instant::now() + RETRY);
         let every = args.kube.resync_interval;
