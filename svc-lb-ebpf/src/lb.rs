@@ -71,6 +71,17 @@ pub fn pick_backend<C: EbpfContext>(
     key: &ServiceKeyV4,
     svc: &ServiceEntry,
 ) -> Option<(u32, BackendV4)> {
+    if let Some(found) = established(p) {
+        return Some(found);
+    }
+    choose(ctx, p, key, svc)
+}
+
+/// The backend of the packet's existing flow, if its conntrack entry names a backend that still
+/// exists and may take this packet (a draining backend keeps its connections but gets no new
+/// one). Also answers for frontends that have no backends left: their established flows drain.
+#[inline(always)]
+pub fn established(p: &Packet) -> Option<(u32, BackendV4)> {
     if let Some(ct) = ct::lookup_touch(&ct::packet_key(p, CT_DIR_FORWARD), p) {
         match LB4_BACKENDS.get_ptr(ct.backend_id) {
             Some(be) => {
@@ -87,7 +98,17 @@ pub fn pick_backend<C: EbpfContext>(
             None => stat(STAT_CT_RESELECT),
         }
     }
+    None
+}
 
+/// A backend for a new flow (affinity, Maglev table or random slot) and its conntrack entries.
+#[inline(always)]
+fn choose<C: EbpfContext>(
+    ctx: &C,
+    p: &Packet,
+    key: &ServiceKeyV4,
+    svc: &ServiceEntry,
+) -> Option<(u32, BackendV4)> {
     let remembered = if svc.affinity_timeout_s != 0 {
         affinity::lookup(p.saddr, svc)
     } else {

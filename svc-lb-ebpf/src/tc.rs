@@ -10,15 +10,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    CT_DIR_REPLY, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS,
-    STAT_PASS_UNPARSED, STAT_REVNAT, ServiceEntry, ServiceKeyV4,
+    BackendV4, CT_DIR_REPLY, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
+    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
     ct, lb,
     maps::{LB4_REVNAT, count_flow, stat},
     nat::{self, Field},
-    parse::{self, Packet, Parsed, TCP_RST},
+    parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
     reject,
 };
 
@@ -46,7 +46,11 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         return OK;
     };
     if svc.count == 0 {
-        return no_backend(ctx, &p);
+        // Established connections to a draining backend finish; new ones are refused.
+        return match lb::established(&p) {
+            Some(found) => dnat(ctx, &p, &svc, found),
+            None => no_backend(ctx, &p),
+        };
     }
     forward(ctx, &p, &key, &svc)
 }
@@ -67,12 +71,18 @@ fn reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     Some(OK)
 }
 
+/// Refuses a packet of a frontend without backends like kube-proxy's `REJECT` rule: ICMP port
+/// unreachable for UDP and for a TCP SYN (the client sees ECONNREFUSED either way). Other TCP
+/// segments belong to a connection we have no state for: an RST ends it at once, where an
+/// ICMP error would be ignored by the established socket until it times out.
 #[inline(always)]
 fn no_backend(ctx: &TcContext, p: &Packet) -> i32 {
-    // Never answer a reset with a reset.
     let res = if p.proto == IPPROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
+            // Never answer a reset.
             Err(0)
+        } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            reject::icmp_port_unreachable(ctx, p)
         } else {
             reject::tcp_reset(ctx, p)
         }
@@ -103,9 +113,20 @@ fn no_backend(ctx: &TcContext, p: &Packet) -> i32 {
 /// Picks the backend of a client packet (conntrack first) and DNATs to it.
 #[inline(always)]
 fn forward(ctx: &TcContext, p: &Packet, key: &ServiceKeyV4, svc: &ServiceEntry) -> i32 {
-    let Some((backend_id, be)) = lb::pick_backend(ctx, p, key, svc) else {
-        return SHOT;
-    };
+    match lb::pick_backend(ctx, p, key, svc) {
+        Some(found) => dnat(ctx, p, svc, found),
+        None => SHOT,
+    }
+}
+
+/// Rewrites the destination to the backend and counts the packet.
+#[inline(always)]
+fn dnat(
+    ctx: &TcContext,
+    p: &Packet,
+    svc: &ServiceEntry,
+    (backend_id, be): (u32, BackendV4),
+) -> i32 {
     if nat::rewrite(ctx, p, Field::Dst, be.addr, be.port).is_err() {
         return SHOT;
     }

@@ -531,17 +531,31 @@ fn unparseable_packets_pass_unchanged() {
 }
 
 #[test]
-fn no_backend_tcp_syn_gets_rst_redirected_back() {
+fn no_backend_tcp_syn_gets_icmp_other_segments_rst() {
     let mut h = Harness::new();
     h.add_service(EMPTY_VIP, 80, IPPROTO_TCP, 11, &[]);
     let client = sa(CLIENT, 44000);
+    // A SYN is refused like kube-proxy's REJECT rule: ICMP port unreachable (ECONNREFUSED).
     let syn = packet::tcp(client, sa(EMPTY_VIP, 80), TCP_SYN, 0x1000_0000, 0, b"");
     let (v, out) = h.run(&syn);
     assert_eq!(v, TC_ACT_REDIRECT);
-    assert_eq!(out.len(), 54, "RST frame is Ethernet + IP + bare TCP");
-    let d = decode(&out).expect("checksums of the RST");
+    let d = decode(&out).expect("checksums of the ICMP error");
     assert_eq!(d.eth_dst, MAC_CLIENT);
     assert_eq!(d.eth_src, MAC_NODE);
+    assert_eq!((d.src, d.dst), (EMPTY_VIP, CLIENT));
+    let L4::Icmp { ty, code, body } = d.l4 else {
+        panic!("not ICMP: {d:?}")
+    };
+    assert_eq!((ty, code), (3, 3));
+    // Quote: IP header + ports and sequence number, which the client matches to its socket.
+    assert_eq!(&body[..], &syn[ETH_LEN..L4_OFF + 8]);
+
+    // A segment without ACK (and no state): RST with seq 0, ack = seq + 1 for the FIN.
+    let fin = packet::tcp(client, sa(EMPTY_VIP, 80), TCP_FIN, 0x1000_0000, 0, b"");
+    let (v, out) = h.run(&fin);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 54, "RST frame is Ethernet + IP + bare TCP");
+    let d = decode(&out).expect("checksums of the RST");
     assert_eq!((d.src, d.dst), (EMPTY_VIP, CLIENT));
     assert_eq!(
         d.l4,
@@ -576,7 +590,7 @@ fn no_backend_tcp_syn_gets_rst_redirected_back() {
     let (v, _) = h.run(&rst);
     assert_eq!(v, TC_ACT_SHOT);
 
-    assert_eq!(h.stat(STAT_NO_BACKEND), 2);
+    assert_eq!(h.stat(STAT_NO_BACKEND), 3);
     assert_eq!(h.stat(STAT_NO_BACKEND_DROP), 1);
     assert_eq!(h.stat(STAT_DNAT), 0);
 }
@@ -829,4 +843,48 @@ fn maglev_flows_keep_their_backend_when_another_goes_away() {
         "{moved} of {} flows of remaining backends moved",
         kept + moved
     );
+}
+
+#[test]
+fn established_flows_drain_after_the_last_backend_left() {
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(1), 5000)]);
+    let client = sa(CLIENT, 44100);
+    h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+    // The agent removed the only backend; it drains (TERMINATING) and the frontend has none.
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[]);
+    h.backends()
+        .insert(
+            4,
+            BackendV4::new(pod(1), 5000, IPPROTO_TCP, BE_STATE_TERMINATING),
+            0,
+        )
+        .unwrap();
+    let (v, out) = h.run(&packet::tcp(
+        client,
+        sa(VIP, 80),
+        TCP_ACK | TCP_PSH,
+        2,
+        1,
+        b"x",
+    ));
+    assert_eq!(v, TC_ACT_OK, "established flow must still be forwarded");
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(1), 5000));
+    // A new connection (even on the same tuple) is refused.
+    let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 100, 0, b""));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert!(matches!(
+        decode(&out).unwrap().l4,
+        L4::Icmp { ty: 3, code: 3, .. }
+    ));
+    let (v, _) = h.run(&packet::tcp(
+        sa(CLIENT, 44101),
+        sa(VIP, 80),
+        TCP_SYN,
+        1,
+        0,
+        b"",
+    ));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(h.stat(STAT_NO_BACKEND), 2);
 }

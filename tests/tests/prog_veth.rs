@@ -198,7 +198,8 @@ fn veth_traffic_dnat_revnat_and_rejects() {
     .expect("UDP through the VIP");
     assert!(names.contains(&answer), "unexpected UDP answer {answer:?}");
 
-    // Without backends: TCP gets a reset (refused, not a timeout) ...
+    // Without backends: a TCP SYN gets ICMP port unreachable like kube-proxy's REJECT rule
+    // (refused, not a timeout) ...
     let err = client::connect(
         &topo.client,
         SocketAddr::from((EMPTY_VIP, 80)),
