@@ -29,6 +29,19 @@ pub fn svc_lb_xdp(ctx: XdpContext) -> u32 {
     xdp::xdp(&ctx)
 }
 
+/// Benchmark baseline (`cargo xtask bench`): an empty TC program, so BPF_PROG_TEST_RUN numbers
+/// of `svc_lb_tc_ingress` can be compared with the harness overhead in the same run. Never attached.
+#[classifier]
+pub fn svc_lb_tc_pass(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_OK
+}
+
+/// Benchmark baseline: an empty XDP program (see `svc_lb_tc_pass`). Never attached.
+#[xdp]
+pub fn svc_lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
