@@ -34,6 +34,9 @@ pub enum Command {
     /// Inspect the pinned maps (works while the agent runs and after it stopped).
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Services and the URLs to reach them from outside (`service list`, `service NAME --url`),
+    /// like `minikube service`. Reads the pinned maps only.
+    Service(ServiceArgs),
     /// Detach the programs and remove every pin under the pin directory.
     Uninstall(PinArgs),
 }
@@ -135,8 +138,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum DebugCommand {
-    /// Frontends and the backends they balance over, with counters.
-    Services(DebugArgs),
+    /// Frontends and the backends they balance over, with counters (`--list`: one line per
+    /// Service with its node-port URLs).
+    Services(ServicesArgs),
     /// Backends and their counters.
     Backends(DebugArgs),
     /// Conntrack entries (flows and their backend).
@@ -153,6 +157,82 @@ pub struct DebugArgs {
 
     #[command(flatten)]
     pub pin: PinArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// One line per Service: NAMESPACE, NAME, TYPE and its node-port URLs (like
+    /// `minikube service list`) instead of one block per frontend.
+    #[arg(long)]
+    pub list: bool,
+
+    #[command(flatten)]
+    pub namespaces: NamespaceArgs,
+
+    #[command(flatten)]
+    pub common: DebugArgs,
+}
+
+/// Which namespaces a listing shows. All of them unless `-n` is given (like `minikube service
+/// list`); `-A` is accepted for kubectl habits.
+#[derive(Debug, Args)]
+pub struct NamespaceArgs {
+    /// Only Services in this namespace.
+    #[arg(
+        short = 'n',
+        long,
+        value_name = "NS",
+        conflicts_with = "all_namespaces"
+    )]
+    pub namespace: Option<String>,
+
+    /// Services in every namespace (the default).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  svc-lb service list -n shop\n  svc-lb service web -n shop --url"
+)]
+pub struct ServiceArgs {
+    #[command(subcommand)]
+    pub command: Option<ServiceCommand>,
+
+    /// The Service to show.
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Namespace of NAME.
+    #[arg(short = 'n', long, default_value = "default", value_name = "NS")]
+    pub namespace: String,
+
+    /// Print only the node-port URLs, one per line (fails if the Service has none).
+    #[arg(long)]
+    pub url: bool,
+
+    /// Output format (without --url).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// NAMESPACE, NAME, TYPE and URL (http://NODE-IP:NODEPORT, or "No node port") per Service.
+    List(ServiceListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceListArgs {
+    #[command(flatten)]
+    pub namespaces: NamespaceArgs,
+
+    #[command(flatten)]
+    pub common: DebugArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -327,8 +407,42 @@ mod tests {
         let Command::Debug(DebugCommand::Services(a)) = cli.command else {
             panic!("not debug services")
         };
-        assert_eq!(a.output, OutputFormat::Json);
-        assert_eq!(a.pin.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(a.common.output, OutputFormat::Json);
+        assert_eq!(a.common.pin.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+        assert!(!a.list);
+        assert_eq!(a.namespaces.namespace, None);
+    }
+
+    #[test]
+    fn service_list_and_url() {
+        let cli = Cli::try_parse_from(["svc-lb", "service", "list", "-n", "shop"]).unwrap();
+        let Command::Service(ServiceArgs {
+            command: Some(ServiceCommand::List(l)),
+            ..
+        }) = cli.command
+        else {
+            panic!("not service list")
+        };
+        assert_eq!(l.namespaces.namespace.as_deref(), Some("shop"));
+
+        let cli = Cli::try_parse_from(["svc-lb", "service", "web", "--url"]).unwrap();
+        let Command::Service(a) = cli.command else {
+            panic!("not service")
+        };
+        assert!(a.command.is_none());
+        assert_eq!(a.name.as_deref(), Some("web"));
+        assert_eq!(a.namespace, "default");
+        assert!(a.url);
+
+        let cli = Cli::try_parse_from(["svc-lb", "debug", "services", "--list", "-A"]).unwrap();
+        let Command::Debug(DebugCommand::Services(a)) = cli.command else {
+            panic!("not debug services")
+        };
+        assert!(a.list && a.namespaces.all_namespaces);
+        assert!(
+            Cli::try_parse_from(["svc-lb", "debug", "services", "-n", "x", "-A"]).is_err(),
+            "-n and -A conflict"
+        );
     }
 
     #[test]

@@ -19,14 +19,19 @@ use crate::{
 /// Runs one `svc-lb debug` subcommand and returns what to print.
 pub fn run(cmd: &DebugCommand) -> Result<String, DebugError> {
     let args = match cmd {
-        DebugCommand::Services(a)
-        | DebugCommand::Backends(a)
-        | DebugCommand::Conntrack(a)
-        | DebugCommand::Stats(a) => a,
+        DebugCommand::Services(a) => &a.common,
+        DebugCommand::Backends(a) | DebugCommand::Conntrack(a) | DebugCommand::Stats(a) => a,
     };
     let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
     match cmd {
-        DebugCommand::Services(_) => services(&maps, args.output),
+        DebugCommand::Services(a) if a.list => {
+            let rows = crate::views::list::rows(&maps.dump()?);
+            let rows = crate::views::list::filter(rows, a.namespaces.namespace.as_deref());
+            Ok(crate::views::list::render(&rows, args.output)?)
+        }
+        DebugCommand::Services(a) => {
+            services(&maps, a.namespaces.namespace.as_deref(), args.output)
+        }
         DebugCommand::Backends(_) => backends(&maps, args.output),
         DebugCommand::Conntrack(_) => conntrack(&maps, monotonic_now_ns()?, args.output),
         DebugCommand::Stats(_) => stats(&maps, args.output),
@@ -182,11 +187,18 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
     Ok(out)
 }
 
+/// `namespace`: only frontends of Services in it (`None` = all).
 pub fn services(
     maps: &(impl LbMaps + LbStats),
+    namespace: Option<&str>,
     format: OutputFormat,
 ) -> Result<String, DebugError> {
-    let reports = service_reports(maps)?;
+    let mut reports = service_reports(maps)?;
+    if let Some(ns) = namespace {
+        reports.retain(|r| {
+            crate::views::list::split_name(&r.service).is_some_and(|(n, _, _)| n == ns)
+        });
+    }
     if format == OutputFormat::Json {
         return json(&reports);
     }
@@ -566,7 +578,7 @@ mod tests {
 
     #[test]
     fn services_table() {
-        let out = services(&fake(), OutputFormat::Table).unwrap();
+        let out = services(&fake(), None, OutputFormat::Table).unwrap();
         assert_eq!(
             out,
             "\
@@ -582,8 +594,21 @@ kube-system/dns-like:dns  ClusterIP  10.96.0.53:53/UDP  1 backend              0
     }
 
     #[test]
+    fn services_namespace_filter() {
+        let out = services(&fake(), Some("kube-system"), OutputFormat::Table).unwrap();
+        assert_eq!(
+            out,
+            "\
+SERVICE                   TYPE       FRONTEND           BACKENDS         PACKETS  BYTES
+kube-system/dns-like:dns  ClusterIP  10.96.0.53:53/UDP  1 backend              0      0
+                                                        10.244.1.2:5353        0      0
+"
+        );
+    }
+
+    #[test]
     fn services_json_has_stable_fields() {
-        let out = services(&fake(), OutputFormat::Json).unwrap();
+        let out = services(&fake(), None, OutputFormat::Json).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(
             v[0],
@@ -744,10 +769,17 @@ UDP    172.31.0.2:5555   ->  10.96.0.53:53  =>  10.244.1.2:5353   kube-system/dn
     #[test]
     fn missing_pins_give_a_clear_error() {
         let dir = std::env::temp_dir().join(format!("svc-lb-debug-missing-{}", std::process::id()));
-        let cmd = DebugCommand::Services(DebugArgs {
-            output: OutputFormat::Table,
-            pin: crate::cli::PinArgs {
-                pin_dir: dir.clone(),
+        let cmd = DebugCommand::Services(crate::cli::ServicesArgs {
+            list: true,
+            namespaces: crate::cli::NamespaceArgs {
+                namespace: None,
+                all_namespaces: false,
+            },
+            common: DebugArgs {
+                output: OutputFormat::Table,
+                pin: crate::cli::PinArgs {
+                    pin_dir: dir.clone(),
+                },
             },
         });
         let err = run(&cmd).unwrap_err();

@@ -11,3 +11,4 @@ pub mod netif;
 pub mod reconcile;
 pub mod run;
 pub mod translate;
+pub mod views;

@@ -20,21 +20,23 @@ fn init_tracing() {
         .try_init();
 }
 
+fn print(out: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    // `svc-lb debug ... | head` closes the pipe early; that is not an error.
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing output"),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => svc_lb::run::run(&args).context("svc-lb run")?,
-        Command::Debug(cmd) => {
-            let out = svc_lb::debug::run(&cmd)?;
-            let mut stdout = std::io::stdout().lock();
-            // `svc-lb debug ... | head` closes the pipe early; that is not an error.
-            match stdout
-                .write_all(out.as_bytes())
-                .and_then(|_| stdout.flush())
-            {
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                other => other.context("writing output")?,
-            }
-        }
+        Command::Debug(cmd) => print(&svc_lb::debug::run(&cmd)?)?,
+        Command::Service(args) => print(&svc_lb::views::service(&args)?)?,
         Command::Uninstall(pin) => svc_lb::dataplane::uninstall(&pin.pin_dir)
             .with_context(|| format!("uninstalling from {}", pin.pin_dir.display()))?,
     }
