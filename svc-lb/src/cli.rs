@@ -147,6 +147,28 @@ pub enum DebugCommand {
     Conntrack(DebugArgs),
     /// Global datapath counters.
     Stats(DebugArgs),
+    /// The Service environment variables kubelet would inject into a new pod in a namespace
+    /// ({NAME}_SERVICE_HOST, {NAME}_PORT_6379_TCP_ADDR, ...), from Service manifests.
+    Env(EnvArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// Namespace of the pod.
+    #[arg(short = 'n', long, default_value = "default", value_name = "NS")]
+    pub namespace: String,
+
+    /// Directory of Service manifests (YAML or JSON, as for `run --manifests`).
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+
+    /// As for a pod with `enableServiceLinks: false`: only the `kubernetes` Service.
+    #[arg(long)]
+    pub no_service_links: bool,
+
+    /// Output format: `NAME=value` lines sorted by name, or a JSON object.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]

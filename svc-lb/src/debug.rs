@@ -11,30 +11,30 @@ use svc_lb_common::{
 };
 
 use crate::{
-    cli::{DebugCommand, OutputFormat},
+    cli::{DebugArgs, DebugCommand, OutputFormat},
     error::{DebugError, MapsError},
     maps::{BpfLbMaps, LbMaps, LbStats, MapState, dump},
 };
 
 /// Runs one `svc-lb debug` subcommand and returns what to print.
 pub fn run(cmd: &DebugCommand) -> Result<String, DebugError> {
-    let args = match cmd {
-        DebugCommand::Services(a) => &a.common,
-        DebugCommand::Backends(a) | DebugCommand::Conntrack(a) | DebugCommand::Stats(a) => a,
-    };
-    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    let open = |a: &DebugArgs| BpfLbMaps::open(&a.pin.pin_dir);
     match cmd {
         DebugCommand::Services(a) if a.list => {
-            let rows = crate::views::list::rows(&maps.dump()?);
+            let rows = crate::views::list::rows(&open(&a.common)?.dump()?);
             let rows = crate::views::list::filter(rows, a.namespaces.namespace.as_deref());
-            Ok(crate::views::list::render(&rows, args.output)?)
+            Ok(crate::views::list::render(&rows, a.common.output)?)
         }
-        DebugCommand::Services(a) => {
-            services(&maps, a.namespaces.namespace.as_deref(), args.output)
-        }
-        DebugCommand::Backends(_) => backends(&maps, args.output),
-        DebugCommand::Conntrack(_) => conntrack(&maps, monotonic_now_ns()?, args.output),
-        DebugCommand::Stats(_) => stats(&maps, args.output),
+        DebugCommand::Services(a) => services(
+            &open(&a.common)?,
+            a.namespaces.namespace.as_deref(),
+            a.common.output,
+        ),
+        DebugCommand::Backends(a) => backends(&open(a)?, a.output),
+        DebugCommand::Conntrack(a) => conntrack(&open(a)?, monotonic_now_ns()?, a.output),
+        DebugCommand::Stats(a) => stats(&open(a)?, a.output),
+        // Reads manifests, not pins.
+        DebugCommand::Env(a) => Ok(crate::views::env::run(a)?),
     }
 }
 

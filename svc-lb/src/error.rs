@@ -82,6 +82,10 @@ pub enum DebugError {
 
     #[error("cannot read the monotonic clock")]
     Clock(#[source] io::Error),
+
+    /// `debug env` and the other views (`crate::views`).
+    #[error(transparent)]
+    Views(#[from] crate::views::ViewsError),
 }
 
 /// "outer: inner: innermost", for log lines (tracing records one string, not a chain). A

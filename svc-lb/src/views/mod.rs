@@ -5,6 +5,7 @@
 //! ("namespace/name:port") says which Service it belongs to, and NodePort frontends carry the
 //! node address and port a client would use.
 
+pub mod env;
 pub mod list;
 
 use thiserror::Error;
@@ -31,6 +32,9 @@ pub enum ViewsError {
 
     #[error("give a Service name, or `list`")]
     NoName,
+
+    #[error(transparent)]
+    Manifests(#[from] crate::k8s::manifest::ManifestError),
 }
 
 /// Runs `svc-lb service ...` and returns what to print.
