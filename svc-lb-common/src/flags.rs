@@ -19,6 +19,9 @@ pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
 /// Not a kind: new flows pick their backend from the frontend's `LB4_MAGLEV` table (by flow
 /// hash) instead of a random slot.
 pub const SVC_F_MAGLEV: u16 = 1 << 8;
+/// Not a kind: only clients in the frontend's `LB4_SRC_RANGES` prefixes may use it
+/// (loadBalancerSourceRanges); other packets are dropped.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
 
 /// `BackendV4::state`.
 pub const BE_STATE_ACTIVE: u8 = 0;
@@ -54,10 +57,12 @@ pub const STAT_PASS_UNPARSED: u32 = 8;
 pub const STAT_LOOKUP_MISS: u32 = 9;
 /// Conntrack map insert failed.
 pub const STAT_CT_FULL: u32 = 10;
+/// Packets to a LoadBalancer frontend from outside its loadBalancerSourceRanges (dropped).
+pub const STAT_SRC_RANGE_DROP: u32 = 11;
 pub const STAT_COUNT: u32 = 16;
 
 /// Human names for the counters, in index order (for `svc-lb debug stats`).
-pub const STAT_NAMES: [&str; 11] = [
+pub const STAT_NAMES: [&str; 12] = [
     "packets",
     "dnat",
     "revnat",
@@ -69,4 +74,5 @@ pub const STAT_NAMES: [&str; 11] = [
     "pass_unparsed",
     "lookup_miss",
     "ct_full",
+    "src_range_drop",
 ];

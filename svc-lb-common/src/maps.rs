@@ -27,6 +27,8 @@ pub const STATS_MAP: &str = "LB_STATS";
 pub const SVC_NAMES_MAP: &str = "LB_SVC_NAMES";
 /// Rev-NAT id → Maglev lookup table of backend ids (frontends with `SVC_F_MAGLEV`).
 pub const MAGLEV_MAP: &str = "LB4_MAGLEV";
+/// LPM trie {rev-NAT id, client prefix} of frontends with `SVC_F_SOURCE_RANGES`.
+pub const SRC_RANGES_MAP: &str = "LB4_SRC_RANGES";
 /// LRU sessionAffinity ClientIP: {client address, rev-NAT id} → backend id + last use.
 pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
 
@@ -36,6 +38,11 @@ pub const MAX_BACKENDS: u32 = 65_536;
 /// Rev-NAT ids are `1..MAX_REVNAT` and index `LB4_SVC_STATS`; 0 is never allocated.
 pub const MAX_REVNAT: u32 = 65_536;
 pub const MAX_CT_ENTRIES: u32 = 262_144;
+/// Source prefixes over all LoadBalancer frontends.
+pub const MAX_SRC_RANGES: u32 = 65_536;
+/// Bits of `SrcRangeKeyV4` before the address (rev-NAT id + padding), always matched in full:
+/// an LPM key for prefix `a.b.c.d/n` has prefix length `SRC_RANGE_FIXED_BITS + n`.
+pub const SRC_RANGE_FIXED_BITS: u32 = 32;
 /// Client/frontend pairs remembered for sessionAffinity (LRU; Cilium uses the same size).
 pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
 pub const SVC_NAME_LEN: usize = 128;
@@ -124,6 +131,16 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
+/// `LB4_SRC_RANGES` key data (inside the LPM trie's {prefix length, data} key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRangeKeyV4 {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Client address (prefix), network order.
+    pub addr: u32,
+}
+
 /// `LB4_AFFINITY` key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -191,6 +208,7 @@ const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
+const _: () = assert!(core::mem::size_of::<SrcRangeKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE);
 const _: () = assert!(core::mem::size_of::<SvcName>() == SVC_NAME_LEN);
@@ -342,6 +360,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKeyV4 {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for SrcRangeKeyV4 {}
 }
 
 #[cfg(test)]

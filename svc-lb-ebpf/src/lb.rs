@@ -1,19 +1,19 @@
 //! Backend choice shared by the TC and XDP programs: conntrack first, otherwise a random slot of
 //! the frontend; creates the conntrack entries of new flows and keeps the global counters.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, STAT_CT_FULL,
-    STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, SVC_F_MAGLEV, ServiceEntry,
-    ServiceKeyV4,
+    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS,
+    STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, SVC_F_MAGLEV,
+    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4,
     maglev::{self, MAGLEV_TABLE_SIZE},
     select::slot_for_hash,
 };
 
 use crate::{
     affinity, ct,
-    maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, stat},
+    maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, stat},
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -36,6 +36,23 @@ pub fn frontend(key: &ServiceKeyV4) -> Option<ServiceEntry> {
     let e = LB4_SERVICES.get_ptr(key)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     Some(unsafe { *e })
+}
+
+/// loadBalancerSourceRanges: whether the packet's source may use this frontend.
+#[inline(always)]
+pub fn source_allowed(p: &Packet, svc: &ServiceEntry) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SRC_RANGE_FIXED_BITS + 32,
+        SrcRangeKeyV4 {
+            rev_nat_id: svc.rev_nat_id,
+            _pad: 0,
+            addr: p.saddr,
+        },
+    );
+    LB4_SRC_RANGES.get(key).is_some()
 }
 
 /// The backend the frontend's Maglev table gives the flow; `None` (random slot instead) when

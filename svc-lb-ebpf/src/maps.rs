@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, MAX_AFFINITY_ENTRIES,
-    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4,
-    STAT_COUNT, ServiceEntry, ServiceKeyV4, SvcName,
+    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SRC_RANGES, MaglevTable,
+    RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName,
 };
 
 #[map(name = "LB4_SERVICES")]
@@ -29,6 +29,10 @@ pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTR
 /// agent replaces a table with one update, which readers see atomically.
 #[map(name = "LB4_MAGLEV")]
 pub static LB4_MAGLEV: HashMap<u16, MaglevTable> = HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
+
+/// Allowed client prefixes of frontends with loadBalancerSourceRanges (value unused).
+#[map(name = "LB4_SRC_RANGES")]
+pub static LB4_SRC_RANGES: LpmTrie<SrcRangeKeyV4, u8> = LpmTrie::pinned(MAX_SRC_RANGES, 0);
 
 #[map(name = "LB4_AFFINITY")]
 pub static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityEntry> =

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use svc_lb_common::{
     BackendV4, CT_DIR_REPLY, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
-    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, ServiceEntry, ServiceKeyV4,
+    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP, ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
@@ -45,6 +45,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     let Some(svc) = lb::frontend(&key) else {
         return OK;
     };
+    if !lb::source_allowed(&p, &svc) {
+        stat(STAT_SRC_RANGE_DROP);
+        return SHOT;
+    }
     if svc.count == 0 {
         // Established connections to a draining backend finish; new ones are refused.
         return match lb::established(&p) {

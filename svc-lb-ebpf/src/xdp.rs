@@ -11,8 +11,8 @@ use core::mem;
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use svc_lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
-    csum,
+    IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, STAT_SRC_RANGE_DROP, SVC_F_EXTERNAL_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, csum,
 };
 
 use crate::{
@@ -144,6 +144,10 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     // ClusterIP and frontends without backends (rejects) are the TC program's job.
     if svc.flags & EXTERNAL_KINDS == 0 || svc.count == 0 {
         return PASS;
+    }
+    if !lb::source_allowed(&p, &svc) {
+        stat(STAT_SRC_RANGE_DROP);
+        return DROP;
     }
     let Some((backend_id, be)) = lb::pick_backend(ctx, &p, &key, &svc) else {
         return DROP;

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, SCOPE_EXTERNAL, STAT_NAMES,
-    SVC_F_MAGLEV,
+    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -142,6 +142,9 @@ pub struct ServiceReport {
     /// `maglev` when new flows use the Maglev table (absent: random).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lb_algorithm: Option<String>,
+    /// loadBalancerSourceRanges enforced on this frontend (`a.b.c.d/n`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
 }
 
 /// One report per programmed frontend, in address order.
@@ -174,7 +177,7 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
         let c = maps.svc_counter(v.rev_nat_id)?;
         out.push(ServiceReport {
             service: name_of(&state, v.rev_nat_id),
-            kind: dump::flags_name(v.flags & !SVC_F_MAGLEV),
+            kind: dump::flags_name(v.flags & !(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES)),
             frontend: format!("{}:{}", k.ip(), k.port()),
             protocol: dump::proto_name(k.proto),
             backends,
@@ -182,6 +185,16 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
             bytes: c.bytes,
             session_affinity_timeout_s: (v.affinity_timeout_s != 0).then_some(v.affinity_timeout_s),
             lb_algorithm: (v.flags & SVC_F_MAGLEV != 0).then(|| "maglev".to_string()),
+            source_ranges: if v.flags & SVC_F_SOURCE_RANGES != 0 {
+                state
+                    .src_ranges
+                    .iter()
+                    .filter(|r| r.rev_nat_id == v.rev_nat_id)
+                    .map(|r| format!("{}/{}", r.addr, r.len))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         });
     }
     Ok(out)
@@ -222,6 +235,9 @@ pub fn services(
         }
         if let Some(a) = &r.lb_algorithm {
             kind += &format!(" {a}");
+        }
+        if !r.source_ranges.is_empty() {
+            kind += &format!(" from={}", r.source_ranges.join(","));
         }
         t.row(vec![
             r.service.clone(),

@@ -157,12 +157,15 @@ impl fmt::Display for LbAlgorithm {
 }
 
 /// Per-Service balancing options.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LbPolicy {
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
     /// From the `svc-lb.io/lb-algorithm` annotation; `None` = the agent's default.
     pub algorithm: Option<LbAlgorithm>,
+    /// loadBalancerSourceRanges (LoadBalancer frontends only): client prefixes allowed, as
+    /// (network address with host bits cleared, prefix length), sorted. Empty = everyone.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// One frontend and the backends it balances over.

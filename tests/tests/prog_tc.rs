@@ -16,9 +16,10 @@ use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, RevNatV4,
-    SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS,
-    STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT,
-    SVC_F_CLUSTER_IP, SVC_F_MAGLEV, ServiceEntry, ServiceKeyV4, ip_to_net,
+    SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT,
+    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED,
+    STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
+    ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net,
     maglev::{self, MAGLEV_TABLE_SIZE},
     maps, port_to_net,
 };
@@ -887,4 +888,55 @@ fn established_flows_drain_after_the_last_backend_left() {
     ));
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(h.stat(STAT_NO_BACKEND), 2);
+}
+
+#[test]
+fn source_ranges_admit_only_listed_clients() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    let mut h = Harness::new();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &[(4, pod(1), 5000)]);
+    let mut ranges: LpmTrie<&mut MapData, SrcRangeKeyV4, u8> =
+        LpmTrie::try_from(h.ebpf.map_mut(maps::SRC_RANGES_MAP).unwrap()).unwrap();
+    for (addr, len, rev_nat_id) in [
+        (Ipv4Addr::new(172, 31, 0, 0), 24, 7),
+        (Ipv4Addr::new(198, 51, 100, 7), 32, 7),
+        // Another frontend's range must not open this one.
+        (Ipv4Addr::new(203, 0, 113, 0), 24, 8),
+    ] {
+        let key = Key::new(
+            SRC_RANGE_FIXED_BITS + len,
+            SrcRangeKeyV4 {
+                rev_nat_id,
+                _pad: 0,
+                addr: ip_to_net(addr),
+            },
+        );
+        ranges.insert(&key, 1, 0).unwrap();
+    }
+    // Not enforced until slot 0 says so.
+    let outsider = sa(Ipv4Addr::new(203, 0, 113, 9), 40000);
+    let (v, _) = h.run(&packet::tcp(outsider, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+    assert_eq!(v, TC_ACT_OK);
+    let key = ServiceKeyV4::new(VIP, 80, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
+    let mut e = h.services().get(&key, 0).unwrap();
+    e.flags |= SVC_F_SOURCE_RANGES;
+    h.services().insert(key, e, 0).unwrap();
+
+    for (client, allowed) in [
+        (sa(CLIENT, 40001), true),
+        (sa(Ipv4Addr::new(172, 31, 0, 254), 40002), true),
+        (sa(Ipv4Addr::new(198, 51, 100, 7), 40003), true),
+        (sa(Ipv4Addr::new(198, 51, 100, 8), 40004), false),
+        (sa(Ipv4Addr::new(172, 31, 1, 2), 40005), false),
+        (outsider, false),
+    ] {
+        let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+        if allowed {
+            assert_eq!(v, TC_ACT_OK, "{client}");
+            assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(1), 5000));
+        } else {
+            assert_eq!(v, TC_ACT_SHOT, "{client} must be dropped");
+        }
+    }
+    assert_eq!(h.stat(STAT_SRC_RANGE_DROP), 3);
 }

@@ -27,7 +27,7 @@ pub const XDP_PROG: &str = "svc_lb_xdp";
 pub const LINKS_DIR: &str = "links";
 
 /// Every map the object must create and pin; the agent and `svc-lb debug` open them by pin path.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     maps::SERVICES_MAP,
     maps::BACKENDS_MAP,
     maps::REVNAT_MAP,
@@ -38,6 +38,7 @@ pub const PINNED_MAPS: [&str; 10] = [
     maps::SVC_NAMES_MAP,
     maps::AFFINITY_MAP,
     maps::MAGLEV_MAP,
+    maps::SRC_RANGES_MAP,
 ];
 
 /// The object built from `svc-lb-ebpf` by build.rs. Aligned because aya parses it in place.

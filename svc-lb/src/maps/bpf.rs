@@ -3,14 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
 use svc_lb_common::{
     AFFINITY_MAP, AffinityEntry, AffinityKeyV4, BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP,
     Counter, CtEntry, CtKeyV4, MAGLEV_MAP, MaglevTable, REVNAT_MAP, RevNatV4, SERVICES_MAP,
-    STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, ServiceEntry, ServiceKeyV4, SvcName,
+    SRC_RANGE_FIXED_BITS, SRC_RANGES_MAP, STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, ServiceEntry,
+    ServiceKeyV4, SrcRangeKeyV4, SvcName, ip_from_net, ip_to_net,
 };
 
-use super::{LbMaps, LbStats, MapState, Op, Purge};
+use super::{LbMaps, LbStats, MapState, Op, Purge, SrcRange};
 use crate::error::MapsError;
 
 type Hash<K, V> = HashMap<MapData, K, V>;
@@ -23,6 +27,7 @@ pub struct BpfLbMaps {
     revnat: Hash<u16, RevNatV4>,
     names: Hash<u16, SvcName>,
     maglev: Hash<u16, MaglevTable>,
+    src_ranges: LpmTrie<MapData, SrcRangeKeyV4, u8>,
     ct: Hash<CtKeyV4, CtEntry>,
     affinity: Hash<AffinityKeyV4, AffinityEntry>,
     svc_stats: PerCpu<Counter>,
@@ -82,6 +87,17 @@ fn ignore_missing(map: &'static str, res: Result<(), MapError>) -> Result<(), Ma
         Err(e) if MapsError::is_not_found(&e) => Ok(()),
         other => other.map_err(map_err(map, "delete")),
     }
+}
+
+fn src_range_key(r: &SrcRange) -> Key<SrcRangeKeyV4> {
+    Key::new(
+        SRC_RANGE_FIXED_BITS + u32::from(r.len),
+        SrcRangeKeyV4 {
+            rev_nat_id: r.rev_nat_id,
+            _pad: 0,
+            addr: ip_to_net(r.addr),
+        },
+    )
 }
 
 /// Deletes the entries matching `doomed` and returns how many. Keys are collected first:
@@ -167,6 +183,7 @@ impl BpfLbMaps {
             revnat: open_typed(pin_dir, REVNAT_MAP)?,
             names: open_typed(pin_dir, SVC_NAMES_MAP)?,
             maglev: open_typed(pin_dir, MAGLEV_MAP)?,
+            src_ranges: open_typed(pin_dir, SRC_RANGES_MAP)?,
             ct: open_typed(pin_dir, CT_MAP)?,
             affinity: open_typed(pin_dir, AFFINITY_MAP)?,
             svc_stats: open_typed(pin_dir, SVC_STATS_MAP)?,
@@ -203,6 +220,21 @@ impl LbMaps for BpfLbMaps {
                 .into_iter()
                 .map(|(k, v)| (k, Box::new(v)))
                 .collect(),
+            src_ranges: self
+                .src_ranges
+                .keys()
+                .map(|k| {
+                    k.map(|k| {
+                        let d = k.data();
+                        SrcRange {
+                            rev_nat_id: d.rev_nat_id,
+                            addr: ip_from_net(d.addr),
+                            len: k.prefix_len().saturating_sub(SRC_RANGE_FIXED_BITS) as u8,
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(map_err(SRC_RANGES_MAP, "iterate"))?,
         })
     }
 
@@ -233,6 +265,13 @@ impl LbMaps for BpfLbMaps {
                 .insert(k, v.as_ref(), 0)
                 .map_err(map_err(MAGLEV_MAP, "update")),
             Op::DeleteMaglev(k) => ignore_missing(MAGLEV_MAP, self.maglev.remove(k)),
+            Op::UpsertSrcRange(r) => self
+                .src_ranges
+                .insert(&src_range_key(r), 1, 0)
+                .map_err(map_err(SRC_RANGES_MAP, "update")),
+            Op::DeleteSrcRange(r) => {
+                ignore_missing(SRC_RANGES_MAP, self.src_ranges.remove(&src_range_key(r)))
+            }
             Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
             Op::PurgeFlows(purge) => self.purge_flows(purge),

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_MAGLEV,
-    ServiceKeyV4,
+    SVC_F_SOURCE_RANGES, ServiceKeyV4,
 };
 
 use super::MapState;
@@ -32,7 +32,12 @@ pub(crate) fn flags_name(flags: u16) -> String {
     if flags & SVC_F_MAGLEV != 0 {
         parts.push("Maglev".into());
     }
-    let known = kinds.iter().fold(SVC_F_MAGLEV, |acc, k| acc | k.flag());
+    if flags & SVC_F_SOURCE_RANGES != 0 {
+        parts.push("SourceRanges".into());
+    }
+    let known = kinds
+        .iter()
+        .fold(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES, |acc, k| acc | k.flag());
     if flags & !known != 0 {
         parts.push(format!("{:#x}", flags & !known));
     }
@@ -117,6 +122,13 @@ pub fn dump_text(state: &MapState) -> String {
         let share: Vec<String> = share.iter().map(|(b, n)| format!("{b}:{n}")).collect();
         let _ = writeln!(out, "MAGLEV: REVNAT={id} POSITIONS={}", share.join(","));
     }
+    for r in &state.src_ranges {
+        let _ = writeln!(
+            out,
+            "SRCRANGE: REVNAT={} CIDR={}/{}",
+            r.rev_nat_id, r.addr, r.len
+        );
+    }
     out
 }
 
@@ -142,7 +154,7 @@ mod tests {
             ServiceEntry {
                 count: 1,
                 rev_nat_id: 2,
-                flags: SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | 0x200,
+                flags: SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | 0x1000,
                 ..Default::default()
             },
         );
@@ -165,7 +177,7 @@ mod tests {
         assert_eq!(
             dump_text(&s),
             "SVC: ADDR=10.96.0.9:80/TCP SLOT=0 COUNT=0 REVNAT=0 FLAGS=none\n\
-             SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=1 REVNAT=2 FLAGS=ClusterIP|NodePort|0x200\n\
+             SVC: ADDR=10.96.0.10:80/TCP SLOT=0 COUNT=1 REVNAT=2 FLAGS=ClusterIP|NodePort|0x1000\n\
              SVC: ADDR=10.96.0.10:80/TCP SLOT=1 BACKEND=7 REVNAT=2\n\
              BE: ID=7 ADDR=10.244.1.2:5000/TCP STATE=terminating\n\
              REV: ID=2 ADDR=10.96.0.10:80\n\

@@ -6,7 +6,10 @@ mod bpf;
 pub(crate) mod dump;
 mod fake;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, IPPROTO_UDP, MaglevTable,
@@ -28,6 +31,16 @@ pub struct MapState {
     pub names: BTreeMap<u16, SvcName>,
     /// Maglev tables by rev-NAT id (boxed: 64 KiB each).
     pub maglev: BTreeMap<u16, Box<MaglevTable>>,
+    /// Allowed client prefixes of frontends with loadBalancerSourceRanges.
+    pub src_ranges: BTreeSet<SrcRange>,
+}
+
+/// One `LB4_SRC_RANGES` entry: clients in `addr/len` may use frontend `rev_nat_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub rev_nat_id: u16,
+    pub addr: Ipv4Addr,
+    pub len: u8,
 }
 
 /// One write to one map. Applying a sequence of these moves the maps from one `MapState` to
@@ -44,6 +57,8 @@ pub enum Op {
     DeleteName(u16),
     UpsertMaglev(u16, Box<MaglevTable>),
     DeleteMaglev(u16),
+    UpsertSrcRange(SrcRange),
+    DeleteSrcRange(SrcRange),
     /// Reset the per-frontend counters of a newly allocated rev-NAT id (a previous frontend may
     /// have used the id; its counts must not show up under the new one).
     ZeroSvcStats(u16),
@@ -91,6 +106,12 @@ impl Op {
             }
             Op::DeleteMaglev(k) => {
                 state.maglev.remove(k);
+            }
+            Op::UpsertSrcRange(r) => {
+                state.src_ranges.insert(*r);
+            }
+            Op::DeleteSrcRange(r) => {
+                state.src_ranges.remove(r);
             }
             Op::ZeroSvcStats(_) | Op::ZeroBackendStats(_) | Op::PurgeFlows { .. } => {}
         }

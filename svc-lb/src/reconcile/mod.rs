@@ -21,8 +21,8 @@ use std::{
 
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_MAGLEV, ServiceEntry,
-    ServiceKeyV4, SvcName,
+    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
+    ServiceEntry, ServiceKeyV4, SvcName,
     maglev::{self, MAGLEV_TABLE_SIZE},
 };
 use thiserror::Error;
@@ -30,7 +30,7 @@ use thiserror::Error;
 use self::ids::IdAllocator;
 use crate::{
     error::MapsError,
-    maps::{LbMaps, MapState, Op, Purge},
+    maps::{LbMaps, MapState, Op, Purge, SrcRange},
     model::{DesiredState, Frontend, FrontendKey, LbAlgorithm, Proto},
 };
 
@@ -215,6 +215,9 @@ impl<'a> Planner<'a> {
             .revnat
             .keys()
             .chain(current.names.keys())
+            // Tables and ranges an interrupted apply left behind still name their id.
+            .chain(current.maglev.keys())
+            .chain(current.src_ranges.iter().map(|r| &r.rev_nat_id))
             .copied()
             .chain(current.services.values().map(|e| e.rev_nat_id))
             .map(u32::from);
@@ -371,6 +374,16 @@ impl<'a> Planner<'a> {
             flags |= SVC_F_MAGLEV;
             self.target.maglev.insert(rev_nat_id, table);
         }
+        if !fe.policy.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+            for &(addr, len) in &fe.policy.source_ranges {
+                self.target.src_ranges.insert(SrcRange {
+                    rev_nat_id,
+                    addr,
+                    len,
+                });
+            }
+        }
         self.target.services.insert(
             frontend_key(&fe.key, 0),
             ServiceEntry {
@@ -496,6 +509,9 @@ impl<'a> Planner<'a> {
         if let Some(t) = cur.maglev.get(&rev) {
             self.target.maglev.insert(rev, t.clone());
         }
+        for r in cur.src_ranges.iter().filter(|r| r.rev_nat_id == rev) {
+            self.target.src_ranges.insert(*r);
+        }
         true
     }
 
@@ -580,6 +596,10 @@ fn diff(
             ops.push(Op::UpsertMaglev(*id, t.clone()));
         }
     }
+    // Allowed sources before the slot 0 that starts enforcing them.
+    for r in target.src_ranges.difference(&current.src_ranges) {
+        ops.push(Op::UpsertSrcRange(*r));
+    }
     let changed_services = || {
         target
             .services
@@ -626,6 +646,9 @@ fn diff(
         // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
         ops.push(Op::PurgeFlows(purge));
+    }
+    for r in current.src_ranges.difference(&target.src_ranges) {
+        ops.push(Op::DeleteSrcRange(*r));
     }
     // After slot 0 stopped using them; before the rev-NAT ids and backends they name go.
     for id in current.maglev.keys() {

@@ -192,6 +192,8 @@ fn touched(ops: &[Op]) -> Vec<String> {
             Op::DeleteName(id) => format!("-name {id}"),
             Op::UpsertMaglev(id, _) => format!("+maglev {id}"),
             Op::DeleteMaglev(id) => format!("-maglev {id}"),
+            Op::UpsertSrcRange(r) => format!("+src {}:{}/{}", r.rev_nat_id, r.addr, r.len),
+            Op::DeleteSrcRange(r) => format!("-src {}:{}/{}", r.rev_nat_id, r.addr, r.len),
             Op::ZeroSvcStats(id) => format!("0svc {id}"),
             Op::ZeroBackendStats(id) => format!("0be {id}"),
             Op::PurgeFlows(p) => {
@@ -976,4 +978,52 @@ fn maglev_frontends_get_a_table_written_before_slot_0_and_removed_after() {
     let del_t = t.iter().position(|o| o.starts_with("-maglev"));
     let del_rev = t.iter().position(|o| o.starts_with("-rev"));
     assert!(del_t.is_some() && del_t < del_rev, "{t:?}");
+}
+
+#[test]
+fn source_ranges_are_written_before_enforcement_and_removed_after() {
+    let lb = |ranges: &[(&str, u8)]| {
+        let mut f = fe(
+            "203.0.113.10",
+            80,
+            Proto::Tcp,
+            FrontendKind::LoadBalancer,
+            "default/lb:80",
+            &[("10.244.1.2", 80)],
+        );
+        f.policy.source_ranges = ranges.iter().map(|(a, l)| (ip(a), *l)).collect();
+        f
+    };
+    let (s1, ops) = step(&MapState::default(), &state([lb(&[("192.0.2.0", 24)])]));
+    let k0 = svc_key("203.0.113.10", 80, 0);
+    assert_ne!(s1.services[&k0].flags & SVC_F_SOURCE_RANGES, 0);
+    let t = touched(&ops);
+    let src = t.iter().position(|o| o == "+src 1:192.0.2.0/24").unwrap();
+    let slot0 = t
+        .iter()
+        .position(|o| o == "+svc 203.0.113.10:80#0")
+        .unwrap();
+    assert!(src < slot0, "{t:?}");
+    assert!(dump_text(&s1).contains("SRCRANGE: REVNAT=1 CIDR=192.0.2.0/24"));
+
+    // Changed ranges: the new one first, the old one after.
+    let (s2, ops) = step(&s1, &state([lb(&[("198.51.100.0", 25)])]));
+    assert_eq!(
+        touched(&ops),
+        ["+src 1:198.51.100.0/25", "-src 1:192.0.2.0/24"]
+    );
+    // No ranges any more: stop enforcing, then delete.
+    let (s3, ops) = step(&s2, &state([lb(&[])]));
+    assert_eq!(
+        touched(&ops),
+        ["+svc 203.0.113.10:80#0", "-src 1:198.51.100.0/25"]
+    );
+    assert_eq!(s3.services[&k0].flags & SVC_F_SOURCE_RANGES, 0);
+    // A removed frontend's ranges go before its rev-NAT id is freed.
+    let (s4, _) = step(&s3, &state([lb(&[("192.0.2.0", 24)])]));
+    let (_, ops) = step(&s4, &DesiredState::default());
+    let t = touched(&ops);
+    let del_src = t.iter().position(|o| o.starts_with("-src")).unwrap();
+    let del_rev = t.iter().position(|o| o.starts_with("-rev")).unwrap();
+    assert!(del_src < del_rev, "{t:?}");
 }

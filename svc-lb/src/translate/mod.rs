@@ -15,7 +15,7 @@ use tracing::debug;
 use crate::{
     cli::PortRange,
     k8s::{manifest::Objects, namespace},
-    model::{DesiredState, Frontend, ServicePortRef},
+    model::{DesiredState, Frontend, FrontendKind, LbPolicy, ServicePortRef},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,7 +92,15 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                         kind,
                         service: service_ref.clone(),
                         backends: backends.clone(),
-                        policy: plan.policy,
+                        policy: LbPolicy {
+                            // kube-proxy applies them to the load balancer's IPs only.
+                            source_ranges: if kind == FrontendKind::LoadBalancer {
+                                plan.policy.source_ranges.clone()
+                            } else {
+                                Vec::new()
+                            },
+                            ..plan.policy.clone()
+                        },
                     },
                 );
             }

@@ -168,9 +168,19 @@ pub(super) fn plan<'a>(
         // really go through it, so kube-proxy does not short-cut the IP locally.
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.as_deref());
-    let lb_ips = match ipv4s("status.loadBalancer.ingress", ingress) {
+    let mut lb_ips = match ipv4s("status.loadBalancer.ingress", ingress) {
         Ok(ips) => ips,
         Err(reason) => return reject_all(&mut reject, reason),
+    };
+    let source_ranges = match source_ranges(spec) {
+        Ok(ranges) => ranges,
+        Err(reason) => {
+            if load_balancer {
+                reject(reason);
+            }
+            lb_ips.clear();
+            Vec::new()
+        }
     };
 
     let mut ports: Vec<PortPlan> = Vec::new();
@@ -255,7 +265,8 @@ pub(super) fn plan<'a>(
         );
         ports.push(port);
     }
-    let policy = policy(svc, &mut reject);
+    let mut policy = policy(svc, &mut reject);
+    policy.source_ranges = source_ranges;
     Some(ServicePlan {
         service: svc,
         namespace: ns,
@@ -307,6 +318,37 @@ fn policy(svc: &Service, reject: &mut impl FnMut(String)) -> LbPolicy {
         }
     }
     policy
+}
+
+/// IPv4 prefixes of spec.loadBalancerSourceRanges, host bits cleared. IPv6 ones belong to the
+/// other family (kube-proxy filters per family; none left = no restriction for IPv4).
+/// An invalid entry fails closed: the caller drops the LoadBalancer frontends rather than
+/// open them wider than asked.
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+    let mut out = BTreeSet::new();
+    for cidr in spec.load_balancer_source_ranges.iter().flatten() {
+        let cidr = cidr.trim();
+        let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+        let parsed = match (addr.parse::<IpAddr>(), len.parse::<u8>()) {
+            (Ok(IpAddr::V4(ip)), Ok(len)) if len <= 32 => Some((ip, len)),
+            (Ok(IpAddr::V6(_)), Ok(len)) if len <= 128 => continue,
+            _ => None,
+        };
+        match parsed {
+            Some((ip, len)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                out.insert((Ipv4Addr::from(u32::from(ip) & mask), len));
+            }
+            None => {
+                return Err(format!(
+                    "loadBalancerSourceRanges: invalid CIDR {cidr:?}; no LoadBalancer frontends"
+                ));
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 fn reject_all<T>(reject: &mut impl FnMut(String), reason: String) -> Option<T> {

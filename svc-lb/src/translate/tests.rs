@@ -625,3 +625,58 @@ fn session_affinity_and_lb_algorithm_annotation() {
         ]
     );
 }
+
+#[test]
+fn load_balancer_source_ranges_apply_to_lb_frontends_only() {
+    let lb = |name: &str, ip: &str, ranges: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{type: LoadBalancer, clusterIP: {ip}, loadBalancerSourceRanges: [{ranges}],\n\
+             \x20 ports: [{{port: 80, nodePort: 3008{d}}}]}}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.{d}}}]}}}}\n",
+            d = &ip[ip.len() - 1..]
+        )
+    };
+    let docs = [
+        lb(
+            "ok",
+            "10.96.0.1",
+            "'192.0.2.77/24', '198.51.100.5', '2001:db8::/32'",
+        ),
+        lb("v6only", "10.96.0.2", "'2001:db8::/32'"),
+        lb("bad", "10.96.0.3", "'192.0.2.0/33'"),
+    ];
+    let t = translate(
+        &load_yaml(&docs.join("---\n")),
+        &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None),
+    );
+    let ranges: Vec<String> = t
+        .state
+        .frontends
+        .values()
+        .map(|f| format!("{} {} {:?}", f.key, f.kind, f.policy.source_ranges))
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            "10.96.0.1:80/TCP ClusterIP []",
+            "10.96.0.2:80/TCP ClusterIP []",
+            "10.96.0.3:80/TCP ClusterIP []",
+            "172.31.0.1:30081/TCP NodePort []",
+            "172.31.0.1:30082/TCP NodePort []",
+            "172.31.0.1:30083/TCP NodePort []",
+            // Host bits cleared, a bare address is a /32, IPv6 entries are the other family's.
+            "203.0.113.1:80/TCP LoadBalancer [(192.0.2.0, 24), (198.51.100.5, 32)]",
+            // Only IPv6 ranges: no IPv4 restriction (kube-proxy filters per family).
+            "203.0.113.2:80/TCP LoadBalancer []",
+        ]
+    );
+    // Invalid: fail closed (no LoadBalancer frontend), the rest of the Service stays.
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service default/bad: loadBalancerSourceRanges: invalid CIDR \"192.0.2.0/33\"; \
+          no LoadBalancer frontends"
+        ]
+    );
+}
