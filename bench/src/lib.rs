@@ -1,0 +1,48 @@
+//! `svc-lb-bench`: measures svc-lb next to faithful kube-proxy baselines (iptables mode through
+//! iptables-legacy and iptables-nft, nftables mode through nft) on the same machine in one run.
+//!
+//! - [`scenario`]: synthetic Services/endpoints, as svc-lb's desired state and as kube-proxy
+//!   would see them.
+//! - [`kubeproxy`]: the rules kube-proxy's iptables and nftables proxiers write for them.
+//! - [`b1`], [`b4`], [`b6`]: the benchmarks (per-packet cost, programming cost, agent memory and
+//!   convergence). [`report`] prints the table and writes JSON.
+
+pub mod b1;
+pub mod b4;
+pub mod b6;
+pub mod kubeproxy;
+pub mod ns;
+pub mod report;
+pub mod scenario;
+pub mod stats;
+
+/// Why a benchmark could not run or produced an inconsistent result.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Ns(#[from] ns::NsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Bpf(String),
+    /// A measurement failed its own sanity check (e.g. the rules did not all load).
+    #[error("check failed: {0}")]
+    Check(String),
+}
+
+impl BenchError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Io { what, source }
+    }
+
+    pub fn bpf(what: &str, e: impl std::fmt::Display) -> BenchError {
+        BenchError::Bpf(format!("{what}: {e}"))
+    }
+}
+
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;

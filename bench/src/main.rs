@@ -1,0 +1,158 @@
+//! `svc-lb-bench`: runs the benchmarks of issue 5 (needs root), prints a table and writes JSON.
+//! Usually started by `cargo xtask bench [--quick]`, which installs the tools and builds first.
+
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use svc_lb_bench::{
+    b1::{self, B1Config},
+    b4::{self, B4Config},
+    b6::{self, B6Config},
+    report::{Machine, Report},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "svc-lb-bench",
+    about = "svc-lb next to kube-proxy's iptables/nftables rules"
+)]
+struct Cli {
+    /// Smaller scales and fewer repetitions (about 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    /// Only these benchmarks (comma separated: b1,b4,b5,b6).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The svc-lb binary for B5/B6 (the real agent).
+    #[arg(long, default_value = "target/release/svc-lb")]
+    svc_lb: PathBuf,
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("svc-lb-bench needs root (BPF, network namespaces, iptables)");
+    }
+    let want = |b: &str| cli.only.is_empty() || cli.only.iter().any(|o| o.eq_ignore_ascii_case(b));
+    let started = Instant::now();
+    let mut report = Report {
+        machine: Machine::detect(),
+        quick: cli.quick,
+        started_utc: utc_now(),
+        rows: Vec::new(),
+        not_run: vec![
+            "B2 first-packet latency: not implemented yet (see docs/benchmarks.md)".into(),
+            "B3 throughput: not implemented yet (see docs/benchmarks.md)".into(),
+        ],
+    };
+    let mut failures = Vec::new();
+
+    if want("b1") {
+        let cfg = B1Config {
+            repeat: if cli.quick { 100_000 } else { 1_000_000 },
+            rounds: if cli.quick { 3 } else { 5 },
+        };
+        // (Services, endpoints each, pod pool). 65,000 x 3 is the largest that fits:
+        // MAX_REVNAT (65,536 frontends), MAX_SERVICE_ENTRIES (262,144 slots), MAX_BACKENDS.
+        let mut scales = vec![(0, 0, 1), (10_000, 10, 50_000)];
+        if !cli.quick {
+            scales.push((65_000, 3, 50_000));
+        }
+        for (n, eps, pods) in scales {
+            if let Err(e) = b1::run_scale(n, eps, pods, &cfg, &mut report.rows) {
+                failures.push(format!("B1 at {n} Services: {e}"));
+            }
+        }
+    }
+    if want("b4") {
+        let cfg = if cli.quick {
+            B4Config {
+                services: 1_000,
+                eps: 10,
+                pods: 5_000,
+                changes: 5,
+            }
+        } else {
+            // 100k endpoints over 50k pods: MAX_BACKENDS (65,536 backend ids) caps distinct pods.
+            B4Config {
+                services: 10_000,
+                eps: 10,
+                pods: 50_000,
+                changes: 9,
+            }
+        };
+        if let Err(e) = b4::run(&cfg, &mut report.rows) {
+            failures.push(format!("B4: {e}"));
+        }
+    }
+    if want("b5") || want("b6") {
+        let cfg = if cli.quick {
+            B6Config {
+                services: 1_000,
+                eps: 10,
+                pods: 5_000,
+                changes: 10,
+            }
+        } else {
+            B6Config {
+                services: 10_000,
+                eps: 10,
+                pods: 50_000,
+                changes: 30,
+            }
+        };
+        if let Err(e) = b6::run(&cfg, &cli.svc_lb, &mut report.rows) {
+            failures.push(format!("B5/B6: {e}"));
+        }
+    }
+
+    println!(
+        "\nsvc-lb benchmarks ({}), {} / {} CPUs / {}",
+        if cli.quick { "quick" } else { "full" },
+        report.machine.kernel,
+        report.machine.cpus,
+        report.machine.cpu_model
+    );
+    print!("{}", report.table());
+    for n in &report.not_run {
+        println!("not run: {n}");
+    }
+    report.not_run.extend(failures.iter().cloned());
+    if let Some(dir) = cli.out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&cli.out, json).with_context(|| format!("write {}", cli.out.display()))?;
+    println!(
+        "results: {} ({:.0}s)",
+        cli.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        bail!("some benchmarks failed:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
