@@ -3,6 +3,7 @@
 //! Plain std process spawning on purpose: the tasks mostly run other tools (apt-get, rustup,
 //! cargo, ip, curl) and print what they do.
 
+mod bench;
 mod demo;
 mod run;
 mod setup;
@@ -27,6 +28,12 @@ enum Task {
     Test,
     /// Setup, build, then run svc-lb between network namespaces and send it traffic.
     Demo,
+    /// Benchmarks next to kube-proxy's iptables/nftables rules (docs/benchmarks.md).
+    Bench {
+        /// Smaller scales, about 2 minutes.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +43,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => test::test(),
         Task::Demo => demo::demo(),
+        Task::Bench { quick } => bench::bench(quick),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

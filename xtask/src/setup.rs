@@ -18,6 +18,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "bpftool",
     "netcat-openbsd",
+    // svc-lb-bench's tests load the kube-proxy baseline rules with these.
+    "iptables",
+    "nftables",
 ];
 
 /// The eBPF crate's toolchain: its LLVM major (22) must match bpf-linker's.

@@ -17,7 +17,13 @@ use crate::{
 
 /// Packages checked by clippy and tested. Never `--workspace`: the eBPF crate only builds for
 /// the BPF target (svc-lb's build.rs builds it).
-const PACKAGES: &[&str] = &["svc-lb", "svc-lb-common", "svc-lb-tests", "xtask"];
+const PACKAGES: &[&str] = &[
+    "svc-lb",
+    "svc-lb-common",
+    "svc-lb-tests",
+    "svc-lb-bench",
+    "xtask",
+];
 
 /// The whole test run takes well under a minute; this only catches a hang.
 const TEST_LIMIT: Duration = Duration::from_secs(600);
@@ -54,7 +60,13 @@ pub fn test() -> Result<()> {
         let _ = steps.step("cargo test (unit, program, e2e)", || {
             let mut cmd = run::cargo();
             cmd.arg("test");
-            for p in ["svc-lb-common", "svc-lb", "svc-lb-tests", "xtask"] {
+            for p in [
+                "svc-lb-common",
+                "svc-lb",
+                "svc-lb-tests",
+                "svc-lb-bench",
+                "xtask",
+            ] {
                 cmd.args(["-p", p]);
             }
             // CI mode: privileged tests must fail, never skip, when they cannot run.
