@@ -86,6 +86,19 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub pin: PinArgs,
+
+    #[command(flatten)]
+    pub views: ViewArgs,
+}
+
+/// Optional servers of the agent; all off unless given.
+#[derive(Debug, Default, Args)]
+pub struct ViewArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (per-Service and per-backend
+    /// packets/bytes, conntrack and map occupancy, sync latency, rejected objects).
+    /// Off by default; e.g. 127.0.0.1:9963.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// API mode: where the API server is and how often to re-check the maps.

@@ -89,6 +89,9 @@ pub enum RunError {
     #[error("cannot configure the Kubernetes client")]
     Client(#[from] crate::k8s::client::ClientError),
 
+    #[error(transparent)]
+    Views(#[from] crate::views::ViewsError),
+
     #[error("cannot serve the health endpoint on {addr}")]
     Health {
         addr: std::net::SocketAddr,
@@ -299,6 +302,8 @@ struct Agent {
     plan_log: Dedup,
     last_error: Option<String>,
     limits: Limits,
+    /// Sync latency, rejected objects and the last objects, for the optional servers.
+    telemetry: crate::views::Telemetry,
 }
 
 impl Agent {
@@ -314,8 +319,11 @@ impl Agent {
         if let Some(loaded) = loaded {
             self.desired = self.read(loaded);
         }
-        let outcome = reconcile::reconcile(&mut self.maps, &self.desired, self.limits)
-            .map_err(RunError::Reconcile)?;
+        let started = std::time::Instant::now();
+        let result = reconcile::reconcile(&mut self.maps, &self.desired, self.limits);
+        self.telemetry
+            .record_sync(started.elapsed(), result.is_ok());
+        let outcome = result.map_err(RunError::Reconcile)?;
         let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
         if let Some(msgs) = self.plan_log.changed(plan_errors) {
             if msgs.is_empty() {
@@ -357,6 +365,7 @@ impl Agent {
             }
         }
         let t = translate(&loaded.objects, &self.translate_cfg);
+        self.telemetry.record_objects(&loaded.objects, &t.rejected);
         let rejected = t
             .rejected
             .iter()
@@ -460,6 +469,9 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     info!(dir = %dir.display(), "watching manifests");
     let mut cache = ManifestCache::new(dir);
     let first = cache.load()?;
+    // Bound before the datapath is touched, so a taken address leaves the node as it was.
+    let telemetry = crate::views::Telemetry::new();
+    crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
     let dataplane = Dataplane::load(&DataplaneConfig {
         pin_dir: args.pin.pin_dir.clone(),
@@ -483,6 +495,7 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
             default_algorithm: args.lb_algorithm,
             ..Limits::default()
         },
+        telemetry,
     };
     agent.desired = agent.read(first);
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.

@@ -20,11 +20,18 @@ pub struct AgentGuard<'t> {
     log: PathBuf,
     child: Option<Child>,
     starts: usize,
+    /// Further `svc-lb run` arguments (e.g. `--metrics-addr`).
+    extra_args: Vec<String>,
 }
 
 impl<'t> AgentGuard<'t> {
     /// Starts the agent on every node interface of `topo`, reading `manifests`.
     pub fn start(topo: &'t Topology, manifests: &Path) -> AgentGuard<'t> {
+        Self::start_with(topo, manifests, &[])
+    }
+
+    /// [`AgentGuard::start`] with further `svc-lb run` arguments.
+    pub fn start_with(topo: &'t Topology, manifests: &Path, extra_args: &[&str]) -> AgentGuard<'t> {
         ensure_bpffs();
         let mut agent = AgentGuard {
             topo,
@@ -34,6 +41,7 @@ impl<'t> AgentGuard<'t> {
             log: topo.dir.join("agent.log"),
             child: None,
             starts: 0,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -53,6 +61,7 @@ impl<'t> AgentGuard<'t> {
         for iface in self.topo.node_ifaces() {
             cmd.args(["--iface", &iface]);
         }
+        cmd.args(&self.extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,svc_lb=debug");
         }

@@ -11,6 +11,7 @@ pub mod kube_objects;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod views;
 
 use std::{
     fs,

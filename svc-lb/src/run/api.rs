@@ -62,6 +62,8 @@ struct Syncer {
     plan_log: Dedup,
     last_error: Option<String>,
     limits: Limits,
+    /// For the optional servers (`crate::views`).
+    telemetry: crate::views::Telemetry,
 }
 
 impl Syncer {
@@ -69,6 +71,7 @@ impl Syncer {
     fn sync(&mut self, watch: &ClusterWatch, why: Trigger) -> bool {
         let objects = watch.objects();
         let t = translate(&objects, &self.cfg);
+        self.telemetry.record_objects(&objects, &t.rejected);
         let rejected = t
             .rejected
             .iter()
@@ -82,7 +85,11 @@ impl Syncer {
                 warn!("{m}");
             }
         }
-        match reconcile::reconcile(&mut self.maps, &t.state, self.limits) {
+        let started = std::time::Instant::now();
+        let result = reconcile::reconcile(&mut self.maps, &t.state, self.limits);
+        self.telemetry
+            .record_sync(started.elapsed(), result.is_ok());
+        match result {
             Ok(outcome) => {
                 let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
                 if let Some(msgs) = self.plan_log.changed(plan_errors) {
@@ -156,6 +163,8 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
             source,
         })?;
     info!(addr = %health_addr, "health endpoint: /healthz (503 until synced), /livez");
+    let telemetry = crate::views::Telemetry::new();
+    crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
     let dataplane = Dataplane::load(&DataplaneConfig {
         pin_dir: args.pin.pin_dir.clone(),
@@ -204,6 +213,7 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
                 default_algorithm: args.lb_algorithm,
                 ..Limits::default()
             },
+            telemetry,
         };
         let mut deadline = (!syncer.sync(&watch, Trigger::Startup)).then(|| Instant::now() + RETRY);
         let every = args.kube.resync_interval;

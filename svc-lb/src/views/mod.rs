@@ -1,12 +1,20 @@
-//! What users see beyond `debug`: the minikube-style Service list with node-port URLs
-//! (`svc-lb service list`, `svc-lb debug services --list`) and `svc-lb service NAME --url`.
-//!
-//! Everything here works from the pinned maps alone: a frontend's `LB_SVC_NAMES` entry
-//! ("namespace/name:port") says which Service it belongs to, and NodePort frontends carry the
-//! node address and port a client would use.
+//! What users see beyond `debug`:
+//! - the minikube-style Service list with node-port URLs (`svc-lb service list`,
+//!   `svc-lb debug services --list`) and `svc-lb service NAME --url` ([`list`]); they work
+//!   from the pinned maps alone: a frontend's `LB_SVC_NAMES` entry ("namespace/name:port")
+//!   says which Service it belongs to, and NodePort frontends carry the node address and port;
+//! - `svc-lb debug env`: kubelet's Service environment variables ([`env`]);
+//! - the agent's optional servers ([`servers`]): Prometheus metrics ([`metrics`]), fed by the
+//!   maps and by what the agent loop records ([`telemetry`]).
 
 pub mod env;
+pub mod http;
 pub mod list;
+pub mod metrics;
+pub mod servers;
+pub mod telemetry;
+
+pub use telemetry::Telemetry;
 
 use thiserror::Error;
 
@@ -32,6 +40,14 @@ pub enum ViewsError {
 
     #[error("give a Service name, or `list`")]
     NoName,
+
+    #[error("cannot serve {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error(transparent)]
     Manifests(#[from] crate::k8s::manifest::ManifestError),

@@ -1,0 +1,91 @@
+//! Starts the optional servers of `svc-lb run` (`--metrics-addr`, and the others as they
+//! come). Each binds before the agent enters its loop, so a taken address fails startup.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use tracing::info;
+
+use super::{
+    ViewsError,
+    http::{self, Handler, Response},
+    metrics,
+    telemetry::Telemetry,
+};
+use crate::{cli::ViewArgs, error::MapsError, maps::BpfLbMaps};
+
+/// The pinned maps, opened on first use: the servers bind before the datapath is loaded (a
+/// taken address must fail before the node is touched), when the pins may not exist yet.
+pub(crate) struct LazyMaps {
+    pin_dir: PathBuf,
+    maps: Mutex<Option<BpfLbMaps>>,
+}
+
+impl LazyMaps {
+    pub fn new(pin_dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            maps: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the maps, opening them first if needed.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&BpfLbMaps) -> Result<T, MapsError>,
+    ) -> Result<T, MapsError> {
+        let mut guard = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(BpfLbMaps::open(&self.pin_dir)?);
+        }
+        let maps = guard.as_ref().expect("opened above");
+        f(maps)
+    }
+}
+
+/// Starts whatever `args` asks for; returns once every server is bound.
+pub async fn start(
+    args: &ViewArgs,
+    pin_dir: &Path,
+    telemetry: &Telemetry,
+) -> Result<(), ViewsError> {
+    if let Some(addr) = args.metrics_addr {
+        let maps = LazyMaps::new(pin_dir);
+        let bound = http::serve(addr, metrics_handler(maps, telemetry.clone()))
+            .await
+            .map_err(|source| ViewsError::Bind {
+                what: "metrics",
+                addr,
+                source,
+            })?;
+        info!(addr = %bound, "Prometheus metrics on /metrics");
+    }
+    Ok(())
+}
+
+fn metrics_handler(maps: Arc<LazyMaps>, telemetry: Telemetry) -> Handler {
+    Arc::new(move |path: &str| match path {
+        "/metrics" => {
+            // Telemetry is copied out first so the agent loop never waits on a map dump.
+            let state = {
+                let t = telemetry.lock();
+                super::telemetry::State {
+                    sync_latency: t.sync_latency.clone(),
+                    syncs_ok: t.syncs_ok,
+                    syncs_failed: t.syncs_failed,
+                    last_sync_unix: t.last_sync_unix,
+                    rejected: t.rejected.clone(),
+                    objects: Default::default(),
+                }
+            };
+            match maps.with(|m| metrics::render(m, &state)) {
+                Ok(body) => Response::ok(metrics::CONTENT_TYPE, body),
+                Err(e) => Response::text(500, format!("{}\n", crate::error::chain(&e))),
+            }
+        }
+        "/" => Response::ok("text/plain; charset=utf-8", "svc-lb metrics: /metrics\n"),
+        _ => Response::text(404, "not found\n"),
+    })
+}
