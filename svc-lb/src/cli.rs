@@ -99,6 +99,16 @@ pub struct ViewArgs {
     /// Off by default; e.g. 127.0.0.1:9963.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Answer DNS (UDP) on ADDR for <service>.<namespace>.svc.<cluster domain>: A for
+    /// ClusterIPs, pod addresses for headless Services, CNAME for ExternalName, SRV for
+    /// named ports. Off by default; e.g. 127.0.0.1:53.
+    #[arg(long, value_name = "ADDR")]
+    pub dns_listen: Option<SocketAddr>,
+
+    /// The cluster domain the DNS responder is authoritative for (kubelet's --cluster-domain).
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    pub cluster_domain: String,
 }
 
 /// API mode: where the API server is and how often to re-check the maps.

@@ -21,6 +21,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // svc-lb-bench's tests load the kube-proxy baseline rules with these.
     "iptables",
     "nftables",
+    // The DNS responder's end-to-end test queries it with dig.
+    "dnsutils",
 ];
 
 /// The eBPF crate's toolchain: its LLVM major (22) must match bpf-linker's.

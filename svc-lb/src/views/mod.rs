@@ -4,9 +4,10 @@
 //!   from the pinned maps alone: a frontend's `LB_SVC_NAMES` entry ("namespace/name:port")
 //!   says which Service it belongs to, and NodePort frontends carry the node address and port;
 //! - `svc-lb debug env`: kubelet's Service environment variables ([`env`]);
-//! - the agent's optional servers ([`servers`]): Prometheus metrics ([`metrics`]), fed by the
-//!   maps and by what the agent loop records ([`telemetry`]).
+//! - the agent's optional servers ([`servers`]): Prometheus metrics ([`metrics`]) and a DNS
+//!   responder ([`dns`]), fed by the maps and by what the agent loop records ([`telemetry`]).
 
+pub mod dns;
 pub mod env;
 pub mod http;
 pub mod list;
@@ -48,6 +49,9 @@ pub enum ViewsError {
         #[source]
         source: std::io::Error,
     },
+
+    #[error("{0}")]
+    Config(String),
 
     #[error(transparent)]
     Manifests(#[from] crate::k8s::manifest::ManifestError),

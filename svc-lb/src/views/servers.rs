@@ -1,5 +1,5 @@
-//! Starts the optional servers of `svc-lb run` (`--metrics-addr`, and the others as they
-//! come). Each binds before the agent enters its loop, so a taken address fails startup.
+//! Starts the optional servers of `svc-lb run` (`--metrics-addr`, `--dns-listen`). Each
+//! binds before the datapath is loaded, so a taken address fails startup.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,7 +9,7 @@ use std::{
 use tracing::info;
 
 use super::{
-    ViewsError,
+    ViewsError, dns,
     http::{self, Handler, Response},
     metrics,
     telemetry::Telemetry,
@@ -61,6 +61,20 @@ pub async fn start(
                 source,
             })?;
         info!(addr = %bound, "Prometheus metrics on /metrics");
+    }
+    if let Some(addr) = args.dns_listen {
+        let zone = dns::zone(&args.cluster_domain).map_err(ViewsError::Config)?;
+        let socket =
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| ViewsError::Bind {
+                    what: "DNS",
+                    addr,
+                    source,
+                })?;
+        info!(addr = %socket.local_addr().unwrap_or(addr), zone = %zone, "DNS responder");
+        let telemetry = telemetry.clone();
+        dns::spawn(socket, zone, move || telemetry.objects());
     }
     Ok(())
 }
