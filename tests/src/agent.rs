@@ -1,7 +1,13 @@
 //! Runs the real `svc-lb run` agent inside a test topology's node namespace.
+//!
+//! [`AgentProcess`] is the process handling both modes share (spawn with a log file, restart,
+//! stop, `svc-lb` CLI calls, cleanup on drop); [`AgentGuard`] starts it in manifest mode and
+//! [`crate::kube_agent::KubeAgent`] in API mode.
 
 use std::{
+    ffi::OsString,
     fs,
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -10,38 +16,33 @@ use std::{
 
 use crate::{bin_path, ensure_bpffs, netns::Topology};
 
-/// A running agent. Drop stops it (SIGTERM, then SIGKILL) and runs `svc-lb uninstall` on its pin
-/// directory, so no programs or pins outlive the test. On a failing test the agent log is printed.
-pub struct AgentGuard<'t> {
+/// A running `svc-lb run` in the node namespace of a topology, pinning under its own directory.
+/// Drop stops it (SIGTERM, then SIGKILL) and runs `svc-lb uninstall` on its pin directory, so no
+/// programs or pins outlive the test. On a failing test the agent log is printed.
+pub struct AgentProcess<'t> {
     topo: &'t Topology,
     bin: PathBuf,
-    pub manifests: PathBuf,
     pub pin_dir: PathBuf,
+    /// The mode's `svc-lb run` arguments; `--pin-dir` and one `--iface` per node interface of
+    /// the topology are added to them.
+    args: Vec<OsString>,
     log: PathBuf,
     child: Option<Child>,
     starts: usize,
-    /// Further `svc-lb run` arguments (e.g. `--metrics-addr`).
-    extra_args: Vec<String>,
 }
 
-impl<'t> AgentGuard<'t> {
-    /// Starts the agent on every node interface of `topo`, reading `manifests`.
-    pub fn start(topo: &'t Topology, manifests: &Path) -> AgentGuard<'t> {
-        Self::start_with(topo, manifests, &[])
-    }
-
-    /// [`AgentGuard::start`] with further `svc-lb run` arguments.
-    pub fn start_with(topo: &'t Topology, manifests: &Path, extra_args: &[&str]) -> AgentGuard<'t> {
+impl<'t> AgentProcess<'t> {
+    /// Starts `svc-lb run <args> --pin-dir /sys/fs/bpf/<prefix> --iface <each node iface>`.
+    pub fn start(topo: &'t Topology, args: Vec<OsString>) -> AgentProcess<'t> {
         ensure_bpffs();
-        let mut agent = AgentGuard {
+        let mut agent = AgentProcess {
             topo,
             bin: bin_path("svc-lb", "SVC_LB_BIN"),
-            manifests: manifests.to_path_buf(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)),
+            args,
             log: topo.dir.join("agent.log"),
             child: None,
             starts: 0,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -52,16 +53,16 @@ impl<'t> AgentGuard<'t> {
         self.starts += 1;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
-            .arg("--node-ip")
-            .arg(crate::netns::NODE_IP.to_string())
+            .args(&self.args)
             .arg("--pin-dir")
-            .arg(&self.pin_dir);
+            .arg(&self.pin_dir)
+            // Not inherited from the test's environment: the arguments alone choose the mode
+            // and the node.
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG");
         for iface in self.topo.node_ifaces() {
             cmd.args(["--iface", &iface]);
         }
-        cmd.args(&self.extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,svc_lb=debug");
         }
@@ -102,7 +103,7 @@ impl<'t> AgentGuard<'t> {
         }
     }
 
-    /// Starts the agent again with the same manifests and pin directory.
+    /// Starts the agent again with the same arguments and pin directory.
     pub fn restart(&mut self) {
         self.kill_hard();
         self.spawn();
@@ -148,7 +149,7 @@ impl<'t> AgentGuard<'t> {
     }
 }
 
-impl Drop for AgentGuard<'_> {
+impl Drop for AgentProcess<'_> {
     fn drop(&mut self) {
         let failing = thread::panicking();
         self.stop();
@@ -179,5 +180,47 @@ impl Drop for AgentGuard<'_> {
                 self.log_text()
             );
         }
+    }
+}
+
+/// A running manifest-mode agent; the process handling (restart, stop, `cli`, cleanup on drop)
+/// is [`AgentProcess`]'s.
+pub struct AgentGuard<'t> {
+    pub manifests: PathBuf,
+    process: AgentProcess<'t>,
+}
+
+impl<'t> AgentGuard<'t> {
+    /// Starts the agent on every node interface of `topo`, reading `manifests`.
+    pub fn start(topo: &'t Topology, manifests: &Path) -> AgentGuard<'t> {
+        Self::start_with(topo, manifests, &[])
+    }
+
+    /// [`AgentGuard::start`] with further `svc-lb run` arguments (e.g. `--metrics-addr`).
+    pub fn start_with(topo: &'t Topology, manifests: &Path, extra_args: &[&str]) -> AgentGuard<'t> {
+        let mut args: Vec<OsString> = vec![
+            "--manifests".into(),
+            manifests.into(),
+            "--node-ip".into(),
+            crate::netns::NODE_IP.to_string().into(),
+        ];
+        args.extend(extra_args.iter().map(OsString::from));
+        AgentGuard {
+            manifests: manifests.to_path_buf(),
+            process: AgentProcess::start(topo, args),
+        }
+    }
+}
+
+impl<'t> Deref for AgentGuard<'t> {
+    type Target = AgentProcess<'t>;
+    fn deref(&self) -> &AgentProcess<'t> {
+        &self.process
+    }
+}
+
+impl DerefMut for AgentGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
     }
 }
