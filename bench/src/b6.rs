@@ -42,11 +42,6 @@ pub struct B6Config {
     pub changes: usize,
 }
 
-const PORTS: [Port; 1] = [Port::tcp(
-    "http",
-    SERVICE_PORT,
-    crate::scenario::TARGET_PORT,
-)];
 const FILE_CHUNK: usize = 1000;
 
 /// The EndpointSlice of `svc` as the endpointslice controller writes it.
@@ -56,7 +51,7 @@ fn endpoint_slice(svc: &Service) -> String {
          \x20 labels:\n    kubernetes.io/service-name: {0}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\n\
          addressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: {1}\nendpoints:\n",
         svc.name,
-        crate::scenario::TARGET_PORT
+        target_port(svc)
     );
     for ep in &svc.endpoints {
         let _ = write!(
@@ -68,15 +63,23 @@ fn endpoint_slice(svc: &Service) -> String {
     s
 }
 
-fn docs(svc: &Service) -> String {
+/// The pods' port (the same for every endpoint of a scenario Service).
+fn target_port(svc: &Service) -> u16 {
+    svc.endpoints
+        .first()
+        .map_or(crate::scenario::TARGET_PORT, |e| e.port())
+}
+
+pub(crate) fn docs(svc: &Service) -> String {
+    let ports = [Port::tcp("http", SERVICE_PORT, target_port(svc))];
     join(&[
-        service(&svc.name, svc.cluster_ip, ("app", &svc.name), &PORTS),
+        service(&svc.name, svc.cluster_ip, ("app", &svc.name), &ports),
         endpoint_slice(svc),
     ])
 }
 
 /// Writes Service 0 to `churn.yaml` and the others in files of 1000.
-fn write_manifests(dir: &Path, staging: &Path, sc: &Scenario) -> Result<()> {
+pub(crate) fn write_manifests(dir: &Path, staging: &Path, sc: &Scenario) -> Result<()> {
     write_atomic(dir, staging, "churn.yaml", &docs(&sc.services[0]))?;
     for (k, chunk) in sc.services[1..].chunks(FILE_CHUNK).enumerate() {
         let text = join(&chunk.iter().map(docs).collect::<Vec<_>>());
@@ -85,28 +88,28 @@ fn write_manifests(dir: &Path, staging: &Path, sc: &Scenario) -> Result<()> {
     Ok(())
 }
 
-fn write_atomic(dir: &Path, staging: &Path, file: &str, text: &str) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, staging: &Path, file: &str, text: &str) -> Result<()> {
     let tmp = staging.join(file);
     fs::write(&tmp, text).map_err(BenchError::io(format!("write {}", tmp.display())))?;
     fs::rename(&tmp, dir.join(file)).map_err(BenchError::io("rename manifest"))
 }
 
 /// The running agent; Drop stops it and uninstalls its pins and links.
-struct Agent {
-    child: Child,
-    bin: PathBuf,
-    pins: PathBuf,
-    log: PathBuf,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
+    pub(crate) bin: PathBuf,
+    pub(crate) pins: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Agent {
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Ok(Some(st)) = self.child.try_wait() {
             return Err(BenchError::Check(format!(
                 "svc-lb run exited ({st}); log:\n{}",
@@ -151,13 +154,16 @@ impl Drop for Agent {
     }
 }
 
-fn open_hash<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+pub(crate) fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pins: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>> {
     let data = MapData::from_pin(pins.join(name)).map_err(|e| BenchError::bpf(name, e))?;
     HashMap::try_from(Map::HashMap(data)).map_err(|e| BenchError::bpf(name, e))
 }
 
 /// Backend addresses in the slots of `svc`'s frontend (empty if not programmed).
-fn programmed_backends(
+pub(crate) fn programmed_backends(
     services: &HashMap<MapData, ServiceKeyV4, ServiceEntry>,
     backends: &HashMap<MapData, u32, BackendV4>,
     svc: &Service,

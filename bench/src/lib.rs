@@ -8,6 +8,7 @@
 //!   convergence). [`report`] prints the table and writes JSON.
 
 pub mod b1;
+pub mod b2;
 pub mod b4;
 pub mod b6;
 pub mod kubeproxy;

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use svc_lb_bench::{
     b1::{self, B1Config},
+    b2::{self, B2Config},
     b4::{self, B4Config},
     b6::{self, B6Config},
     report::{Machine, Report},
@@ -24,7 +25,7 @@ struct Cli {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
-    /// Only these benchmarks (comma separated: b1,b4,b5,b6).
+    /// Only these benchmarks (comma separated: b1,b2,b3,b4,b5,b6).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The svc-lb binary for B5/B6 (the real agent).
@@ -64,8 +65,7 @@ fn run() -> Result<()> {
         started_utc: utc_now(),
         rows: Vec::new(),
         not_run: vec![
-            "B2 first-packet latency: not implemented yet (see docs/benchmarks.md)".into(),
-            "B3 throughput: not implemented yet (see docs/benchmarks.md)".into(),
+            "B3 bulk Gbit/s (iperf3): not implemented yet (see docs/benchmarks.md)".into(),
         ],
     };
     let mut failures = Vec::new();
@@ -85,6 +85,24 @@ fn run() -> Result<()> {
             if let Err(e) = b1::run_scale(n, eps, pods, &cfg, &mut report.rows) {
                 failures.push(format!("B1 at {n} Services: {e}"));
             }
+        }
+    }
+    if want("b2") || want("b3") {
+        let cfg = if cli.quick {
+            B2Config {
+                scales: vec![1, 1_000],
+                conns: 300,
+                keepalive_reqs: 2_000,
+            }
+        } else {
+            B2Config {
+                scales: vec![1, 1_000, 10_000, 30_000],
+                conns: 2_000,
+                keepalive_reqs: 20_000,
+            }
+        };
+        if let Err(e) = b2::run(&cfg, &cli.svc_lb, &mut report.rows) {
+            failures.push(format!("B2/B3: {e}"));
         }
     }
     if want("b4") {

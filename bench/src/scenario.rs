@@ -62,6 +62,15 @@ impl Scenario {
         Scenario { services, churn: 0 }
     }
 
+    /// `n` Services whose one endpoint is the same real backend (B2/B3: traffic must reach it).
+    pub fn single_backend(n: usize, backend: SocketAddrV4) -> Scenario {
+        let mut sc = Scenario::synthetic(n, 1, 1);
+        for s in &mut sc.services {
+            s.endpoints = vec![backend];
+        }
+        sc
+    }
+
     pub fn endpoint_count(&self) -> usize {
         self.services.iter().map(|s| s.endpoints.len()).sum()
     }

@@ -61,20 +61,25 @@ pub fn bench(quick: bool) -> Result<()> {
     let res = steps
         .step("apt: iptables nftables bpftool", apt)
         .and_then(|()| {
-            steps.step("cargo build --release (svc-lb, svc-lb-bench)", || {
-                run::run_ok(
-                    "cargo build",
-                    run::cargo().args([
-                        "build",
-                        "--release",
-                        "-p",
-                        "svc-lb",
-                        "-p",
-                        "svc-lb-bench",
-                        "--bins",
-                    ]),
-                )
-            })
+            steps.step(
+                "cargo build --release (svc-lb, svc-lb-echo, svc-lb-bench)",
+                || {
+                    run::run_ok(
+                        "cargo build",
+                        run::cargo().args([
+                            "build",
+                            "--release",
+                            "-p",
+                            "svc-lb",
+                            "-p",
+                            "svc-lb-tests",
+                            "-p",
+                            "svc-lb-bench",
+                            "--bins",
+                        ]),
+                    )
+                },
+            )
         })
         .and_then(|()| {
             steps.step(
