@@ -22,6 +22,9 @@ pub const SVC_F_MAGLEV: u16 = 1 << 8;
 /// Not a kind: only clients in the frontend's `LB4_SRC_RANGES` prefixes may use it
 /// (loadBalancerSourceRanges); other packets are dropped.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
+/// Not a kind: traffic policy Local, the slots hold this node's endpoints only; with none the
+/// frontend drops new flows (other nodes may serve them) instead of refusing them.
+pub const SVC_F_LOCAL: u16 = 1 << 10;
 
 /// `BackendV4::state`.
 pub const BE_STATE_ACTIVE: u8 = 0;
@@ -59,10 +62,12 @@ pub const STAT_LOOKUP_MISS: u32 = 9;
 pub const STAT_CT_FULL: u32 = 10;
 /// Packets to a LoadBalancer frontend from outside its loadBalancerSourceRanges (dropped).
 pub const STAT_SRC_RANGE_DROP: u32 = 11;
+/// New flows to a traffic-policy-Local frontend without a local endpoint (dropped).
+pub const STAT_NO_LOCAL_DROP: u32 = 12;
 pub const STAT_COUNT: u32 = 16;
 
 /// Human names for the counters, in index order (for `svc-lb debug stats`).
-pub const STAT_NAMES: [&str; 12] = [
+pub const STAT_NAMES: [&str; 13] = [
     "packets",
     "dnat",
     "revnat",
@@ -75,4 +80,5 @@ pub const STAT_NAMES: [&str; 12] = [
     "lookup_miss",
     "ct_full",
     "src_range_drop",
+    "no_local_drop",
 ];

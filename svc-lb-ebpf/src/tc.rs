@@ -11,7 +11,8 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use svc_lb_common::{
     BackendV4, CT_DIR_REPLY, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
-    STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP, ServiceEntry, ServiceKeyV4,
+    STAT_NO_LOCAL_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP,
+    SVC_F_LOCAL, ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
@@ -53,6 +54,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         // Established connections to a draining backend finish; new ones are refused.
         return match lb::established(&p) {
             Some(found) => dnat(ctx, &p, &svc, found),
+            None if svc.flags & SVC_F_LOCAL != 0 => {
+                stat(STAT_NO_LOCAL_DROP);
+                SHOT
+            }
             None => no_backend(ctx, &p),
         };
     }

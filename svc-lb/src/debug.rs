@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, SCOPE_EXTERNAL, STAT_NAMES,
-    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
+    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -145,6 +145,9 @@ pub struct ServiceReport {
     /// loadBalancerSourceRanges enforced on this frontend (`a.b.c.d/n`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<String>,
+    /// Traffic policy Local (node-local endpoints only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub traffic_policy_local: bool,
 }
 
 /// One report per programmed frontend, in address order.
@@ -177,7 +180,8 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
         let c = maps.svc_counter(v.rev_nat_id)?;
         out.push(ServiceReport {
             service: name_of(&state, v.rev_nat_id),
-            kind: dump::flags_name(v.flags & !(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES)),
+            kind: dump::flags_name(v.flags & !(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES | SVC_F_LOCAL)),
+            traffic_policy_local: v.flags & SVC_F_LOCAL != 0,
             frontend: format!("{}:{}", k.ip(), k.port()),
             protocol: dump::proto_name(k.proto),
             backends,
@@ -238,6 +242,9 @@ pub fn services(
         }
         if !r.source_ranges.is_empty() {
             kind += &format!(" from={}", r.source_ranges.join(","));
+        }
+        if r.traffic_policy_local {
+            kind += " local";
         }
         t.row(vec![
             r.service.clone(),

@@ -166,6 +166,9 @@ pub struct LbPolicy {
     /// loadBalancerSourceRanges (LoadBalancer frontends only): client prefixes allowed, as
     /// (network address with host bits cleared, prefix length), sorted. Empty = everyone.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Traffic policy Local: `backends` are this node's endpoints only, and without any the
+    /// frontend drops (other nodes may still serve the Service) instead of refusing.
+    pub local_only: bool,
 }
 
 /// One frontend and the backends it balances over.

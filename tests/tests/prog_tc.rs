@@ -17,9 +17,9 @@ use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, RevNatV4,
     SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT,
-    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_PACKETS, STAT_PASS_UNPARSED,
-    STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
-    ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net,
+    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_NO_LOCAL_DROP, STAT_PACKETS,
+    STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_LOCAL,
+    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net,
     maglev::{self, MAGLEV_TABLE_SIZE},
     maps, port_to_net,
 };
@@ -939,4 +939,36 @@ fn source_ranges_admit_only_listed_clients() {
         }
     }
     assert_eq!(h.stat(STAT_SRC_RANGE_DROP), 3);
+}
+
+#[test]
+fn local_policy_without_local_endpoint_drops_instead_of_refusing() {
+    let mut h = Harness::new();
+    h.add_service(EMPTY_VIP, 80, IPPROTO_TCP, 11, &[]);
+    let key = ServiceKeyV4::new(EMPTY_VIP, 80, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
+    let mut e = h.services().get(&key, 0).unwrap();
+    e.flags |= SVC_F_LOCAL;
+    h.services().insert(key, e, 0).unwrap();
+    let (v, _) = h.run(&packet::tcp(
+        sa(CLIENT, 44200),
+        sa(EMPTY_VIP, 80),
+        TCP_SYN,
+        1,
+        0,
+        b"",
+    ));
+    assert_eq!(
+        v, TC_ACT_SHOT,
+        "no local endpoint: drop, other nodes may serve"
+    );
+    h.add_service(EMPTY_VIP, 53, IPPROTO_UDP, 12, &[]);
+    let (v, _) = h.run(&packet::udp(
+        sa(CLIENT, 44201),
+        sa(EMPTY_VIP, 53),
+        b"q",
+        true,
+    ));
+    assert_eq!(v, TC_ACT_REDIRECT, "without the flag: refused as before");
+    assert_eq!(h.stat(STAT_NO_LOCAL_DROP), 1);
+    assert_eq!(h.stat(STAT_NO_BACKEND), 1);
 }

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_MAGLEV,
-    SVC_F_SOURCE_RANGES, ServiceKeyV4,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_LOCAL,
+    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKeyV4,
 };
 
 use super::MapState;
@@ -35,9 +35,13 @@ pub(crate) fn flags_name(flags: u16) -> String {
     if flags & SVC_F_SOURCE_RANGES != 0 {
         parts.push("SourceRanges".into());
     }
-    let known = kinds
-        .iter()
-        .fold(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES, |acc, k| acc | k.flag());
+    if flags & SVC_F_LOCAL != 0 {
+        parts.push("Local".into());
+    }
+    let known = kinds.iter().fold(
+        SVC_F_MAGLEV | SVC_F_SOURCE_RANGES | SVC_F_LOCAL,
+        |acc, k| acc | k.flag(),
+    );
     if flags & !known != 0 {
         parts.push(format!("{:#x}", flags & !known));
     }

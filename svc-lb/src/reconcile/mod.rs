@@ -21,8 +21,8 @@ use std::{
 
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
-    ServiceEntry, ServiceKeyV4, SvcName,
+    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV,
+    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SvcName,
     maglev::{self, MAGLEV_TABLE_SIZE},
 };
 use thiserror::Error;
@@ -373,6 +373,9 @@ impl<'a> Planner<'a> {
         if let Some(table) = table {
             flags |= SVC_F_MAGLEV;
             self.target.maglev.insert(rev_nat_id, table);
+        }
+        if fe.policy.local_only {
+            flags |= SVC_F_LOCAL;
         }
         if !fe.policy.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;

@@ -40,8 +40,8 @@ pub(super) struct EndpointIndex<'a> {
 
 struct Slice<'a> {
     slice: &'a EndpointSlice,
-    /// Addresses of endpoints that may serve, with their condition.
-    endpoints: Vec<(Ipv4Addr, Serving)>,
+    /// Addresses of endpoints that may serve, with their condition and node.
+    endpoints: Vec<(Ipv4Addr, Serving, Option<&'a str>)>,
 }
 
 /// How an endpoint may serve traffic.
@@ -123,9 +123,11 @@ impl<'a> EndpointIndex<'a> {
                 .iter()
                 .filter_map(|e| Some((e, slice_serving(e)?)))
                 // Consumers use the first address only (the API allows more for future use).
-                .filter_map(|(e, serving)| Some((e.addresses.first()?, serving)))
-                .filter_map(|(a, serving)| match a.parse::<Ipv4Addr>() {
-                    Ok(ip) => Some((ip, serving)),
+                .filter_map(|(e, serving)| {
+                    Some((e.addresses.first()?, serving, e.node_name.as_deref()))
+                })
+                .filter_map(|(a, serving, node)| match a.parse::<Ipv4Addr>() {
+                    Ok(ip) => Some((ip, serving, node)),
                     Err(_) => {
                         rejected.push(Rejected {
                             object: format!(
@@ -157,8 +159,15 @@ impl<'a> EndpointIndex<'a> {
         index
     }
 
-    /// Sorted, deduplicated backends of one Service port.
-    pub fn backends(&self, svc: &ServicePlan<'_>, port: &PortPlan) -> Vec<BackendAddr> {
+    /// Sorted, deduplicated backends of one Service port; with `node`, only endpoints on that
+    /// node (traffic policy Local; the terminating fallback then applies among those).
+    pub fn backends(
+        &self,
+        svc: &ServicePlan<'_>,
+        port: &PortPlan,
+        node: Option<&str>,
+    ) -> Vec<BackendAddr> {
+        let on_node = |n: Option<&str>| node.is_none() || n == node;
         let key = (svc.namespace, svc.name);
         let mut out = Candidates::default();
         if self.has_slices.contains(&key) {
@@ -166,13 +175,19 @@ impl<'a> EndpointIndex<'a> {
                 let Some(target) = slice_port(s.slice, port) else {
                     continue;
                 };
-                for &(ip, serving) in &s.endpoints {
-                    out.insert(BackendAddr { ip, port: target }, serving);
+                for &(ip, serving, n) in &s.endpoints {
+                    if on_node(n) {
+                        out.insert(BackendAddr { ip, port: target }, serving);
+                    }
                 }
             }
         } else {
             for p in self.pods.get(svc.namespace).into_iter().flatten() {
                 if !selector::selects(svc.service, p.pod) {
+                    continue;
+                }
+                let pod_node = p.pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                if !on_node(pod_node) {
                     continue;
                 }
                 match target_port(p.pod, port) {

@@ -65,8 +65,11 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
         let Some(plan) = service::plan(svc, &node_ips, cfg, &mut out.rejected) else {
             continue;
         };
+        let node = cfg.node_name.as_deref();
         for port in &plan.ports {
-            let backends = index.backends(&plan, port);
+            let backends = index.backends(&plan, port, None);
+            let local_backends = (plan.external_local || plan.internal_local)
+                .then(|| index.backends(&plan, port, node));
             let service_ref = ServicePortRef {
                 namespace: plan.namespace.to_owned(),
                 name: plan.name.to_owned(),
@@ -85,13 +88,22 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                     });
                     continue;
                 }
+                let local_only = if kind == FrontendKind::ClusterIp {
+                    plan.internal_local
+                } else {
+                    plan.external_local
+                };
+                let backends = match (&local_backends, local_only) {
+                    (Some(local), true) => local.clone(),
+                    _ => backends.clone(),
+                };
                 out.state.frontends.insert(
                     key,
                     Frontend {
                         key,
                         kind,
                         service: service_ref.clone(),
-                        backends: backends.clone(),
+                        backends,
                         policy: LbPolicy {
                             // kube-proxy applies them to the load balancer's IPs only.
                             source_ranges: if kind == FrontendKind::LoadBalancer {
@@ -99,6 +111,7 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                             } else {
                                 Vec::new()
                             },
+                            local_only,
                             ..plan.policy.clone()
                         },
                     },

@@ -31,6 +31,10 @@ pub(super) struct ServicePlan<'a> {
     pub name: &'a str,
     pub ports: Vec<PortPlan>,
     pub policy: LbPolicy,
+    /// externalTrafficPolicy Local: NodePort/ExternalIP/LoadBalancer use this node's endpoints.
+    pub external_local: bool,
+    /// internalTrafficPolicy Local: ClusterIP uses this node's endpoints.
+    pub internal_local: bool,
 }
 
 impl ServicePlan<'_> {
@@ -267,12 +271,42 @@ pub(super) fn plan<'a>(
     }
     let mut policy = policy(svc, &mut reject);
     policy.source_ranges = source_ranges;
+    let mut local = |field: &str, value: Option<&str>| -> bool {
+        match value {
+            None | Some("Cluster") => false,
+            Some("Local") if cfg.node_name.is_some() => true,
+            Some("Local") => {
+                reject(format!(
+                    "{field} Local needs --node-name to know which endpoints are local; \
+                     using Cluster"
+                ));
+                false
+            }
+            Some(other) => {
+                reject(format!("unknown {field} {other:?}; using Cluster"));
+                false
+            }
+        }
+    };
+    // externalTrafficPolicy only means something where there is external traffic.
+    let external = node_port || !external_ips.is_empty();
+    let external_local = external
+        && local(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        );
+    let internal_local = local(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    );
     Some(ServicePlan {
         service: svc,
         namespace: ns,
         name,
         ports,
         policy,
+        external_local,
+        internal_local,
     })
 }
 

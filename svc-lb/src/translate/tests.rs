@@ -680,3 +680,114 @@ fn load_balancer_source_ranges_apply_to_lb_frontends_only() {
         ]
     );
 }
+
+#[test]
+fn traffic_policy_local_uses_this_nodes_endpoints() {
+    let svc = |name: &str, ip: &str, np: u16, policies: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{type: NodePort, clusterIP: {ip}, ports: [{{port: 80, nodePort: {np}}}]{policies}}}\n"
+        )
+    };
+    let slice = |svc: &str, eps: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+             addressType: IPv4\nports: [{{name: '', port: 8080}}]\nendpoints:\n{eps}"
+        )
+    };
+    let eps = "- {addresses: [10.0.1.1], nodeName: node-1}\n\
+               - {addresses: [10.0.2.1], nodeName: node-2}\n\
+               - {addresses: [10.0.1.2], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}\n";
+    let docs = [
+        svc("ext", "10.96.0.1", 30001, ", externalTrafficPolicy: Local"),
+        slice("ext", eps),
+        svc("int", "10.96.0.2", 30002, ", internalTrafficPolicy: Local"),
+        slice("int", eps),
+        // Only a terminating endpoint on this node: the fallback applies among local ones.
+        svc("term", "10.96.0.3", 30003, ", externalTrafficPolicy: Local"),
+        slice(
+            "term",
+            "- {addresses: [10.0.1.2], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.2.1], nodeName: node-2}\n",
+        ),
+        // No endpoint on this node.
+        svc(
+            "remote",
+            "10.96.0.4",
+            30004,
+            ", externalTrafficPolicy: Local",
+        ),
+        slice("remote", "- {addresses: [10.0.2.1], nodeName: node-2}\n"),
+    ];
+    let objects = load_yaml(&docs.join("---\n"));
+    let t = translate(
+        &objects,
+        &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], Some("node-1")),
+    );
+    let got: Vec<String> = t
+        .state
+        .frontends
+        .values()
+        .map(|f| {
+            let b: Vec<String> = f.backends.iter().map(|b| b.ip.to_string()).collect();
+            format!(
+                "{} {}{} -> {}",
+                f.key,
+                f.kind,
+                if f.policy.local_only { " local" } else { "" },
+                b.join(",")
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "10.96.0.1:80/TCP ClusterIP -> 10.0.1.1,10.0.2.1",
+            "10.96.0.2:80/TCP ClusterIP local -> 10.0.1.1",
+            "10.96.0.3:80/TCP ClusterIP -> 10.0.2.1",
+            "10.96.0.4:80/TCP ClusterIP -> 10.0.2.1",
+            "172.31.0.1:30001/TCP NodePort local -> 10.0.1.1",
+            "172.31.0.1:30002/TCP NodePort -> 10.0.1.1,10.0.2.1",
+            "172.31.0.1:30003/TCP NodePort local -> 10.0.1.2",
+            "172.31.0.1:30004/TCP NodePort local -> ",
+        ]
+    );
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+
+    // Without --node-name locality is unknown: Cluster, reported.
+    let t = translate(&objects, &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None));
+    assert!(t.state.frontends.values().all(|f| !f.policy.local_only));
+    assert_eq!(
+        rejected(&t)[0],
+        "Service default/ext: externalTrafficPolicy Local needs --node-name to know which \
+         endpoints are local; using Cluster"
+    );
+}
+
+#[test]
+fn traffic_policy_local_with_pods_uses_their_node_name() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.9, internalTrafficPolicy: Local, selector: {app: a}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: here, labels: {app: a}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.0.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: there, labels: {app: a}}
+spec: {nodeName: node-2, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.0.2.5}
+"#;
+    let t = translate(&load_yaml(yaml), &cfg(&[], Some("node-1")));
+    assert_eq!(
+        lines(&t),
+        ["10.96.0.9:80/TCP ClusterIP default/s:80 -> 10.0.1.5:80"]
+    );
+}

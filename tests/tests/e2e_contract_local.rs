@@ -1,0 +1,80 @@
+//! End to end: externalTrafficPolicy Local sends NodePort traffic only to endpoints on this
+//! node (`--node-name node-1`) and drops it when there is none, while the ClusterIP keeps
+//! using every endpoint. Needs root.
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use svc_lb_tests::{
+    agent::AgentGuard,
+    client, fixture,
+    manifests::{self, Port},
+    netns::{NODE_IP, Pod},
+};
+
+/// A NodePort Service with externalTrafficPolicy Local whose endpoints are on node-1 unless
+/// named in `remote` (then node-2).
+fn local_service(name: &str, ip: &str, node_port: u16, pods: &[&Pod], remote: &[&str]) -> String {
+    let ports = [Port {
+        node_port: Some(node_port),
+        ..Port::tcp("http", 80, 5000)
+    }];
+    let svc = manifests::service(name, ip.parse().unwrap(), ("app", "frontend"), &ports).replace(
+        "  sessionAffinity: None\n",
+        "  sessionAffinity: None\n  externalTrafficPolicy: Local\n",
+    );
+    let mut slice = manifests::endpoint_slice(name, &ports, pods);
+    for r in remote {
+        slice = slice.replace(
+            &format!("nodeName: node-1\n  targetRef:\n    kind: Pod\n    name: {r}\n"),
+            &format!("nodeName: node-2\n  targetRef:\n    kind: Pod\n    name: {r}\n"),
+        );
+    }
+    manifests::join(&[svc, slice])
+}
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_or_drops() {
+    let (topo, dir) = fixture::standard();
+    let pods: Vec<_> = topo.pods.iter().collect();
+    dir.write(
+        "local.yaml",
+        &manifests::join(&[
+            local_service("mixed", "10.96.0.81", 30181, &pods, &["pod-b", "pod-c"]),
+            local_service(
+                "remote",
+                "10.96.0.82",
+                30182,
+                &pods,
+                &["pod-a", "pod-b", "pod-c"],
+            ),
+        ]),
+    );
+    let mut agent = AgentGuard::start_with(&topo, &dir.path, &["--node-name", "node-1"]);
+    fixture::wait_serving(&topo, &mut agent);
+
+    let names = |addr: SocketAddr| -> BTreeSet<String> {
+        (0..20)
+            .map(|i| {
+                client::http_get(&topo.client, addr).unwrap_or_else(|e| panic!("{addr} #{i}: {e}"))
+            })
+            .collect()
+    };
+    // NodePort: only pod-a is on this node. ClusterIP: internal traffic, every endpoint.
+    assert_eq!(
+        names(SocketAddr::from((NODE_IP, 30181))),
+        BTreeSet::from(["pod-a".into()])
+    );
+    assert_eq!(names(SocketAddr::from(([10, 96, 0, 81], 80))).len(), 3);
+    // No endpoint on this node: dropped (a timeout, not a refusal), ClusterIP still works.
+    let err = client::http_get_within(
+        &topo.client,
+        SocketAddr::from((NODE_IP, 30182)),
+        Duration::from_millis(500),
+    )
+    .expect_err("NodePort without a local endpoint must not answer");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(!names(SocketAddr::from(([10, 96, 0, 82], 80))).is_empty());
+    let out = agent.cli(&["debug", "services"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("NodePort local"), "{table}");
+}
