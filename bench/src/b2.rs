@@ -57,6 +57,8 @@ impl Mode {
 #[derive(Clone, Debug)]
 pub struct B2Config {
     pub scales: Vec<usize>,
+    /// iperf3 duration of each B3 bulk run (seconds).
+    pub bulk_secs: u32,
     pub conns: usize,
     pub keepalive_reqs: usize,
 }
@@ -164,9 +166,24 @@ fn topology() -> Result<Topology> {
     })
 }
 
-pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Measured> {
-    let topo = topology()?;
-    let sc = Scenario::single_backend(n, POD);
+/// What keeps a mode's datapath alive while traffic runs (the agent and its pins).
+struct Programmed {
+    _agent: Option<Agent>,
+    _pins: Option<TempDir>,
+    _scratch: TempDir,
+}
+
+impl Drop for Programmed {
+    fn drop(&mut self) {
+        // Agent (stopped + uninstalled) before its pin dir goes.
+        self._agent = None;
+        self._pins = None;
+    }
+}
+
+/// Programs `sc` in the topology's node namespace the way `mode` does.
+fn program(mode: Mode, topo: &Topology, sc: &Scenario, svc_lb: &Path) -> Result<Programmed> {
+    let n = sc.services.len();
     let scratch = TempDir::scratch("b2").map_err(BenchError::io("scratch dir"))?;
     let mut _agent = None;
     let mut _pins = None;
@@ -180,14 +197,14 @@ pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Me
             };
             let (h, f) = (scratch.0.join("hooks"), scratch.0.join("full"));
             fs::write(&h, iptables::hooks()).map_err(BenchError::io("write rules"))?;
-            fs::write(&f, iptables::restore(&sc, None, &[]))
+            fs::write(&f, iptables::restore(sc, None, &[]))
                 .map_err(BenchError::io("write rules"))?;
             run_in(&topo.node, restore, &["--noflush"], Some(&h))?;
             run_in(&topo.node, restore, &["--noflush"], Some(&f))?;
         }
         Mode::Nftables => {
             let f = scratch.0.join("full.nft");
-            fs::write(&f, nftables::full(&sc, &NODE_IP.to_string()))
+            fs::write(&f, nftables::full(sc, &NODE_IP.to_string()))
                 .map_err(BenchError::io("write nft"))?;
             run_in(&topo.node, "nft", &["-f", "-"], Some(&f))?;
         }
@@ -196,7 +213,7 @@ pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Me
             for d in [&dir, &staging] {
                 fs::create_dir_all(d).map_err(BenchError::io("manifest dir"))?;
             }
-            write_manifests(&dir, &staging, &sc)?;
+            write_manifests(&dir, &staging, sc)?;
             let pins = TempDir::pins("b2").map_err(BenchError::io("pin dir"))?;
             let log = scratch.0.join("agent.log");
             let logf = fs::File::create(&log).map_err(BenchError::io("agent log"))?;
@@ -247,6 +264,17 @@ pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Me
             _pins = Some(pins);
         }
     }
+    Ok(Programmed {
+        _agent,
+        _pins,
+        _scratch: scratch,
+    })
+}
+
+pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Measured> {
+    let topo = topology()?;
+    let sc = Scenario::single_backend(n, POD);
+    let programmed = program(mode, &topo, &sc, svc_lb)?;
     let targets: Vec<SocketAddr> = if mode == Mode::Direct {
         vec![SocketAddr::V4(POD)]
     } else {
@@ -265,10 +293,52 @@ pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Me
                 mode.label()
             ))
         });
-    // Agent (stopped + uninstalled) before the pins dir and the topology go.
-    drop(_agent);
-    drop(_pins);
+    drop(programmed);
     res
+}
+
+/// B3 bulk: one iperf3 TCP stream for `secs` from the client to the pod through one Service
+/// (port 80 → the pod's 5201), in Gbit/s.
+pub fn bulk(mode: Mode, secs: u32, svc_lb: &Path) -> Result<f64> {
+    let topo = topology()?;
+    let pod = SocketAddrV4::new(*POD.ip(), 5201);
+    let sc = Scenario::single_backend(1, pod);
+    let programmed = program(mode, &topo, &sc, svc_lb)?;
+    let mut server = Command::new("iperf3");
+    server
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    topo.pods[0].ns.enter(&mut server);
+    let mut server = server
+        .spawn()
+        .map_err(BenchError::io("spawn iperf3 -s (apt install iperf3)"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let target = if mode == Mode::Direct {
+        pod
+    } else {
+        SocketAddrV4::new(sc.services[0].cluster_ip, SERVICE_PORT)
+    };
+    let mut client = Command::new("iperf3");
+    client.args([
+        "-c",
+        &target.ip().to_string(),
+        "-p",
+        &target.port().to_string(),
+    ]);
+    client.args(["-t", &secs.to_string(), "-J"]);
+    topo.client.enter(&mut client);
+    let res = run_timed(client, None);
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(programmed);
+    let (out, _) = res?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| BenchError::Check(format!("iperf3 -J output: {e}")))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| BenchError::Check("iperf3: no end.sum_received.bits_per_second".into()))
 }
 
 const MODES: [Mode; 5] = [
@@ -280,6 +350,25 @@ const MODES: [Mode; 5] = [
 ];
 
 pub fn run(cfg: &B2Config, svc_lb: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let mut gbps = Vec::new();
+    for mode in MODES {
+        eprintln!("B3: bulk iperf3, {}", mode.label());
+        gbps.push(bulk(mode, cfg.bulk_secs, svc_lb)?);
+    }
+    for (mode, g) in MODES[1..].iter().zip(&gbps[1..]) {
+        let mut row = Row::new(
+            "B3",
+            "bulk TCP (iperf3, 1 stream), 1 Service: svc-lb".into(),
+            gbps[0],
+            "Gbit/s",
+            mode.label().to_string(),
+            *g,
+        );
+        if *mode == Mode::IptablesLegacy || *mode == Mode::IptablesNft {
+            row = row.goal(">= iptables", gbps[0] >= *g);
+        }
+        rows.push(row);
+    }
     for (k, &n) in cfg.scales.iter().enumerate() {
         let mut got = Vec::new();
         for mode in MODES {

@@ -64,9 +64,7 @@ fn run() -> Result<()> {
         quick: cli.quick,
         started_utc: utc_now(),
         rows: Vec::new(),
-        not_run: vec![
-            "B3 bulk Gbit/s (iperf3): not implemented yet (see docs/benchmarks.md)".into(),
-        ],
+        not_run: Vec::new(),
     };
     let mut failures = Vec::new();
 
@@ -91,12 +89,14 @@ fn run() -> Result<()> {
         let cfg = if cli.quick {
             B2Config {
                 scales: vec![1, 1_000],
+                bulk_secs: 2,
                 conns: 300,
                 keepalive_reqs: 2_000,
             }
         } else {
             B2Config {
                 scales: vec![1, 1_000, 10_000, 30_000],
+                bulk_secs: 5,
                 conns: 2_000,
                 keepalive_reqs: 20_000,
             }

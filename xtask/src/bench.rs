@@ -15,8 +15,8 @@ use crate::{
 };
 
 /// The kube-proxy baselines: iptables (provides iptables-legacy-restore and
-/// iptables-nft-restore) and nftables (nft); bpftool reads map memory.
-const BENCH_APT: &[&str] = &["iptables", "nftables", "bpftool"];
+/// iptables-nft-restore) and nftables (nft); bpftool reads map memory; iperf3 for B3 bulk.
+const BENCH_APT: &[&str] = &["iptables", "nftables", "bpftool", "iperf3"];
 
 /// The full run takes about 10 minutes on 2 CPUs; this only catches a hang.
 const BENCH_LIMIT: Duration = Duration::from_secs(30 * 60);
@@ -59,7 +59,7 @@ pub fn bench(quick: bool) -> Result<()> {
         return Err(e.context("setup failed"));
     }
     let res = steps
-        .step("apt: iptables nftables bpftool", apt)
+        .step("apt: iptables nftables bpftool iperf3", apt)
         .and_then(|()| {
             steps.step(
                 "cargo build --release (svc-lb, svc-lb-echo, svc-lb-bench)",
