@@ -33,22 +33,25 @@ use tokio::{
     sync::Notify,
     time::{Instant, MissedTickBehavior},
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     cli::RunArgs,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
-    error::{MapsError, NetifError, chain},
+    error::{MapsError, NetifError},
     k8s::manifest::{Loader, ManifestError, Objects, manifest_files},
     maps::BpfLbMaps,
     model::DesiredState,
     netif,
-    reconcile::{self, Limits, Outcome},
-    translate::{TranslateConfig, translate},
+    reconcile::{self, Outcome},
+    translate::TranslateConfig,
 };
 
 mod api;
 mod health;
+mod sync;
+
+use sync::MapSync;
 
 /// How long to wait after a change event for the rest of a multi-file update.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -291,19 +294,12 @@ impl Dedup {
 }
 
 struct Agent {
-    maps: BpfLbMaps,
+    sync: MapSync,
     cache: ManifestCache,
-    translate_cfg: TranslateConfig,
     /// From the last manifest read; re-applied on every rescan (repairs failed or foreign
     /// writes to the maps) even when the files did not change.
     desired: DesiredState,
     manifest_log: Dedup,
-    rejected_log: Dedup,
-    plan_log: Dedup,
-    last_error: Option<String>,
-    limits: Limits,
-    /// Sync latency, rejected objects and the last objects, for the optional servers.
-    telemetry: crate::views::Telemetry,
 }
 
 impl Agent {
@@ -319,32 +315,7 @@ impl Agent {
         if let Some(loaded) = loaded {
             self.desired = self.read(loaded);
         }
-        let started = std::time::Instant::now();
-        let result = reconcile::reconcile(&mut self.maps, &self.desired, self.limits);
-        self.telemetry
-            .record_sync(started.elapsed(), result.is_ok());
-        let outcome = result.map_err(RunError::Reconcile)?;
-        let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
-        if let Some(msgs) = self.plan_log.changed(plan_errors) {
-            if msgs.is_empty() {
-                info!("every frontend is programmed again");
-            }
-            for m in msgs {
-                warn!("cannot program {m}");
-            }
-        }
-        if outcome.ops > 0 || why == Trigger::Startup {
-            info!(
-                trigger = %why,
-                "synced {} frontends, {} backends ({} ops)",
-                outcome.frontends,
-                outcome.backends,
-                outcome.ops
-            );
-        } else {
-            debug!(trigger = %why, "maps already in sync");
-        }
-        Ok(outcome)
+        self.sync.reconcile(&self.desired, why)
     }
 
     /// Translates a manifest read, logging what was skipped (each distinct set once).
@@ -364,44 +335,19 @@ impl Agent {
                 warn!("manifest: {m}");
             }
         }
-        let t = translate(&loaded.objects, &self.translate_cfg);
-        self.telemetry.record_objects(&loaded.objects, &t.rejected);
-        let rejected = t
-            .rejected
-            .iter()
-            .map(|r| format!("skipping {}: {}", r.object, r.reason))
-            .collect();
-        if let Some(msgs) = self.rejected_log.changed(rejected) {
-            if msgs.is_empty() {
-                info!("no objects skipped any more");
-            }
-            for m in msgs {
-                warn!("{m}");
-            }
-        }
-        t.state
+        self.sync.translate(&loaded.objects)
     }
 
     /// A sync inside the loop: errors are logged (once per distinct error) and retried.
     /// Returns whether the manifest directory could be listed (false = it is gone, and so
     /// is its inotify watch).
     fn sync_logged(&mut self, why: Trigger) -> bool {
-        match self.sync(why) {
-            Ok(_) => {
-                if self.last_error.take().is_some() {
-                    info!("reconcile recovered");
-                }
-                true
-            }
-            Err(e) => {
-                let msg = chain(&e);
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    warn!("reconcile failed, will retry: {msg}");
-                }
-                self.last_error = Some(msg);
-                !matches!(e, RunError::Manifests(ManifestError::ReadDir { .. }))
-            }
-        }
+        let result = self.sync(why);
+        self.sync.log_result(&result);
+        !matches!(
+            result,
+            Err(RunError::Manifests(ManifestError::ReadDir { .. }))
+        )
     }
 }
 
@@ -410,6 +356,24 @@ fn node_ips(args: &RunArgs) -> Result<Vec<std::net::Ipv4Addr>, NetifError> {
         return Ok(args.node_ips.clone());
     }
     netif::ipv4_addrs(&args.ifaces)
+}
+
+/// Loads the datapath (reusing the pinned maps, so programmed frontends keep working) and
+/// opens its maps.
+fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
+    let dataplane = Dataplane::load(&DataplaneConfig {
+        pin_dir: args.pin.pin_dir.clone(),
+        ifaces: args.ifaces.clone(),
+    })?;
+    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    Ok((dataplane, maps))
+}
+
+fn log_exit(args: &RunArgs) {
+    info!(
+        pin_dir = %args.pin.pin_dir.display(),
+        "exiting; programs stay attached and maps pinned (`svc-lb uninstall` removes them)"
+    );
 }
 
 /// Runs the agent until SIGINT/SIGTERM. Programs and pins stay in place on exit, like
@@ -473,29 +437,17 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     let telemetry = crate::views::Telemetry::new();
     crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
-    let dataplane = Dataplane::load(&DataplaneConfig {
-        pin_dir: args.pin.pin_dir.clone(),
-        ifaces: args.ifaces.clone(),
-    })?;
-    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    let (dataplane, maps) = load_datapath(args)?;
+    let translate_cfg = TranslateConfig {
+        node_ips,
+        node_name: args.node_name.clone(),
+        nodeport_range: args.nodeport_range,
+    };
     let mut agent = Agent {
-        maps,
+        sync: MapSync::new(maps, translate_cfg, args, telemetry),
         cache,
-        translate_cfg: TranslateConfig {
-            node_ips,
-            node_name: args.node_name.clone(),
-            nodeport_range: args.nodeport_range,
-        },
         desired: DesiredState::default(),
         manifest_log: Dedup::default(),
-        rejected_log: Dedup::default(),
-        plan_log: Dedup::default(),
-        last_error: None,
-        limits: Limits {
-            default_algorithm: args.lb_algorithm,
-            ..Limits::default()
-        },
-        telemetry,
     };
     agent.desired = agent.read(first);
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
@@ -506,12 +458,6 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     let mut deadline: Option<Instant> = None;
     let mut dir_lost = false;
     loop {
-        let debounce = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT"); break; }
             _ = sigterm.recv() => { info!("SIGTERM"); break; }
@@ -519,7 +465,7 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
                 // The first event of a burst opens the window; later ones ride along.
                 deadline.get_or_insert_with(|| Instant::now() + DEBOUNCE);
             }
-            _ = debounce => {
+            _ = sync::until(deadline) => {
                 deadline = None;
                 dir_lost = !agent.sync_logged(Trigger::Change);
             }
@@ -539,10 +485,7 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     }
     drop(watcher);
     drop(dataplane);
-    info!(
-        pin_dir = %args.pin.pin_dir.display(),
-        "exiting; programs stay attached and maps pinned (`svc-lb uninstall` removes them)"
-    );
+    log_exit(args);
     Ok(())
 }
 

@@ -19,21 +19,18 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     time::{Instant, MissedTickBehavior},
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
-    Dedup, RunError, Trigger,
+    RunError, Trigger,
     health::{self, HealthState},
-    node_ips,
+    load_datapath, log_exit, node_ips,
+    sync::{self, MapSync},
 };
 use crate::{
     cli::RunArgs,
-    dataplane::{Dataplane, DataplaneConfig},
-    error::chain,
     k8s::{client::client, watch::ClusterWatch},
-    maps::BpfLbMaps,
-    reconcile::{self, Limits},
-    translate::{TranslateConfig, translate},
+    translate::TranslateConfig,
 };
 
 /// Window that coalesces a burst of watch events (a rollout touches many slices at once).
@@ -55,80 +52,18 @@ fn node_name(args: &RunArgs) -> String {
 }
 
 struct Syncer {
-    maps: BpfLbMaps,
-    cfg: TranslateConfig,
+    sync: MapSync,
     health: Arc<HealthState>,
-    rejected_log: Dedup,
-    plan_log: Dedup,
-    last_error: Option<String>,
-    limits: Limits,
-    /// For the optional servers (`crate::views`).
-    telemetry: crate::views::Telemetry,
 }
 
 impl Syncer {
     /// Translate the stores and reconcile; false if the maps could not be programmed.
     fn sync(&mut self, watch: &ClusterWatch, why: Trigger) -> bool {
-        let objects = watch.objects();
-        let t = translate(&objects, &self.cfg);
-        self.telemetry.record_objects(&objects, &t.rejected);
-        let rejected = t
-            .rejected
-            .iter()
-            .map(|r| format!("skipping {}: {}", r.object, r.reason))
-            .collect();
-        if let Some(msgs) = self.rejected_log.changed(rejected) {
-            if msgs.is_empty() {
-                info!("no objects skipped any more");
-            }
-            for m in msgs {
-                warn!("{m}");
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = reconcile::reconcile(&mut self.maps, &t.state, self.limits);
-        self.telemetry
-            .record_sync(started.elapsed(), result.is_ok());
-        match result {
-            Ok(outcome) => {
-                let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
-                if let Some(msgs) = self.plan_log.changed(plan_errors) {
-                    if msgs.is_empty() {
-                        info!("every frontend is programmed again");
-                    }
-                    for m in msgs {
-                        warn!("cannot program {m}");
-                    }
-                }
-                if self.last_error.take().is_some() {
-                    info!("reconcile recovered");
-                }
-                if outcome.ops > 0 || why == Trigger::Startup {
-                    info!(
-                        trigger = %why,
-                        services = objects.services.len(),
-                        slices = objects.endpoint_slices.len(),
-                        "synced {} frontends, {} backends ({} ops)",
-                        outcome.frontends,
-                        outcome.backends,
-                        outcome.ops
-                    );
-                } else {
-                    debug!(trigger = %why, "maps already in sync");
-                }
-                self.health.reconciled(true);
-                true
-            }
-            Err(e) => {
-                let msg = chain(&RunError::Reconcile(e));
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    warn!("reconcile failed, will retry: {msg}");
-                }
-                self.last_error = Some(msg);
-                self.health.reconciled(false);
-                false
-            }
-        }
+        let desired = self.sync.translate(&watch.objects());
+        let result = self.sync.reconcile(&desired, why);
+        self.sync.log_result(&result);
+        self.health.reconciled(result.is_ok());
+        result.is_ok()
     }
 }
 
@@ -166,11 +101,7 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
     let telemetry = crate::views::Telemetry::new();
     crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
-    let dataplane = Dataplane::load(&DataplaneConfig {
-        pin_dir: args.pin.pin_dir.clone(),
-        ifaces: args.ifaces.clone(),
-    })?;
-    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+    let (dataplane, maps) = load_datapath(args)?;
     let watch = ClusterWatch::start(client, &node_name);
     info!(
         "waiting for the initial lists of Services, EndpointSlices and Node {node_name:?}; \
@@ -198,34 +129,20 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
                 "no Node object with this name: NodePorts only use --node-ip (or interface) addresses"
             );
         }
+        let translate_cfg = TranslateConfig {
+            node_ips,
+            node_name: Some(node_name).filter(|n| !n.is_empty()),
+            nodeport_range: args.nodeport_range,
+        };
         let mut syncer = Syncer {
-            maps,
-            cfg: TranslateConfig {
-                node_ips,
-                node_name: Some(node_name).filter(|n| !n.is_empty()),
-                nodeport_range: args.nodeport_range,
-            },
+            sync: MapSync::new(maps, translate_cfg, args, telemetry),
             health,
-            rejected_log: Dedup::default(),
-            plan_log: Dedup::default(),
-            last_error: None,
-            limits: Limits {
-                default_algorithm: args.lb_algorithm,
-                ..Limits::default()
-            },
-            telemetry,
         };
         let mut deadline = (!syncer.sync(&watch, Trigger::Startup)).then(|| Instant::now() + RETRY);
         let every = args.kube.resync_interval;
         let mut resync = tokio::time::interval_at(Instant::now() + every, every);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let debounce = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = sigint.recv() => { info!("SIGINT"); break; }
                 _ = sigterm.recv() => { info!("SIGTERM"); break; }
@@ -233,7 +150,7 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
                     // The first event of a burst opens the window; later ones ride along.
                     deadline.get_or_insert_with(|| Instant::now() + DEBOUNCE);
                 }
-                _ = debounce => {
+                _ = sync::until(deadline) => {
                     deadline = (!syncer.sync(&watch, Trigger::Change)).then(|| Instant::now() + RETRY);
                 }
                 _ = resync.tick() => {
@@ -246,9 +163,6 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
     }
     drop(watch);
     drop(dataplane);
-    info!(
-        pin_dir = %args.pin.pin_dir.display(),
-        "exiting; programs stay attached and maps pinned (`svc-lb uninstall` removes them)"
-    );
+    log_exit(args);
     Ok(())
 }
