@@ -109,7 +109,16 @@ pub struct ViewArgs {
     /// The cluster domain the DNS responder is authoritative for (kubelet's --cluster-domain).
     #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
     pub cluster_domain: String,
+
+    /// Serve the web dashboard on http://ADDR/ (Services by namespace, backends with their
+    /// live traffic share, conntrack occupancy; updates every second). `--ui` alone listens on
+    /// 127.0.0.1:9964. It has no authentication: keep it on loopback (or tunnel to it).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_UI_ADDR)]
+    pub ui: Option<SocketAddr>,
 }
+
+/// Where `--ui` without an address listens.
+pub const DEFAULT_UI_ADDR: &str = "127.0.0.1:9964";
 
 /// API mode: where the API server is and how often to re-check the maps.
 #[derive(Debug, Args)]
@@ -488,6 +497,28 @@ mod tests {
             Cli::try_parse_from(["svc-lb", "debug", "services", "-n", "x", "-A"]).is_err(),
             "-n and -A conflict"
         );
+    }
+
+    #[test]
+    fn view_servers_are_off_unless_asked() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["svc-lb", "run", "--iface", "eth0"];
+            argv.extend_from_slice(extra);
+            let Command::Run(r) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run")
+            };
+            r.views
+        };
+        let v = run(&[]);
+        assert_eq!((v.metrics_addr, v.dns_listen, v.ui), (None, None, None));
+        assert_eq!(v.cluster_domain, "cluster.local");
+        // `--ui` alone is loopback, even when another flag follows.
+        let v = run(&["--ui", "--metrics-addr", "127.0.0.1:9963"]);
+        assert_eq!(v.ui, Some(DEFAULT_UI_ADDR.parse().unwrap()));
+        assert_eq!(v.metrics_addr, Some("127.0.0.1:9963".parse().unwrap()));
+        let v = run(&["--ui", "10.0.0.1:80", "--dns-listen", "127.0.0.1:53"]);
+        assert_eq!(v.ui, Some("10.0.0.1:80".parse().unwrap()));
+        assert_eq!(v.dns_listen, Some("127.0.0.1:53".parse().unwrap()));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! These tests need root. They never skip: when they cannot run they fail with the reason.
 
 pub mod agent;
+pub mod browser;
 pub mod client;
 pub mod kube_agent;
 pub mod kube_api;

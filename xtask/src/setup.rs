@@ -23,6 +23,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "nftables",
     // The DNS responder's end-to-end test queries it with dig.
     "dnsutils",
+    // The dashboard's end-to-end test renders it in headless Chromium.
+    "chromium",
 ];
 
 /// The eBPF crate's toolchain: its LLVM major (22) must match bpf-linker's.

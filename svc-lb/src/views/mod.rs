@@ -4,8 +4,9 @@
 //!   from the pinned maps alone: a frontend's `LB_SVC_NAMES` entry ("namespace/name:port")
 //!   says which Service it belongs to, and NodePort frontends carry the node address and port;
 //! - `svc-lb debug env`: kubelet's Service environment variables ([`env`]);
-//! - the agent's optional servers ([`servers`]): Prometheus metrics ([`metrics`]) and a DNS
-//!   responder ([`dns`]), fed by the maps and by what the agent loop records ([`telemetry`]).
+//! - the agent's optional servers ([`servers`]): Prometheus metrics ([`metrics`]), a DNS
+//!   responder ([`dns`]) and the web dashboard ([`ui`]), fed by the maps and by what the agent
+//!   loop records ([`telemetry`]).
 
 pub mod dns;
 pub mod env;
@@ -14,6 +15,7 @@ pub mod list;
 pub mod metrics;
 pub mod servers;
 pub mod telemetry;
+pub mod ui;
 
 pub use telemetry::Telemetry;
 

@@ -1,4 +1,4 @@
-//! Starts the optional servers of `svc-lb run` (`--metrics-addr`, `--dns-listen`). Each
+//! Starts the optional servers of `svc-lb run` (`--metrics-addr`, `--dns-listen`, `--ui`). Each
 //! binds before the datapath is loaded, so a taken address fails startup.
 
 use std::{
@@ -6,13 +6,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     ViewsError, dns,
     http::{self, Handler, Response},
     metrics,
     telemetry::Telemetry,
+    ui,
 };
 use crate::{cli::ViewArgs, error::MapsError, maps::BpfLbMaps};
 
@@ -76,24 +77,59 @@ pub async fn start(
         let telemetry = telemetry.clone();
         dns::spawn(socket, zone, move || telemetry.objects());
     }
+    if let Some(addr) = args.ui {
+        if !addr.ip().is_loopback() {
+            warn!(%addr, "the dashboard has no authentication and listens beyond loopback");
+        }
+        let maps = LazyMaps::new(pin_dir);
+        let bound = http::serve(addr, ui_handler(maps, telemetry.clone()))
+            .await
+            .map_err(|source| ViewsError::Bind {
+                what: "the dashboard",
+                addr,
+                source,
+            })?;
+        info!(url = %format!("http://{bound}/"), "dashboard");
+    }
     Ok(())
+}
+
+/// A copy of the telemetry without the objects (the views that use this do not need them),
+/// taken quickly so the agent loop never waits on a map dump.
+fn snapshot(telemetry: &Telemetry) -> super::telemetry::State {
+    let t = telemetry.lock();
+    super::telemetry::State {
+        sync_latency: t.sync_latency.clone(),
+        syncs_ok: t.syncs_ok,
+        syncs_failed: t.syncs_failed,
+        last_sync_unix: t.last_sync_unix,
+        rejected: t.rejected.clone(),
+        objects: Default::default(),
+    }
+}
+
+fn ui_handler(maps: Arc<LazyMaps>, telemetry: Telemetry) -> Handler {
+    Arc::new(move |path: &str| match path {
+        "/" | "/index.html" => Response::ok("text/html; charset=utf-8", ui::INDEX_HTML),
+        "/api/state" => {
+            let state = snapshot(&telemetry);
+            let json = maps
+                .with(|m| ui::state(m, &state))
+                .map_err(|e| crate::error::chain(&e))
+                .and_then(|s| serde_json::to_vec(&s).map_err(|e| e.to_string()));
+            match json {
+                Ok(body) => Response::ok("application/json", body),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            }
+        }
+        _ => Response::text(404, "not found\n"),
+    })
 }
 
 fn metrics_handler(maps: Arc<LazyMaps>, telemetry: Telemetry) -> Handler {
     Arc::new(move |path: &str| match path {
         "/metrics" => {
-            // Telemetry is copied out first so the agent loop never waits on a map dump.
-            let state = {
-                let t = telemetry.lock();
-                super::telemetry::State {
-                    sync_latency: t.sync_latency.clone(),
-                    syncs_ok: t.syncs_ok,
-                    syncs_failed: t.syncs_failed,
-                    last_sync_unix: t.last_sync_unix,
-                    rejected: t.rejected.clone(),
-                    objects: Default::default(),
-                }
-            };
+            let state = snapshot(&telemetry);
             match maps.with(|m| metrics::render(m, &state)) {
                 Ok(body) => Response::ok(metrics::CONTENT_TYPE, body),
                 Err(e) => Response::text(500, format!("{}\n", crate::error::chain(&e))),
