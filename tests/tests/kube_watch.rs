@@ -14,6 +14,7 @@ use svc_lb::{
         watch::{API_ACCESS, ClusterWatch, READ_VERBS},
     },
     maps::FakeLbMaps,
+    model::DesiredState,
     reconcile::{Limits, reconcile},
     translate::{TranslateConfig, translate},
 };
@@ -169,6 +170,37 @@ impl Env {
             dir,
         }
     }
+
+    /// Watchers against this API server (reading the kubeconfig now), not yet synced.
+    async fn watch(&self) -> ClusterWatch {
+        let (client, _) = client(Some(&self.kubeconfig), None).await.unwrap();
+        ClusterWatch::start(client, NODE)
+    }
+
+    /// [`Env::watch`] once the initial lists completed (within 5 s).
+    async fn synced_watch(&self) -> ClusterWatch {
+        let watch = self.watch().await;
+        synced(&watch, Duration::from_secs(5)).await;
+        watch
+    }
+
+    /// Scales `web` to pod-a and pod `n` and waits until `watch` sees both backends.
+    async fn scale_web(&self, watch: &ClusterWatch, n: u8, pod: &str, what: &str) {
+        self.api.apply(endpoint_slice(
+            "web",
+            "web-xyz",
+            "IPv4",
+            &WEB,
+            &[
+                Endpoint::ready(pod_ip(1), "pod-a"),
+                Endpoint::ready(pod_ip(n), pod),
+            ],
+        ));
+        until(watch, what, |d| {
+            backends_of(d, "10.96.0.20:8080/TCP").len() == 2
+        })
+        .await;
+    }
 }
 
 impl Drop for Env {
@@ -185,10 +217,14 @@ fn cfg() -> TranslateConfig {
     }
 }
 
+/// The desired state the watched objects translate to.
+fn state(watch: &ClusterWatch) -> DesiredState {
+    translate(&watch.objects(), &cfg()).state
+}
+
 /// frontend -> sorted backends, as strings.
 fn desired(watch: &ClusterWatch) -> BTreeMap<String, Vec<String>> {
-    let t = translate(&watch.objects(), &cfg());
-    t.state
+    state(watch)
         .frontends
         .values()
         .map(|f| {
@@ -243,12 +279,19 @@ fn backends_of(d: &BTreeMap<String, Vec<String>>, fe: &str) -> Vec<String> {
     d.get(fe).cloned().unwrap_or_default()
 }
 
+/// Polls `done` every 20 ms; fails with `what` if it does not hold within 5 s.
+async fn poll(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn initial_list_builds_the_desired_state_and_follows_changes() {
     let env = Env::new("follow");
-    let (client, _) = client(Some(&env.kubeconfig), None).await.unwrap();
-    let watch = ClusterWatch::start(client, NODE);
-    synced(&watch, Duration::from_secs(5)).await;
+    let watch = env.synced_watch().await;
     assert_eq!(desired(&watch), expected_initial());
 
     // Scale up: a pod joins the second slice.
@@ -356,27 +399,13 @@ async fn initial_list_builds_the_desired_state_and_follows_changes() {
 #[tokio::test]
 async fn gone_410_relists_and_dropped_watches_resume_without_relisting() {
     let env = Env::new("relist");
-    let (client, _) = client(Some(&env.kubeconfig), None).await.unwrap();
-    let watch = ClusterWatch::start(client, NODE);
-    synced(&watch, Duration::from_secs(5)).await;
+    let watch = env.synced_watch().await;
 
     // Connection cut: the watchers resume from their resourceVersion; a change made while
     // they were disconnected arrives through the resumed watch, without a new list.
     env.api.drop_watches();
-    env.api.apply(endpoint_slice(
-        "web",
-        "web-xyz",
-        "IPv4",
-        &WEB,
-        &[
-            Endpoint::ready(pod_ip(1), "pod-a"),
-            Endpoint::ready(pod_ip(2), "pod-b"),
-        ],
-    ));
-    until(&watch, "web scaled to 2 after a dropped watch", |d| {
-        backends_of(d, "10.96.0.20:8080/TCP").len() == 2
-    })
-    .await;
+    env.scale_web(&watch, 2, "pod-b", "web scaled to 2 after a dropped watch")
+        .await;
     for res in Res::ALL {
         assert_eq!(
             env.api.lists(res),
@@ -388,14 +417,10 @@ async fn gone_410_relists_and_dropped_watches_resume_without_relisting() {
     // Bookmarks: the Service watcher saw no Service event for a while, but a BOOKMARK moves
     // its resourceVersion forward, so after compaction it can still resume without a list.
     env.api.bookmark();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.api.bookmarks_sent() < Res::ALL.len() {
-        assert!(
-            Instant::now() < deadline,
-            "bookmarks not sent on every watch"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll("bookmarks not sent on every watch", || {
+        env.api.bookmarks_sent() >= Res::ALL.len()
+    })
+    .await;
     // Written to the sockets; give the watchers a moment to read them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     env.api.compact();
@@ -418,14 +443,10 @@ async fn gone_410_relists_and_dropped_watches_resume_without_relisting() {
     })
     .await;
     for res in Res::ALL {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while env.api.lists(res) < 2 {
-            assert!(
-                Instant::now() < deadline,
-                "{res:?} never re-listed after 410"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(&format!("{res:?} never re-listed after 410"), || {
+            env.api.lists(res) >= 2
+        })
+        .await;
     }
     assert!(desired(&watch).contains_key("10.96.0.10:80/TCP"));
 }
@@ -468,8 +489,7 @@ async fn wrong_token_never_syncs() {
     let env = Env::new("auth");
     let text = std::fs::read_to_string(&env.kubeconfig).unwrap();
     std::fs::write(&env.kubeconfig, text.replace("svc-lb-test-token", "wrong")).unwrap();
-    let (client, _) = client(Some(&env.kubeconfig), None).await.unwrap();
-    let watch = ClusterWatch::start(client, NODE);
+    let watch = env.watch().await;
     assert!(
         tokio::time::timeout(Duration::from_millis(800), watch.wait_synced())
             .await
@@ -481,29 +501,14 @@ async fn wrong_token_never_syncs() {
 #[tokio::test]
 async fn one_slice_change_rewrites_only_its_services_entries() {
     let env = Env::new("incr");
-    let (client, _) = client(Some(&env.kubeconfig), None).await.unwrap();
-    let watch = ClusterWatch::start(client, NODE);
-    synced(&watch, Duration::from_secs(5)).await;
+    let watch = env.synced_watch().await;
     let mut maps = FakeLbMaps::default();
-    let first = translate(&watch.objects(), &cfg()).state;
+    let first = state(&watch);
     reconcile(&mut maps, &first, Limits::default()).unwrap();
     let before = maps.state.clone();
 
-    env.api.apply(endpoint_slice(
-        "web",
-        "web-xyz",
-        "IPv4",
-        &WEB,
-        &[
-            Endpoint::ready(pod_ip(1), "pod-a"),
-            Endpoint::ready(pod_ip(6), "pod-new"),
-        ],
-    ));
-    until(&watch, "web scaled", |d| {
-        backends_of(d, "10.96.0.20:8080/TCP").len() == 2
-    })
-    .await;
-    let second = translate(&watch.objects(), &cfg()).state;
+    env.scale_web(&watch, 6, "pod-new", "web scaled").await;
+    let second = state(&watch);
     let outcome = reconcile(&mut maps, &second, Limits::default()).unwrap();
     assert!(outcome.ops > 0);
     // web's frontends are its ClusterIP and its NodePort on the node address.
