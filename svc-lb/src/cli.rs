@@ -20,7 +20,13 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svc-lb";
     about = "eBPF Service load balancer: a kube-proxy replacement",
     long_about = "svc-lb programs XDP/TC eBPF maps so that Kubernetes Service frontends \
                   (ClusterIP, NodePort, externalIPs, LoadBalancer ingress) reach their pods, \
-                  and lets you inspect what is programmed."
+                  and lets you inspect what is programmed.",
+    after_help = "Examples:\n  \
+                  svc-lb run --manifests examples/ --iface eth0 --ui     # standalone, dashboard on 127.0.0.1:9964\n  \
+                  svc-lb run --iface eth0 --metrics-addr 127.0.0.1:9963  # API mode, Prometheus metrics\n  \
+                  svc-lb service list                                     # Services and their node-port URLs\n  \
+                  svc-lb debug services                                   # frontends, backends, counters\n  \
+                  svc-lb debug env -n shop --manifests examples/          # a new pod's Service variables"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,8 +40,10 @@ pub enum Command {
     /// Inspect the pinned maps (works while the agent runs and after it stopped).
     #[command(subcommand)]
     Debug(DebugCommand),
-    /// Services and the URLs to reach them from outside (`service list`, `service NAME --url`),
-    /// like `minikube service`. Reads the pinned maps only.
+    /// List Services and the URLs that reach them from outside, like `minikube service`.
+    ///
+    /// `svc-lb service list` prints one line per Service; `svc-lb service NAME --url` only the
+    /// URLs of one. Reads the pinned maps only.
     Service(ServiceArgs),
     /// Detach the programs and remove every pin under the pin directory.
     Uninstall(PinArgs),
@@ -55,9 +63,6 @@ pub struct RunArgs {
     /// watches the Kubernetes API server (API mode).
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub kube: KubeArgs,
 
     /// Interface to attach the datapath to (repeatable). Traffic to Services enters the node
     /// here, and replies from backends too.
@@ -87,12 +92,17 @@ pub struct RunArgs {
     #[command(flatten)]
     pub pin: PinArgs,
 
+    // Flattened last: their help headings apply to every argument after them.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
     #[command(flatten)]
     pub views: ViewArgs,
 }
 
 /// Optional servers of the agent; all off unless given.
 #[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Optional servers")]
 pub struct ViewArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (per-Service and per-backend
     /// packets/bytes, conntrack and map occupancy, sync latency, rejected objects).
@@ -122,6 +132,7 @@ pub const DEFAULT_UI_ADDR: &str = "127.0.0.1:9964";
 
 /// API mode: where the API server is and how often to re-check the maps.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "API mode (without --manifests)")]
 pub struct KubeArgs {
     /// Kubeconfig file. Default, like kubectl: $KUBECONFIG, then ~/.kube/config, then the
     /// in-cluster service account.
@@ -170,8 +181,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum DebugCommand {
-    /// Frontends and the backends they balance over, with counters (`--list`: one line per
-    /// Service with its node-port URLs).
+    /// Frontends and the backends they balance over, with counters.
+    ///
+    /// With --list: one line per Service with its node-port URLs (like `svc-lb service list`).
     Services(ServicesArgs),
     /// Backends and their counters.
     Backends(DebugArgs),
@@ -179,8 +191,10 @@ pub enum DebugCommand {
     Conntrack(DebugArgs),
     /// Global datapath counters.
     Stats(DebugArgs),
-    /// The Service environment variables kubelet would inject into a new pod in a namespace
-    /// ({NAME}_SERVICE_HOST, {NAME}_PORT_6379_TCP_ADDR, ...), from Service manifests.
+    /// Service environment variables kubelet would give a new pod in a namespace.
+    ///
+    /// {NAME}_SERVICE_HOST, {NAME}_SERVICE_PORT, {NAME}_PORT_6379_TCP_ADDR, ... exactly as
+    /// kubelet builds them, from the Service manifests of a directory.
     Env(EnvArgs),
 }
 
@@ -276,7 +290,8 @@ pub struct ServiceArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
-    /// NAMESPACE, NAME, TYPE and URL (http://NODE-IP:NODEPORT, or "No node port") per Service.
+    /// NAMESPACE, NAME, TYPE and URL of every Service (URL: http://NODE-IP:NODEPORT, or "No
+    /// node port").
     List(ServiceListArgs),
 }
 
