@@ -251,12 +251,13 @@ fn program(mode: Mode, topo: &Topology, sc: &Scenario, svc_lb: &Path) -> Result<
                         agent.log_tail()
                     )));
                 }
-                if pins.0.join(maps::BACKENDS_MAP).exists() {
-                    let s = open_hash::<ServiceKeyV4, ServiceEntry>(&pins.0, maps::SERVICES_MAP)?;
-                    let b = open_hash::<u32, BackendV4>(&pins.0, maps::BACKENDS_MAP)?;
-                    if programmed_backends(&s, &b, &last).len() == 1 {
-                        break;
-                    }
+                // The agent creates the pins one by one: retry until both open.
+                if let (Ok(s), Ok(b)) = (
+                    open_hash::<ServiceKeyV4, ServiceEntry>(&pins.0, maps::SERVICES_MAP),
+                    open_hash::<u32, BackendV4>(&pins.0, maps::BACKENDS_MAP),
+                ) && programmed_backends(&s, &b, &last).len() == 1
+                {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -1,6 +1,6 @@
 //! B5 convergence and B6 memory, with the real agent (`svc-lb run`) reading a manifest
 //! directory of `n` Services × `eps` endpoints, in a network namespace of its own with one
-//! dummy interface. The baseline is the same agent with one Service, in the same run.
+//! veth interface. The baseline is the same agent with one Service, in the same run.
 //!
 //! - B6: the agent's peak RSS (VmHWM) once the maps are programmed, and the kernel memory of
 //!   its maps (`bytes_memlock` from bpftool for every pinned map).
@@ -206,7 +206,12 @@ struct Measured {
 fn measure(n: usize, cfg: &B6Config, bin: &Path) -> Result<Measured> {
     let mut sc = Scenario::synthetic(n, cfg.eps, cfg.pods);
     let ns = TempNetns::new("b6")?;
-    ns.run("ip", &["link", "add", "d0", "type", "dummy"])?;
+    // A veth pair rather than a dummy interface: not every kernel has the dummy driver.
+    ns.run(
+        "ip",
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+    )?;
+    ns.run("ip", &["link", "set", "d1", "up"])?;
     ns.run(
         "ip",
         &["addr", "add", &format!("{NODE_IP}/24"), "dev", "d0"],
@@ -256,9 +261,11 @@ fn measure(n: usize, cfg: &B6Config, bin: &Path) -> Result<Measured> {
                 agent.log_tail()
             )));
         }
-        if pins.0.join(maps::BACKENDS_MAP).exists() {
-            let services = open_hash::<ServiceKeyV4, ServiceEntry>(&pins.0, maps::SERVICES_MAP)?;
-            let backends = open_hash::<u32, BackendV4>(&pins.0, maps::BACKENDS_MAP)?;
+        // The agent creates the pins one by one: retry until both open.
+        if let (Ok(services), Ok(backends)) = (
+            open_hash::<ServiceKeyV4, ServiceEntry>(&pins.0, maps::SERVICES_MAP),
+            open_hash::<u32, BackendV4>(&pins.0, maps::BACKENDS_MAP),
+        ) {
             let done = [&first, &last]
                 .iter()
                 .all(|s| programmed_backends(&services, &backends, s).len() == s.endpoints.len());
