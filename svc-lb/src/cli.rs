@@ -110,7 +110,7 @@ pub struct ViewArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
-    /// Answer DNS (UDP) on ADDR for <service>.<namespace>.svc.<cluster domain>: A for
+    /// Answer DNS (UDP and TCP) on ADDR for <service>.<namespace>.svc.<cluster domain>: A for
     /// ClusterIPs, pod addresses for headless Services, CNAME for ExternalName, SRV for
     /// named ports. Off by default; e.g. 127.0.0.1:53.
     #[arg(long, value_name = "ADDR")]

@@ -1,5 +1,5 @@
 //! End to end: `svc-lb run --dns-listen` answers a real resolver client (`dig`, Debian's
-//! dnsutils) in the client namespace, and follows manifest changes.
+//! dnsutils) in the client namespace, over UDP and TCP, and follows manifest changes.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -65,6 +65,10 @@ fn dig_resolves_services_headless_externalname_and_srv() {
 
     assert_eq!(
         dig(&topo, &["frontend-svc.default.svc.cluster.local"]),
+        ["10.96.0.10"]
+    );
+    assert_eq!(
+        dig(&topo, &["+tcp", "frontend-svc.default.svc.cluster.local"]),
         ["10.96.0.10"]
     );
     assert_eq!(

@@ -10,7 +10,8 @@
 //!
 //! Authoritative for the cluster domain only: names in it that do not exist get NXDOMAIN
 //! (with the zone's SOA, so resolvers cache the negative answer), names outside it REFUSED.
-//! IPv4 only, like the datapath: `AAAA` queries get an empty NOERROR answer. UDP only.
+//! IPv4 only, like the datapath: `AAAA` queries get an empty NOERROR answer. UDP, and TCP for
+//! answers too large for the client's UDP buffer.
 //! Messages are parsed and encoded with hickory-proto.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
@@ -26,7 +27,10 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
-use tokio::net::UdpSocket;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, UdpSocket},
+};
 use tracing::debug;
 
 use crate::k8s::{manifest::Objects, namespace, selector};
@@ -344,8 +348,25 @@ pub fn resolve(objects: &Objects, zone: &Name, qname: &Name, qtype: RecordType) 
     }
 }
 
-/// Answers one DNS message; `None` for garbage that does not even carry a header.
+/// Answers one DNS message received over UDP; `None` for garbage without even a header.
 pub fn respond(request: &[u8], objects: &Objects, zone: &Name) -> Option<Vec<u8>> {
+    respond_within(request, objects, zone, Transport::Udp)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Answers must fit the client's buffer (512 bytes, or its EDNS size), else TC is set.
+    Udp,
+    /// Up to 65535 bytes: where clients retry truncated answers.
+    Tcp,
+}
+
+fn respond_within(
+    request: &[u8],
+    objects: &Objects,
+    zone: &Name,
+    transport: Transport,
+) -> Option<Vec<u8>> {
     let req = match Message::from_vec(request) {
         Ok(m) => m,
         Err(e) => {
@@ -385,15 +406,18 @@ pub fn respond(request: &[u8], objects: &Objects, zone: &Name) -> Option<Vec<u8>
         edns.set_max_payload(1232);
         resp.edns = Some(edns);
     }
-    let max = req.edns.as_ref().map_or(PLAIN_UDP_MAX, |e| {
-        usize::from(e.max_payload()).max(PLAIN_UDP_MAX)
-    });
+    let max = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => req.edns.as_ref().map_or(PLAIN_UDP_MAX, |e| {
+            usize::from(e.max_payload()).max(PLAIN_UDP_MAX)
+        }),
+    };
     let bytes = resp.to_vec().ok()?;
     if bytes.len() <= max {
         return Some(bytes);
     }
     // Too big for the client's buffer: the header and question only, TC set (it retries
-    // over TCP, which this responder does not serve; headless Services this large are rare).
+    // over TCP).
     let mut t = resp.truncate();
     t.metadata.truncation = true;
     t.to_vec().ok()
@@ -405,6 +429,50 @@ pub fn zone(cluster_domain: &str) -> Result<Name, String> {
         .map_err(|e| format!("invalid cluster domain {cluster_domain:?}: {e}"))?;
     n.set_fqdn(true);
     Ok(n.to_lowercase())
+}
+
+/// Serves DNS over TCP (RFC 1035 4.2.2: each message preceded by its 16-bit length; several
+/// per connection) until the runtime stops.
+pub fn spawn_tcp(
+    listener: TcpListener,
+    zone: Name,
+    objects: impl Fn() -> Arc<Objects> + Send + Sync + 'static,
+) {
+    let objects = Arc::new(objects);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let (zone, objects) = (zone.clone(), objects.clone());
+            tokio::spawn(async move {
+                // Idle connections are closed after a while, like other servers do.
+                let idle = std::time::Duration::from_secs(10);
+                loop {
+                    let mut len = [0u8; 2];
+                    match tokio::time::timeout(idle, conn.read_exact(&mut len)).await {
+                        Ok(Ok(_)) => {}
+                        _ => return,
+                    }
+                    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if conn.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    let Some(reply) = respond_within(&msg, &objects(), &zone, Transport::Tcp)
+                    else {
+                        return;
+                    };
+                    let mut out = Vec::with_capacity(reply.len() + 2);
+                    out.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+                    out.extend_from_slice(&reply);
+                    if conn.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Serves DNS on `socket` until the runtime stops, answering from `objects()` at each query.
@@ -670,6 +738,12 @@ status: {phase: Running, podIP: 10.244.5.5}
             e
         });
         let m = Message::from_vec(&respond(&q.to_vec().unwrap(), &o, &zone).unwrap()).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 62);
+        // Over TCP the whole answer fits without EDNS.
+        q.edns = None;
+        let tcp = respond_within(&q.to_vec().unwrap(), &o, &zone, Transport::Tcp).unwrap();
+        let m = Message::from_vec(&tcp).unwrap();
         assert!(!m.metadata.truncation);
         assert_eq!(m.answers.len(), 62);
     }

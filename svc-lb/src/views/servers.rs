@@ -73,9 +73,20 @@ pub async fn start(
                     addr,
                     source,
                 })?;
-        info!(addr = %socket.local_addr().unwrap_or(addr), zone = %zone, "DNS responder");
-        let telemetry = telemetry.clone();
-        dns::spawn(socket, zone, move || telemetry.objects());
+        info!(addr = %socket.local_addr().unwrap_or(addr), zone = %zone, "DNS responder (UDP and TCP)");
+        // The same port over TCP, where clients retry answers too large for UDP.
+        let tcp_addr = socket.local_addr().unwrap_or(addr);
+        let listener = tokio::net::TcpListener::bind(tcp_addr)
+            .await
+            .map_err(|source| ViewsError::Bind {
+                what: "DNS over TCP",
+                addr: tcp_addr,
+                source,
+            })?;
+        let t = telemetry.clone();
+        dns::spawn(socket, zone.clone(), move || t.objects());
+        let t = telemetry.clone();
+        dns::spawn_tcp(listener, zone, move || t.objects());
     }
     if let Some(addr) = args.ui {
         if !addr.ip().is_loopback() {
