@@ -17,8 +17,9 @@ use aya::{
 use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG, ebpf_object};
 use svc_lb_common::{
     BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4,
-    SCOPE_EXTERNAL, STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT, SVC_F_CLUSTER_IP,
-    SVC_F_NODE_PORT, ServiceEntry, ServiceKeyV4, ip_to_net, maps, port_to_net,
+    SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT,
+    STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
+    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net, maps, port_to_net,
 };
 use svc_lb_tests::packet::{self, ETH_LEN, L4, TCP_ACK, TCP_SYN, decode};
 
@@ -317,4 +318,46 @@ fn clusterip_empty_and_unparseable_pass_untouched() {
     }
     assert_eq!(h.stat(STAT_DNAT), 0);
     let _ = XDP_DROP;
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_outsiders_in_xdp() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    let mut h = Harness::new();
+    let lb = Ipv4Addr::new(198, 51, 100, 20);
+    h.add_service(
+        lb,
+        443,
+        IPPROTO_TCP,
+        SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES,
+        5,
+        &[(7, pod(2), 80)],
+    );
+    let mut ranges: LpmTrie<&mut MapData, SrcRangeKeyV4, u8> =
+        LpmTrie::try_from(h.ebpf.map_mut(maps::SRC_RANGES_MAP).unwrap()).unwrap();
+    let key = Key::new(
+        SRC_RANGE_FIXED_BITS + 24,
+        SrcRangeKeyV4 {
+            rev_nat_id: 5,
+            _pad: 0,
+            addr: ip_to_net(Ipv4Addr::new(172, 31, 0, 0)),
+        },
+    );
+    ranges.insert(&key, 1, 0).unwrap();
+
+    let inside = packet::tcp(sa(CLIENT, 50100), sa(lb, 443), TCP_SYN, 1, 0, b"");
+    let (v, out) = h.run_xdp(&inside);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(dst_of(&out), sa(pod(2), 80));
+    let outside = packet::tcp(
+        sa(Ipv4Addr::new(203, 0, 113, 9), 50101),
+        sa(lb, 443),
+        TCP_SYN,
+        1,
+        0,
+        b"",
+    );
+    let (v, _) = h.run_xdp(&outside);
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(h.stat(STAT_SRC_RANGE_DROP), 1);
 }
