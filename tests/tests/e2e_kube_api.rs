@@ -162,8 +162,8 @@ fn api_mode_create_scale_delete_and_nodeport_from_node_object() {
     thread::sleep(Duration::from_secs(1));
     assert_eq!(backends(&topo, 20), set(&["pod-c"]), "scale-down after 1 s");
 
-    // The slice is deleted (no endpoints left): new connections are refused (TCP reset, like
-    // kube-proxy's REJECT) within 1 s.
+    // The slice is deleted (no endpoints left): new connections are refused (ICMP port
+    // unreachable, like kube-proxy's REJECT) within 1 s.
     api.delete("EndpointSlice", Some("default"), "frontend-svc-x7k2p");
     let t0 = Instant::now();
     wait_for(
