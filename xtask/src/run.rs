@@ -1,9 +1,15 @@
 //! Running external commands with step numbers, elapsed time and Ctrl-C awareness.
 
 use std::{
+    collections::BTreeMap,
+    fs,
     os::unix::process::CommandExt,
+    path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -11,6 +17,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// How long the step running now took last time (set by [`Steps::step`]), so the heartbeat of
+/// a long command can say how far along it probably is.
+static LAST_TIME: Mutex<Option<Duration>> = Mutex::new(None);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
@@ -95,14 +105,53 @@ pub fn run_with_limit(
             bail!("{label} still running after {}s: killed", limit.as_secs());
         }
         if start.elapsed() >= next_beat {
-            println!(
-                "    ... {label}: still running, {}s",
-                start.elapsed().as_secs()
-            );
+            let last = *LAST_TIME.lock().unwrap_or_else(|e| e.into_inner());
+            println!("    ... {}", heartbeat(label, start.elapsed(), last));
             next_beat += Duration::from_secs(15);
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// "cargo test: still running, 45s (last time the step took 72s)".
+pub fn heartbeat(label: &str, elapsed: Duration, last: Option<Duration>) -> String {
+    let mut s = format!("{label}: still running, {}s", elapsed.as_secs());
+    match last {
+        Some(l) if l > elapsed => {
+            s += &format!(" (the step took {}s last time)", l.as_secs());
+        }
+        Some(l) => s += &format!(" (longer than last time, {}s)", l.as_secs()),
+        None => {}
+    }
+    s
+}
+
+/// Step durations of the last successful runs, `name<TAB>seconds` per line, so a long step
+/// can show how long it took before.
+fn timings_file() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("xtask-step-times.tsv")
+}
+
+pub fn load_timings(path: &Path) -> BTreeMap<String, f64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (name, secs) = l.rsplit_once('\t')?;
+            Some((name.to_owned(), secs.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Best effort: a read-only target dir only costs the hint.
+pub fn save_timing(path: &Path, name: &str, took: Duration) {
+    let mut all = load_timings(path);
+    all.insert(name.to_owned(), took.as_secs_f64());
+    let text: String = all.iter().map(|(n, s)| format!("{n}\t{s:.1}\n")).collect();
+    let _ = fs::write(path, text);
 }
 
 /// Like [`run_progress`] but fails on a non-zero exit.
@@ -165,10 +214,27 @@ impl Steps {
     /// Runs one step, printing "[n/N] name" before and its duration after.
     pub fn step(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
         let n = self.done.len() + 1;
-        println!("\n[{n}/{}] {name}", self.total);
+        let timings = timings_file();
+        let last = load_timings(&timings)
+            .get(name)
+            .map(|s| Duration::from_secs_f64(*s));
+        match last {
+            // Only worth saying for steps that take a while.
+            Some(l) if l >= Duration::from_secs(5) => println!(
+                "\n[{n}/{}] {name} (took {:.0}s last time)",
+                self.total,
+                l.as_secs_f64()
+            ),
+            _ => println!("\n[{n}/{}] {name}", self.total),
+        }
+        *LAST_TIME.lock().unwrap_or_else(|e| e.into_inner()) = last;
         let start = Instant::now();
         let res = f();
         let took = start.elapsed();
+        *LAST_TIME.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if res.is_ok() {
+            save_timing(&timings, name, took);
+        }
         let (mark, r) = match &res {
             Ok(()) => ("ok", StepResult::Ok),
             Err(_) => ("FAILED", StepResult::Failed),
@@ -204,5 +270,43 @@ impl Steps {
             println!("  {mark:<8} {:>7.1}s  {name}", took.as_secs_f64());
         }
         println!("  total    {:>7.1}s", started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_says_how_long_the_step_took_last_time() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            heartbeat("cargo test", s(45), Some(s(72))),
+            "cargo test: still running, 45s (the step took 72s last time)"
+        );
+        assert_eq!(
+            heartbeat("cargo test", s(90), Some(s(72))),
+            "cargo test: still running, 90s (longer than last time, 72s)"
+        );
+        assert_eq!(heartbeat("apt", s(15), None), "apt: still running, 15s");
+    }
+
+    #[test]
+    fn timings_round_trip() {
+        let path = std::env::temp_dir().join(format!("xtask-times-{}.tsv", std::process::id()));
+        let _ = fs::remove_file(&path);
+        assert!(load_timings(&path).is_empty());
+        save_timing(&path, "cargo build --bins", Duration::from_millis(21_340));
+        save_timing(
+            &path,
+            "cargo test (unit, program, e2e)",
+            Duration::from_secs(72),
+        );
+        save_timing(&path, "cargo build --bins", Duration::from_secs(3));
+        let t = load_timings(&path);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["cargo build --bins"], 3.0);
+        assert_eq!(t["cargo test (unit, program, e2e)"], 72.0);
+        let _ = fs::remove_file(&path);
     }
 }
