@@ -92,11 +92,18 @@ fn demo_steps(steps: &mut Steps, demo: &mut Demo) -> Result<()> {
     })?;
     // The debug output helps most when some requests failed, so it runs either way.
     let traffic = steps.step("send traffic from the client namespace", || demo.traffic());
-    steps.step("svc-lb debug services / stats", || {
-        for what in ["services", "stats"] {
-            println!("\n$ svc-lb debug {what} --pin-dir {PIN_DIR}");
-            let out =
-                run::quiet(Command::new(&demo.svc_lb).args(["debug", what, "--pin-dir", PIN_DIR]))?;
+    steps.step("svc-lb service list / debug services / stats", || {
+        for args in [
+            ["service", "list"],
+            ["debug", "services"],
+            ["debug", "stats"],
+        ] {
+            println!("\n$ svc-lb {} --pin-dir {PIN_DIR}", args.join(" "));
+            let out = run::quiet(
+                Command::new(&demo.svc_lb)
+                    .args(args)
+                    .args(["--pin-dir", PIN_DIR]),
+            )?;
             print!("{out}");
         }
         Ok(())
