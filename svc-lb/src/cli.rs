@@ -194,7 +194,7 @@ pub enum DebugCommand {
     /// Service environment variables kubelet would give a new pod in a namespace.
     ///
     /// {NAME}_SERVICE_HOST, {NAME}_SERVICE_PORT, {NAME}_PORT_6379_TCP_ADDR, ... exactly as
-    /// kubelet builds them, from the Service manifests of a directory.
+    /// kubelet builds them, from the Services of a manifest directory or the API server.
     Env(EnvArgs),
 }
 
@@ -204,9 +204,19 @@ pub struct EnvArgs {
     #[arg(short = 'n', long, default_value = "default", value_name = "NS")]
     pub namespace: String,
 
-    /// Directory of Service manifests (YAML or JSON, as for `run --manifests`).
+    /// Read the Services from this directory of manifests (YAML or JSON, as for
+    /// `run --manifests`). Without it, list them from the API server.
     #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+
+    /// Without --manifests: kubeconfig file (default like kubectl: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Without --manifests: kubeconfig context to use instead of its current-context.
+    #[arg(long, value_name = "NAME", conflicts_with = "manifests")]
+    pub context: Option<String>,
 
     /// As for a pod with `enableServiceLinks: false`: only the `kubernetes` Service.
     #[arg(long)]

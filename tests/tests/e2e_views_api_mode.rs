@@ -1,10 +1,11 @@
 //! End to end in API mode: the optional servers (metrics, DNS, dashboard JSON) work from what
-//! the agent watches on the (fake) API server, and follow its changes.
+//! the agent watches on the (fake) API server, and follow its changes; `debug env` reads the
+//! Services from the API server too.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use svc_lb_tests::{
-    client,
+    bin_path, client,
     kube_agent::{KubeAgent, NODE_NAME, serve_in_node},
     kube_api::FakeApi,
     kube_objects::{Endpoint, endpoint_slice, node, service},
@@ -99,6 +100,26 @@ fn servers_follow_the_api_server() {
             .len(),
         2
     );
+
+    // `debug env` lists the Services from the API server (no manifests).
+    let mut env = Command::new(bin_path("svc-lb", "SVC_LB_BIN"));
+    env.args(["debug", "env", "-n", "default", "--kubeconfig"])
+        .arg(&agent.kubeconfig);
+    topo.node.enter(&mut env);
+    let out = env.output().expect("run svc-lb debug env");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "FRONTEND_SVC_SERVICE_HOST=10.96.0.10",
+        "FRONTEND_SVC_SERVICE_PORT_HTTP=80",
+        "FRONTEND_SVC_PORT_80_TCP=tcp://10.96.0.10:80",
+    ] {
+        assert!(vars.lines().any(|l| l == line), "{line} not in\n{vars}");
+    }
 
     // Deleted on the API server: gone from DNS and from the metrics.
     api.delete("Service", Some("default"), "frontend-svc");

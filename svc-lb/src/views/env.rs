@@ -146,14 +146,37 @@ pub fn render(vars: &[EnvVar], format: OutputFormat) -> Result<String, serde_jso
         .collect())
 }
 
-/// Loads the Services of `dir`; problems with single files are logged and the rest is used
-/// (like the agent does).
+/// Reads the Services (manifests or API server) and renders what a pod in the namespace gets.
 pub fn run(args: &EnvArgs) -> Result<String, ViewsError> {
-    let services = load_services(&args.manifests)?;
+    let services = match &args.manifests {
+        Some(dir) => load_services(dir)?,
+        None => list_services(args.kubeconfig.as_deref(), args.context.as_deref())?,
+    };
     let vars = for_namespace(&services, &args.namespace, !args.no_service_links);
     Ok(render(&vars, args.output)?)
 }
 
+/// Every Service of the cluster, like kubelet's lister (it needs `kubernetes` from `default`
+/// besides the pod's namespace).
+fn list_services(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> Result<Vec<Service>, ViewsError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ViewsError::Runtime)?;
+    rt.block_on(async {
+        let (client, _) = crate::k8s::client::client(kubeconfig, context).await?;
+        let list = kube::Api::<Service>::all(client)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| ViewsError::Api(Box::new(e)))?;
+        Ok(list.items)
+    })
+}
+
+/// Problems with single files are logged and the rest is used (like the agent does).
 fn load_services(dir: &Path) -> Result<Vec<Service>, ViewsError> {
     let (objects, errors) = manifest::load_dir(dir)?;
     for e in errors {

@@ -56,6 +56,15 @@ pub enum ViewsError {
     Config(String),
 
     #[error(transparent)]
+    Client(#[from] crate::k8s::client::ClientError),
+
+    #[error("cannot list Services from the API server")]
+    Api(#[source] Box<kube::Error>),
+
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+
+    #[error(transparent)]
     Manifests(#[from] crate::k8s::manifest::ManifestError),
 }
 
