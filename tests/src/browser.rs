@@ -5,7 +5,7 @@
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader, Write},
+    io::{Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::process::CommandExt,
@@ -26,14 +26,20 @@ use crate::netns::Netns;
 
 /// A whole test's worth of browser time; the watchdog kills Chromium after it.
 const LIFETIME: Duration = Duration::from_secs(90);
+/// Longest wait for the reply to one DevTools call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Browser {
     child: Child,
     to: File,
-    from: BufReader<File>,
+    from: File,
+    /// Bytes read from `from` that do not make a whole message yet.
+    pending: Vec<u8>,
     next_id: u64,
     session: String,
     done: Arc<AtomicBool>,
+    /// Chromium's stderr, for failure messages.
+    log: std::path::PathBuf,
 }
 
 /// A pipe whose ends are moved above the low fds the child needs (3 and 4), close-on-exec.
@@ -58,8 +64,12 @@ fn pipe_high() -> (OwnedFd, OwnedFd) {
 }
 
 impl Browser {
-    /// Starts Chromium inside `ns` with a fresh profile under `profile`.
+    /// Starts Chromium inside `ns` with a fresh profile under `profile` (its stderr goes to
+    /// `<profile>.log`).
     pub fn launch(ns: &Netns, profile: &Path) -> Browser {
+        let log = profile.with_extension("log");
+        let log_file =
+            File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let (req_read, req_write) = pipe_high();
         let (resp_read, resp_write) = pipe_high();
         let (child_in, child_out) = (req_read.as_raw_fd(), resp_write.as_raw_fd());
@@ -81,7 +91,7 @@ impl Browser {
         .arg("about:blank")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log_file))
         // Its own process group, so Drop can stop the renderer and GPU helpers too.
         .process_group(0);
         ns.enter(&mut cmd);
@@ -115,10 +125,12 @@ impl Browser {
         let mut b = Browser {
             child,
             to: File::from(req_write),
-            from: BufReader::new(File::from(resp_read)),
+            from: File::from(resp_read),
+            pending: Vec::new(),
             next_id: 0,
             session: String::new(),
             done,
+            log,
         };
         let targets = b.call("Target.getTargets", json!({}));
         let page = targets["targetInfos"]
@@ -151,14 +163,9 @@ impl Browser {
         self.to
             .write_all(&bytes)
             .unwrap_or_else(|e| panic!("send {method} to chromium: {e}"));
+        let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
-            let mut buf = Vec::new();
-            let n = self
-                .from
-                .read_until(0, &mut buf)
-                .unwrap_or_else(|e| panic!("read chromium's reply to {method}: {e}"));
-            assert!(n > 0, "chromium closed the pipe while waiting for {method}");
-            buf.pop();
+            let buf = self.next_message(method, deadline);
             let reply: Value = serde_json::from_slice(&buf).expect("DevTools JSON");
             // Events (no id) and replies to other calls are skipped.
             if reply["id"] != json!(id) {
@@ -168,6 +175,43 @@ impl Browser {
                 panic!("{method} failed: {err}");
             }
             return reply["result"].clone();
+        }
+    }
+
+    /// The next NUL-terminated message, waiting at most until `deadline` (a hung browser
+    /// must fail the test, not hang it).
+    fn next_message(&mut self, method: &str, deadline: Instant) -> Vec<u8> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == 0) {
+                let mut msg: Vec<u8> = self.pending.drain(..=end).collect();
+                msg.pop();
+                return msg;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.from.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid fd we own.
+            let ready =
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            assert!(
+                ready > 0,
+                "no reply from chromium to {method} within {CALL_TIMEOUT:?}; its log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            let mut chunk = [0u8; 65536];
+            let n = self
+                .from
+                .read(&mut chunk)
+                .unwrap_or_else(|e| panic!("read chromium's reply to {method}: {e}"));
+            assert!(
+                n > 0,
+                "chromium closed the pipe while waiting for {method}; its log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            self.pending.extend_from_slice(&chunk[..n]);
         }
     }
 
