@@ -171,6 +171,7 @@ pub fn run(cfg: &B4Config, rows: &mut Vec<Row>) -> Result<()> {
     eprintln!("B4: {scale}: svc-lb");
     let ours = svc_lb(cfg, &sc)?;
     let mut base = Vec::new();
+    let mut failed = Vec::new();
     for (label, restore, save) in [
         (
             "iptables-legacy-restore",
@@ -185,11 +186,17 @@ pub fn run(cfg: &B4Config, rows: &mut Vec<Row>) -> Result<()> {
     ] {
         eprintln!("B4: {scale}: {label}");
         let dir = TempDir::scratch("b4").map_err(BenchError::io("scratch dir"))?;
-        base.push((label, iptables(cfg, &sc, restore, save, &dir.0)?));
+        match iptables(cfg, &sc, restore, save, &dir.0) {
+            Ok(t) => base.push((label, t)),
+            Err(e) => failed.push(format!("{label}: {e}")),
+        }
     }
     eprintln!("B4: {scale}: nft -f");
     let dir = TempDir::scratch("b4").map_err(BenchError::io("scratch dir"))?;
-    base.push(("nft -f (nftables mode)", nft(cfg, &sc, &dir.0)?));
+    match nft(cfg, &sc, &dir.0) {
+        Ok(t) => base.push(("nft -f (nftables mode)", t)),
+        Err(e) => failed.push(format!("nft -f: {e}")),
+    }
     for (label, t) in &base {
         rows.push(
             Row::new(
@@ -218,6 +225,12 @@ pub fn run(cfg: &B4Config, rows: &mut Vec<Row>) -> Result<()> {
             )
             .goal("< 5 ms", ours.change_s < 0.005),
         );
+    }
+    if !failed.is_empty() {
+        return Err(BenchError::Check(format!(
+            "baselines without a result at {scale}: {}",
+            failed.join("; ")
+        )));
     }
     Ok(())
 }

@@ -66,7 +66,17 @@ fn run() -> Result<()> {
         rows: Vec::new(),
         not_run: Vec::new(),
     };
-    let mut failures = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    // Results so far are written after every benchmark, so a run stopped halfway keeps them.
+    let checkpoint = |report: &Report, failures: &[String]| -> Result<()> {
+        if let Some(dir) = cli.out.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let mut v = serde_json::to_value(report)?;
+        v["failures"] = serde_json::json!(failures);
+        std::fs::write(&cli.out, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("write {}", cli.out.display()))
+    };
 
     if want("b1") {
         let cfg = B1Config {
@@ -85,6 +95,7 @@ fn run() -> Result<()> {
             }
         }
     }
+    checkpoint(&report, &failures)?;
     if want("b2") || want("b3") {
         let cfg = if cli.quick {
             B2Config {
@@ -105,6 +116,7 @@ fn run() -> Result<()> {
             failures.push(format!("B2/B3: {e}"));
         }
     }
+    checkpoint(&report, &failures)?;
     if want("b4") {
         let cfg = if cli.quick {
             B4Config {
@@ -126,6 +138,7 @@ fn run() -> Result<()> {
             failures.push(format!("B4: {e}"));
         }
     }
+    checkpoint(&report, &failures)?;
     if want("b5") || want("b6") {
         let cfg = if cli.quick {
             B6Config {

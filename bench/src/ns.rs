@@ -19,6 +19,8 @@ pub enum NsError {
         status: String,
         stderr: String,
     },
+    #[error("`{cmd}` did not finish within {limit:?}: stopped")]
+    TimedOut { cmd: String, limit: Duration },
     #[error("run `{cmd}`: {source}")]
     Spawn {
         cmd: String,
@@ -28,37 +30,77 @@ pub enum NsError {
 }
 
 /// Runs `cmd`, failing with its stderr; returns stdout and the wall time from spawn to exit.
-pub fn run_timed(mut cmd: Command, input: Option<&Path>) -> Result<(String, Duration), NsError> {
+pub fn run_timed(cmd: Command, input: Option<&Path>) -> Result<(String, Duration), NsError> {
+    run_limited(cmd, input, None)
+}
+
+/// [`run_timed`], killing the command after `limit` (a baseline that does not finish in
+/// reasonable time is reported as such, not waited for).
+pub fn run_limited(
+    mut cmd: Command,
+    input: Option<&Path>,
+    limit: Option<Duration>,
+) -> Result<(String, Duration), NsError> {
     let desc = format!("{cmd:?}");
+    let spawn_err = |source| NsError::Spawn {
+        cmd: desc.clone(),
+        source,
+    };
     match input {
         Some(p) => {
-            let f = fs::File::open(p).map_err(|source| NsError::Spawn {
-                cmd: desc.clone(),
-                source,
-            })?;
-            cmd.stdin(Stdio::from(f));
+            cmd.stdin(Stdio::from(fs::File::open(p).map_err(spawn_err)?));
         }
         None => {
             cmd.stdin(Stdio::null());
         }
     }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let start = Instant::now();
-    let out = cmd.output().map_err(|source| NsError::Spawn {
-        cmd: desc.clone(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err_t = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(spawn_err)? {
+            break st;
+        }
+        if let Some(limit) = limit
+            && start.elapsed() > limit
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NsError::TimedOut {
+                cmd: desc.clone(),
+                limit,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let took = start.elapsed();
-    if !out.status.success() {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    if !status.success() {
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
         stderr.truncate(2000);
         return Err(NsError::Failed {
             cmd: desc,
-            status: out.status.to_string(),
+            status: status.to_string(),
             stderr,
         });
     }
-    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), took))
+    Ok((String::from_utf8_lossy(&stdout).into_owned(), took))
 }
+
+/// The longest a single rule load may take before it is reported as not finishing.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(180);
 
 /// A network namespace of our own.
 pub struct TempNetns {
