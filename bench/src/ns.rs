@@ -131,13 +131,14 @@ impl TempNetns {
     }
 
     /// Runs with `input` as stdin and returns the wall time (what kube-proxy pays per exec).
+    /// Stopped after [`LOAD_LIMIT`].
     pub fn run_input(
         &self,
         program: &str,
         args: &[&str],
         input: &Path,
     ) -> Result<Duration, NsError> {
-        Ok(run_timed(self.command(program, args), Some(input))?.1)
+        Ok(run_limited(self.command(program, args), Some(input), Some(LOAD_LIMIT))?.1)
     }
 }
 
@@ -172,5 +173,24 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_limited_stops_a_command_that_runs_too_long() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("5");
+        let start = Instant::now();
+        let err = run_limited(cmd, None, Some(Duration::from_millis(100))).unwrap_err();
+        assert!(matches!(err, NsError::TimedOut { .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        let mut ok = Command::new("echo");
+        ok.arg("hi");
+        let (out, _) = run_limited(ok, None, Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(out, "hi\n");
     }
 }
