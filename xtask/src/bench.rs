@@ -18,7 +18,7 @@ use crate::{
 /// iptables-nft-restore) and nftables (nft); bpftool reads map memory; iperf3 for B3 bulk.
 const BENCH_APT: &[&str] = &["iptables", "nftables", "bpftool", "iperf3"];
 
-/// The full run takes about 10 minutes on 2 CPUs; this only catches a hang.
+/// The full run takes about 15 minutes on 2 CPUs; this only catches a hang.
 const BENCH_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 fn installed(pkg: &str) -> bool {
