@@ -4,7 +4,8 @@
 //!   succeeded, 503 before (readiness);
 //! - `/livez`: 200 while the agent's event loop runs (liveness).
 //!
-//! Hand-rolled on a tokio listener: two fixed GET routes do not justify an HTTP server crate.
+//! Served on a tokio listener with the request reading and response writing of `views::http`:
+//! two fixed GET routes do not justify an HTTP server crate.
 
 use std::{
     net::SocketAddr,
@@ -15,11 +16,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
+
+use crate::views::http::{self, Response};
 
 /// Shared between the agent loop (writer) and the server (reader).
 #[derive(Debug, Default)]
@@ -68,34 +68,15 @@ pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> std::io::Result
 }
 
 async fn answer(mut conn: TcpStream, state: &HealthState) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, body) = route(method, path, state);
+    let (method, path) = http::read_request(&mut conn, 8192).await?;
+    let (status, body) = route(&method, &path, state);
     debug!(method, path, status, "health request");
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
+    let response = Response {
+        status,
+        content_type: "application/json",
+        body: body.into_bytes(),
     };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(response.as_bytes()).await?;
-    conn.shutdown().await
+    http::write_response(&mut conn, &response, method == "HEAD").await
 }
 
 fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
@@ -119,6 +100,8 @@ fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
 
     async fn get(addr: SocketAddr, path: &str) -> String {

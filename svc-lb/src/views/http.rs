@@ -66,15 +66,22 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
 
-async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
+/// Reads the request head (up to `limit` bytes, so a client cannot make us buffer without
+/// bound) and returns its method and path (without the query string).
+pub(crate) async fn read_request(
+    conn: &mut TcpStream,
+    limit: usize,
+) -> std::io::Result<(String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
-        let n = conn.read(&mut chunk).await?;
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < limit {
+        let room = chunk.len().min(limit - buf.len());
+        let n = conn.read(&mut chunk[..room]).await?;
         if n == 0 {
             break;
         }
@@ -83,17 +90,16 @@ async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
     let request = String::from_utf8_lossy(&buf);
     let mut parts = request.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("").to_owned();
-    let head = method == "HEAD";
-    let response = if method != "GET" && !head {
-        Response::text(405, "GET only\n")
-    } else {
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || handler(&p))
-            .await
-            .unwrap_or_else(|_| Response::text(500, "handler panicked\n"))
-    };
-    debug!(method, path, status = response.status, "views request");
+    let path = target.split('?').next().unwrap_or("");
+    Ok((method.to_owned(), path.to_owned()))
+}
+
+/// Writes `response` (headers only for HEAD) and closes the connection.
+pub(crate) async fn write_response(
+    conn: &mut TcpStream,
+    response: &Response,
+    head: bool,
+) -> std::io::Result<()> {
     let header = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
          Connection: close\r\n\r\n",
@@ -107,6 +113,21 @@ async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
         conn.write_all(&response.body).await?;
     }
     conn.shutdown().await
+}
+
+async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
+    let (method, path) = read_request(&mut conn, 16384).await?;
+    let head = method == "HEAD";
+    let response = if method != "GET" && !head {
+        Response::text(405, "GET only\n")
+    } else {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || handler(&p))
+            .await
+            .unwrap_or_else(|_| Response::text(500, "handler panicked\n"))
+    };
+    debug!(method, path, status = response.status, "views request");
+    write_response(&mut conn, &response, head).await
 }
 
 #[cfg(test)]
