@@ -12,6 +12,7 @@ pub mod kube_objects;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod prog;
 pub mod views;
 
 use std::{

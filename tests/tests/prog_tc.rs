@@ -1,25 +1,21 @@
 //! `svc_lb_tc_ingress` under BPF_PROG_TEST_RUN: crafted frames in, verdict and exact bytes out.
 //! Needs root (BPF + bpffs); fails, never skips, when the program cannot be loaded.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    Ebpf, TestRun, TestRunOptions,
     maps::{HashMap, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
-use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG, ebpf_object};
+use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG};
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, RevNatV4,
-    SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT,
-    STAT_LOOKUP_MISS, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_NO_LOCAL_DROP, STAT_PACKETS,
-    STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_LOCAL,
-    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net,
+    CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, SCOPE_EXTERNAL,
+    SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_DNAT, STAT_LOOKUP_MISS,
+    STAT_NO_BACKEND, STAT_NO_BACKEND_DROP, STAT_NO_LOCAL_DROP, STAT_PACKETS, STAT_PASS_UNPARSED,
+    STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_LOCAL, SVC_F_MAGLEV,
+    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net,
     maglev::{self, MAGLEV_TABLE_SIZE},
     maps, port_to_net,
 };
@@ -27,6 +23,7 @@ use svc_lb_tests::packet::{
     self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
     TCP_SYN, decode,
 };
+use svc_lb_tests::prog::{self, PinDir, Seeder};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -41,30 +38,6 @@ fn pod(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, n, 2)
 }
 
-/// A bpffs directory unique to one test; removed (with the pins) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        svc_lb_tests::require_root();
-        svc_lb_tests::ensure_bpffs();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/svc-lb-progtest-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create pin dir");
-        PinDir(dir)
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Harness {
     ebpf: Ebpf,
     // Declared after `ebpf` so the maps are closed before the pins go.
@@ -73,15 +46,11 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let dir = PinDir::new();
-        Self::load_in(dir)
+        Self::load_in(PinDir::new("progtest"))
     }
 
     fn load_in(dir: PinDir) -> Self {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir.0)
-            .load(ebpf_object())
-            .expect("load the svc-lb eBPF object");
+        let mut ebpf = prog::load_object(&dir.0);
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TC_INGRESS_PROG)
             .expect("program present")
@@ -103,7 +72,7 @@ impl Harness {
         HashMap::try_from(self.ebpf.map(maps::CT_MAP).unwrap()).unwrap()
     }
 
-    /// A frontend with backends `ids` (slots 1..=n, in order) and a rev-NAT entry.
+    /// A ClusterIP frontend with backends `(id, ip, port)` (slots 1..=n, in order) and a rev-NAT entry.
     fn add_service(
         &mut self,
         vip: Ipv4Addr,
@@ -112,34 +81,7 @@ impl Harness {
         rev_nat_id: u16,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
-        for &(id, ip, p) in backends {
-            self.backends()
-                .insert(id, BackendV4::new(ip, p, proto, 0), 0)
-                .unwrap();
-        }
-        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
-        let mut svcs = self.services();
-        for (i, &(id, _, _)) in backends.iter().enumerate() {
-            let slot = u16::try_from(i + 1).unwrap();
-            let e = ServiceEntry {
-                backend_id: id,
-                rev_nat_id,
-                ..Default::default()
-            };
-            svcs.insert(key.with_slot(slot), e, 0).unwrap();
-        }
-        let front = ServiceEntry {
-            count: u16::try_from(backends.len()).unwrap(),
-            rev_nat_id,
-            flags: SVC_F_CLUSTER_IP,
-            ..Default::default()
-        };
-        svcs.insert(key, front, 0).unwrap();
-        let mut revnat: HashMap<_, u16, RevNatV4> =
-            HashMap::try_from(self.ebpf.map_mut(maps::REVNAT_MAP).unwrap()).unwrap();
-        revnat
-            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
-            .unwrap();
+        Seeder::new(&self.dir.0).service(vip, port, proto, SVC_F_CLUSTER_IP, rev_nat_id, backends);
     }
 
     /// Runs the program once (TEST_RUN does not reset the packet between repeats).

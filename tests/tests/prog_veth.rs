@@ -12,15 +12,15 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use svc_lb::dataplane::{Dataplane, DataplaneConfig, uninstall};
 use svc_lb_common::{
-    BackendV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4, SCOPE_EXTERNAL, STAT_DNAT, STAT_NO_BACKEND,
-    STAT_REVNAT, SVC_F_CLUSTER_IP, ServiceEntry, ServiceKeyV4, maps,
+    IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, STAT_NO_BACKEND, STAT_REVNAT, SVC_F_CLUSTER_IP, maps,
 };
 use svc_lb_tests::{
     client::{self, HttpConn},
     netns::{Topology, unique_prefix},
+    prog::{Seeder, open_map},
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -61,60 +61,6 @@ impl Drop for Installed {
     }
 }
 
-fn open_map(dir: &Path, name: &str) -> MapData {
-    MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("open pin {name}: {e}"))
-}
-
-struct Seeder {
-    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
-    backends: HashMap<MapData, u32, BackendV4>,
-    revnat: HashMap<MapData, u16, RevNatV4>,
-}
-
-impl Seeder {
-    fn new(dir: &Path) -> Self {
-        Seeder {
-            services: HashMap::try_from(Map::HashMap(open_map(dir, maps::SERVICES_MAP))).unwrap(),
-            backends: HashMap::try_from(Map::HashMap(open_map(dir, maps::BACKENDS_MAP))).unwrap(),
-            revnat: HashMap::try_from(Map::HashMap(open_map(dir, maps::REVNAT_MAP))).unwrap(),
-        }
-    }
-
-    fn service(
-        &mut self,
-        vip: Ipv4Addr,
-        port: u16,
-        proto: u8,
-        rev_nat_id: u16,
-        backends: &[(u32, Ipv4Addr, u16)],
-    ) {
-        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
-        for (i, &(id, ip, p)) in backends.iter().enumerate() {
-            self.backends
-                .insert(id, BackendV4::new(ip, p, proto, 0), 0)
-                .unwrap();
-            let slot = ServiceEntry {
-                backend_id: id,
-                rev_nat_id,
-                ..Default::default()
-            };
-            self.services
-                .insert(key.with_slot(u16::try_from(i + 1).unwrap()), slot, 0)
-                .unwrap();
-        }
-        self.revnat
-            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
-            .unwrap();
-        let front = ServiceEntry {
-            count: u16::try_from(backends.len()).unwrap(),
-            rev_nat_id,
-            flags: SVC_F_CLUSTER_IP,
-            ..Default::default()
-        };
-        self.services.insert(key, front, 0).unwrap();
-    }
-}
-
 fn stat(dir: &Path, idx: u32) -> u64 {
     let a: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open_map(dir, maps::STATS_MAP))).unwrap();
@@ -152,16 +98,16 @@ fn veth_traffic_dnat_revnat_and_rejects() {
         .enumerate()
         .map(|(i, (_, ip))| (i as u32 + 11, *ip, 5353))
         .collect();
-    seed.service(WEB_VIP, 80, IPPROTO_TCP, 1, &web);
-    seed.service(DNS_VIP, 53, IPPROTO_UDP, 2, &dns);
-    seed.service(EMPTY_VIP, 80, IPPROTO_TCP, 3, &[]);
+    seed.service(WEB_VIP, 80, IPPROTO_TCP, SVC_F_CLUSTER_IP, 1, &web);
+    seed.service(DNS_VIP, 53, IPPROTO_UDP, SVC_F_CLUSTER_IP, 2, &dns);
+    seed.service(EMPTY_VIP, 80, IPPROTO_TCP, SVC_F_CLUSTER_IP, 3, &[]);
     let node_port: Vec<_> = pods
         .iter()
         .enumerate()
         .map(|(i, (_, ip))| (i as u32 + 21, *ip, 80))
         .collect();
-    seed.service(NODE_IP, 30080, IPPROTO_TCP, 5, &node_port);
-    seed.service(EMPTY_VIP, 53, IPPROTO_UDP, 4, &[]);
+    seed.service(NODE_IP, 30080, IPPROTO_TCP, SVC_F_CLUSTER_IP, 5, &node_port);
+    seed.service(EMPTY_VIP, 53, IPPROTO_UDP, SVC_F_CLUSTER_IP, 4, &[]);
 
     let names: BTreeSet<String> = pods.iter().map(|(n, _)| n.clone()).collect();
     let web_addr = SocketAddr::from((WEB_VIP, 80));

@@ -3,25 +3,22 @@
 //! program, and the conntrack entries it creates let TC reverse-NAT the replies.
 //! Needs root; fails, never skips.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    Ebpf, TestRun, TestRunOptions,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, Xdp},
 };
-use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG, ebpf_object};
+use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG};
 use svc_lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, RevNatV4,
-    SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS, STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT,
-    STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
-    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, ip_to_net, maps, port_to_net,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, SRC_RANGE_FIXED_BITS,
+    STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SrcRangeKeyV4, ip_to_net, maps,
+    port_to_net,
 };
 use svc_lb_tests::packet::{self, ETH_LEN, L4, TCP_ACK, TCP_SYN, decode};
+use svc_lb_tests::prog::{self, PinDir, Seeder};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -54,34 +51,15 @@ macro_rules! test_run {
     }};
 }
 
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Harness {
     ebpf: Ebpf,
-    _dir: PinDir,
+    dir: PinDir,
 }
 
 impl Harness {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        svc_lb_tests::require_root();
-        svc_lb_tests::ensure_bpffs();
-        let dir = PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/svc-lb-xdptest-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )));
-        std::fs::create_dir_all(&dir.0).expect("create pin dir");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir.0)
-            .load(ebpf_object())
-            .expect("load the svc-lb eBPF object");
+        let dir = PinDir::new("xdptest");
+        let mut ebpf = prog::load_object(&dir.0);
         let xdp: &mut Xdp = ebpf.program_mut(XDP_PROG).unwrap().try_into().unwrap();
         xdp.load().expect("verifier accepts svc_lb_xdp");
         let tc: &mut SchedClassifier = ebpf
@@ -90,7 +68,7 @@ impl Harness {
             .try_into()
             .unwrap();
         tc.load().expect("verifier accepts svc_lb_tc_ingress");
-        Harness { ebpf, _dir: dir }
+        Harness { ebpf, dir }
     }
 
     fn add_service(
@@ -102,35 +80,7 @@ impl Harness {
         rev_nat_id: u16,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
-        let mut bes: HashMap<_, u32, BackendV4> =
-            HashMap::try_from(self.ebpf.map_mut(maps::BACKENDS_MAP).unwrap()).unwrap();
-        for &(id, ip, p) in backends {
-            bes.insert(id, BackendV4::new(ip, p, proto, 0), 0).unwrap();
-        }
-        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
-        let mut svcs: HashMap<_, ServiceKeyV4, ServiceEntry> =
-            HashMap::try_from(self.ebpf.map_mut(maps::SERVICES_MAP).unwrap()).unwrap();
-        for (i, &(id, _, _)) in backends.iter().enumerate() {
-            let e = ServiceEntry {
-                backend_id: id,
-                rev_nat_id,
-                ..Default::default()
-            };
-            svcs.insert(key.with_slot(u16::try_from(i + 1).unwrap()), e, 0)
-                .unwrap();
-        }
-        let front = ServiceEntry {
-            count: u16::try_from(backends.len()).unwrap(),
-            rev_nat_id,
-            flags,
-            ..Default::default()
-        };
-        svcs.insert(key, front, 0).unwrap();
-        let mut revnat: HashMap<_, u16, RevNatV4> =
-            HashMap::try_from(self.ebpf.map_mut(maps::REVNAT_MAP).unwrap()).unwrap();
-        revnat
-            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
-            .unwrap();
+        Seeder::new(&self.dir.0).service(vip, port, proto, flags, rev_nat_id, backends);
     }
 
     fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {

@@ -1,0 +1,110 @@
+//! Shared setup of the program tests (`prog_tc`, `prog_xdp`, `prog_veth`): a bpffs pin directory
+//! per test, the embedded object loaded with its maps pinned there, and Services seeded into the
+//! pinned maps the way the agent writes them.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData},
+};
+use svc_lb::dataplane::ebpf_object;
+use svc_lb_common::{BackendV4, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, maps};
+
+/// A bpffs directory unique to one test; removed (with the pins) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/svc-lb-<kind>-<pid>-<n>`; panics unless root (and mounts bpffs if needed).
+    pub fn new(kind: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        crate::require_root();
+        crate::ensure_bpffs();
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/svc-lb-{kind}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create pin dir");
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads the embedded svc-lb object with its maps pinned in (or reused from) `dir`; the
+/// programs are left for the caller to load.
+pub fn load_object(dir: &Path) -> Ebpf {
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(ebpf_object())
+        .expect("load the svc-lb eBPF object")
+}
+
+/// Opens the pinned map `name` in `dir`.
+pub fn open_map(dir: &Path, name: &str) -> MapData {
+    MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("open pin {name}: {e}"))
+}
+
+/// The Service maps of a pin directory, opened from their pins.
+pub struct Seeder {
+    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    revnat: HashMap<MapData, u16, RevNatV4>,
+}
+
+impl Seeder {
+    pub fn new(dir: &Path) -> Self {
+        Seeder {
+            services: HashMap::try_from(Map::HashMap(open_map(dir, maps::SERVICES_MAP))).unwrap(),
+            backends: HashMap::try_from(Map::HashMap(open_map(dir, maps::BACKENDS_MAP))).unwrap(),
+            revnat: HashMap::try_from(Map::HashMap(open_map(dir, maps::REVNAT_MAP))).unwrap(),
+        }
+    }
+
+    /// A frontend with `flags` and backends `(id, ip, port)` in slots 1..=n (in order), and its
+    /// rev-NAT entry. The frontend entry goes in last, so a live datapath never sees a count
+    /// without its slots.
+    pub fn service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        flags: u16,
+        rev_nat_id: u16,
+        backends: &[(u32, Ipv4Addr, u16)],
+    ) {
+        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
+        for (i, &(id, ip, p)) in backends.iter().enumerate() {
+            self.backends
+                .insert(id, BackendV4::new(ip, p, proto, 0), 0)
+                .unwrap();
+            let slot = ServiceEntry {
+                backend_id: id,
+                rev_nat_id,
+                ..Default::default()
+            };
+            self.services
+                .insert(key.with_slot(u16::try_from(i + 1).unwrap()), slot, 0)
+                .unwrap();
+        }
+        self.revnat
+            .insert(rev_nat_id, RevNatV4::new(vip, port), 0)
+            .unwrap();
+        let front = ServiceEntry {
+            count: u16::try_from(backends.len()).unwrap(),
+            rev_nat_id,
+            flags,
+            ..Default::default()
+        };
+        self.services.insert(key, front, 0).unwrap();
+    }
+}
