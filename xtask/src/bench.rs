@@ -21,36 +21,6 @@ const BENCH_APT: &[&str] = &["iptables", "nftables", "bpftool", "iperf3"];
 /// The full run takes about 15 minutes on 2 CPUs; this only catches a hang.
 const BENCH_LIMIT: Duration = Duration::from_secs(30 * 60);
 
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "install ok installed")
-}
-
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = BENCH_APT
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if missing.is_empty() {
-        println!("    {} already installed", BENCH_APT.join(" "));
-        return Ok(());
-    }
-    let mut update = Command::new("apt-get");
-    update
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    run::run_ok("apt-get update", &mut update)?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    run::run_ok("apt-get install", &mut install)
-}
-
 pub fn bench(quick: bool) -> Result<()> {
     let started = Instant::now();
     let mut steps = Steps::new(6);
@@ -59,7 +29,9 @@ pub fn bench(quick: bool) -> Result<()> {
         return Err(e.context("setup failed"));
     }
     let res = steps
-        .step("apt: iptables nftables bpftool iperf3", apt)
+        .step("apt: iptables nftables bpftool iperf3", || {
+            setup::apt_install(BENCH_APT)
+        })
         .and_then(|()| {
             steps.step(
                 "cargo build --release (svc-lb, svc-lb-echo, svc-lb-bench)",

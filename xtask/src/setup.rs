@@ -41,7 +41,7 @@ pub fn setup() -> Result<()> {
 
 /// The three setup steps, numbered within `steps` (callers may add their own steps after).
 pub fn run_setup(steps: &mut Steps) -> Result<()> {
-    steps.step("apt packages", apt)?;
+    steps.step("apt packages", || apt_install(APT_PACKAGES))?;
     steps.step(
         &format!("rust toolchain {EBPF_TOOLCHAIN} + rust-src"),
         toolchain,
@@ -57,14 +57,12 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "install ok installed")
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+/// Installs those of `packages` that are missing (one `apt-get update` first) and fails unless all
+/// are installed afterwards.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        println!("    all {} packages already installed", APT_PACKAGES.len());
+        println!("    all {} packages already installed", packages.len());
         return Ok(());
     }
     println!("    missing: {}", missing.join(" "));
