@@ -490,7 +490,7 @@ pub fn stats(maps: &impl LbStats, format: OutputFormat) -> Result<String, DebugE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use svc_lb_common::{
         BE_STATE_TERMINATING, Counter, IPPROTO_TCP, IPPROTO_UDP, STAT_CT_NEW, STAT_DNAT,
         STAT_PACKETS, ip_to_net, port_to_net,
@@ -506,7 +506,9 @@ mod tests {
         reconcile::{Limits, reconcile},
     };
 
-    fn frontend(
+    /// A frontend of Service port `svc` (`namespace/name:port`) with `be` as its backends
+    /// (also used by the views' tests).
+    pub(crate) fn frontend(
         ip: [u8; 4],
         port: u16,
         proto: Proto,

@@ -150,30 +150,13 @@ mod tests {
     use super::*;
     use crate::{
         maps::FakeLbMaps,
-        model::{BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, ServicePortRef},
+        model::{DesiredState, Frontend, FrontendKind},
         reconcile::{Limits, reconcile},
     };
 
+    /// A frontend of `svc` (`namespace/name:port`) with one backend.
     fn fe(ip: [u8; 4], port: u16, proto: Proto, kind: FrontendKind, svc: &str) -> Frontend {
-        let (ns, name, p) = split_name(svc).unwrap();
-        Frontend {
-            key: FrontendKey {
-                ip: ip.into(),
-                port,
-                proto,
-            },
-            kind,
-            service: ServicePortRef {
-                namespace: ns.into(),
-                name: name.into(),
-                port: p.into(),
-            },
-            backends: vec![BackendAddr {
-                ip: Ipv4Addr::new(10, 244, 1, 2),
-                port: 80,
-            }],
-            policy: Default::default(),
-        }
+        crate::debug::tests::frontend(ip, port, proto, kind, svc, &[([10, 244, 1, 2], 80)])
     }
 
     /// The test topology's Services plus a two-node, two-port NodePort and a LoadBalancer,
