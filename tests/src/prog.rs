@@ -3,17 +3,20 @@
 //! pinned maps the way the agent writes them.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
+    maps::{HashMap, Map, MapData, PerCpuArray},
 };
 use svc_lb::dataplane::ebpf_object;
-use svc_lb_common::{BackendV4, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, maps};
+use svc_lb_common::{
+    BackendV4, CtKeyV4, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, ip_to_net, maps,
+    port_to_net,
+};
 
 /// A bpffs directory unique to one test; removed (with the pins) on drop.
 pub struct PinDir(pub PathBuf);
@@ -47,6 +50,42 @@ pub fn load_object(dir: &Path) -> Ebpf {
         .default_map_pin_directory(dir)
         .load(ebpf_object())
         .expect("load the svc-lb eBPF object")
+}
+
+/// One BPF_PROG_TEST_RUN of a loaded skb/XDP program (repeat 1: the kernel does not reset the
+/// packet between repeats): its return value and the frame it leaves.
+pub fn run_once<P>(prog: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = 1;
+    let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+/// The global counter `idx` of the stats map, summed over CPUs.
+pub fn stat(ebpf: &Ebpf, idx: u32) -> u64 {
+    let a: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(maps::STATS_MAP).unwrap()).unwrap();
+    a.get(&idx, 0).unwrap().iter().sum()
+}
+
+/// The conntrack key of `s` → `d` in direction `dir`.
+pub fn ct_key(s: SocketAddrV4, d: SocketAddrV4, proto: u8, dir: u8) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: ip_to_net(*s.ip()),
+        daddr: ip_to_net(*d.ip()),
+        sport: port_to_net(s.port()),
+        dport: port_to_net(d.port()),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
 }
 
 /// Opens the pinned map `name` in `dir`.

@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
-    Ebpf, TestRun, TestRunOptions,
+    Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
@@ -23,7 +23,7 @@ use svc_lb_tests::packet::{
     self, Decoded, ETH_LEN, L4, L4_OFF, MAC_CLIENT, MAC_NODE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
     TCP_SYN, decode,
 };
-use svc_lb_tests::prog::{self, PinDir, Seeder};
+use svc_lb_tests::prog::{self, PinDir, Seeder, ct_key};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -92,20 +92,11 @@ impl Harness {
             .unwrap()
             .try_into()
             .unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = 1;
-        let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        prog::run_once(prog, frame)
     }
 
     fn stat(&self, idx: u32) -> u64 {
-        let a: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(maps::STATS_MAP).unwrap()).unwrap();
-        a.get(&idx, 0).unwrap().iter().sum()
+        prog::stat(&self.ebpf, idx)
     }
 
     fn counter(&self, map: &str, idx: u32) -> Counter {
@@ -123,18 +114,6 @@ impl Harness {
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
-}
-
-fn ct_key(s: SocketAddrV4, d: SocketAddrV4, proto: u8, dir: u8) -> CtKeyV4 {
-    CtKeyV4 {
-        saddr: ip_to_net(*s.ip()),
-        daddr: ip_to_net(*d.ip()),
-        sport: port_to_net(s.port()),
-        dport: port_to_net(d.port()),
-        proto,
-        dir,
-        _pad: [0; 2],
-    }
 }
 
 fn three_backends() -> [(u32, Ipv4Addr, u16); 3] {

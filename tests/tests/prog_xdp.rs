@@ -6,8 +6,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{HashMap, MapData, PerCpuArray},
+    Ebpf,
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG};
@@ -15,10 +15,9 @@ use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, SRC_RANGE_FIXED_BITS,
     STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP,
     SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SrcRangeKeyV4, ip_to_net, maps,
-    port_to_net,
 };
 use svc_lb_tests::packet::{self, ETH_LEN, L4, TCP_ACK, TCP_SYN, decode};
-use svc_lb_tests::prog::{self, PinDir, Seeder};
+use svc_lb_tests::prog::{self, PinDir, Seeder, ct_key};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -34,21 +33,6 @@ fn pod(n: u8) -> Ipv4Addr {
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
-}
-
-/// One BPF_PROG_TEST_RUN (repeat 1: the kernel does not reset the packet between repeats).
-macro_rules! test_run {
-    ($prog:expr, $frame:expr) => {{
-        let frame: &[u8] = $frame;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = 1;
-        let res = $prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }};
 }
 
 struct Harness {
@@ -85,7 +69,7 @@ impl Harness {
 
     fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &mut Xdp = self.ebpf.program_mut(XDP_PROG).unwrap().try_into().unwrap();
-        test_run!(prog, frame)
+        prog::run_once(prog, frame)
     }
 
     fn run_tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -95,7 +79,7 @@ impl Harness {
             .unwrap()
             .try_into()
             .unwrap();
-        test_run!(prog, frame)
+        prog::run_once(prog, frame)
     }
 
     fn ct(&self, key: &CtKeyV4) -> Option<CtEntry> {
@@ -105,21 +89,7 @@ impl Harness {
     }
 
     fn stat(&self, idx: u32) -> u64 {
-        let a: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(maps::STATS_MAP).unwrap()).unwrap();
-        a.get(&idx, 0).unwrap().iter().sum()
-    }
-}
-
-fn ct_key(s: SocketAddrV4, d: SocketAddrV4, proto: u8, dir: u8) -> CtKeyV4 {
-    CtKeyV4 {
-        saddr: ip_to_net(*s.ip()),
-        daddr: ip_to_net(*d.ip()),
-        sport: port_to_net(s.port()),
-        dport: port_to_net(d.port()),
-        proto,
-        dir,
-        _pad: [0; 2],
+        prog::stat(&self.ebpf, idx)
     }
 }
 
