@@ -100,18 +100,10 @@ fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
     use super::*;
 
     async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).await.unwrap();
-        out
+        http::tests::get(addr, "GET", path).await
     }
 
     #[tokio::test]
