@@ -222,35 +222,18 @@ mod tests {
 
     use super::*;
     use crate::{
+        debug::tests::frontend,
         maps::FakeLbMaps,
-        model::{
-            BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Proto, ServicePortRef,
-        },
+        model::{DesiredState, FrontendKind, Proto},
         reconcile::{Limits, reconcile},
         translate::Rejected,
     };
 
     fn maps() -> FakeLbMaps {
-        let fe = |ip: [u8; 4], port, kind, svc: (&str, &str, &str), be: &[[u8; 4]]| Frontend {
-            key: FrontendKey {
-                ip: ip.into(),
-                port,
-                proto: Proto::Tcp,
-            },
-            kind,
-            service: ServicePortRef {
-                namespace: svc.0.into(),
-                name: svc.1.into(),
-                port: svc.2.into(),
-            },
-            backends: be
-                .iter()
-                .map(|ip| BackendAddr {
-                    ip: (*ip).into(),
-                    port: 80,
-                })
-                .collect(),
-            policy: Default::default(),
+        let fe = |ip: [u8; 4], port, kind, svc: (&str, &str, &str), be: &[[u8; 4]]| {
+            let be: Vec<_> = be.iter().map(|ip| (*ip, 80)).collect();
+            let svc = format!("{}/{}:{}", svc.0, svc.1, svc.2);
+            frontend(ip, port, Proto::Tcp, kind, &svc, &be)
         };
         let desired = DesiredState {
             frontends: [

@@ -243,35 +243,24 @@ mod tests {
 
     use super::*;
     use crate::{
+        debug::tests::frontend,
         maps::FakeLbMaps,
-        model::{
-            BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Proto, ServicePortRef,
-        },
+        model::{DesiredState, FrontendKind, Proto},
         reconcile::{Limits, reconcile},
     };
 
     #[test]
     fn grouped_by_namespace_with_backends_once() {
-        let fe = |ip: [u8; 4], port, kind, ns: &str, name: &str, be: &[[u8; 4]]| Frontend {
-            key: FrontendKey {
-                ip: ip.into(),
+        let fe = |ip: [u8; 4], port, kind, ns: &str, name: &str, be: &[[u8; 4]]| {
+            let be: Vec<_> = be.iter().map(|ip| (*ip, 80)).collect();
+            frontend(
+                ip,
                 port,
-                proto: Proto::Tcp,
-            },
-            kind,
-            service: ServicePortRef {
-                namespace: ns.into(),
-                name: name.into(),
-                port: "http".into(),
-            },
-            backends: be
-                .iter()
-                .map(|ip| BackendAddr {
-                    ip: (*ip).into(),
-                    port: 80,
-                })
-                .collect(),
-            policy: Default::default(),
+                Proto::Tcp,
+                kind,
+                &format!("{ns}/{name}:http"),
+                &be,
+            )
         };
         let b = [[10, 244, 1, 2], [10, 244, 2, 2]];
         let desired = DesiredState {
