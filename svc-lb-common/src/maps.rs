@@ -35,12 +35,16 @@ pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` and index `LB4_BE_STATS`; 0 means "no backend".
 pub const MAX_BACKENDS: u32 = 65_536;
+/// Identifies one frontend (Service port on one address): keys `LB4_REVNAT`, `LB4_MAGLEV`,
+/// `LB_SVC_NAMES`, indexes `LB4_SVC_STATS`. 32 bits so more than 65,535 frontends fit
+/// (Cilium's `rev_nat_index` is 16 bits, which caps a cluster at 64k Service ports).
+pub type RevNatId = u32;
 /// Rev-NAT ids are `1..MAX_REVNAT` and index `LB4_SVC_STATS`; 0 is never allocated.
 pub const MAX_REVNAT: u32 = 65_536;
 pub const MAX_CT_ENTRIES: u32 = 262_144;
 /// Source prefixes over all LoadBalancer frontends.
 pub const MAX_SRC_RANGES: u32 = 65_536;
-/// Bits of `SrcRangeKeyV4` before the address (rev-NAT id + padding), always matched in full:
+/// Bits of `SrcRangeKeyV4` before the address (the rev-NAT id), always matched in full:
 /// an LPM key for prefix `a.b.c.d/n` has prefix length `SRC_RANGE_FIXED_BITS + n`.
 pub const SRC_RANGE_FIXED_BITS: u32 = 32;
 /// Client/frontend pairs remembered for sessionAffinity (LRU; Cilium uses the same size).
@@ -72,10 +76,9 @@ pub struct ServiceEntry {
     pub backend_id: u32,
     /// Number of backend slots (slot 0 only). 0 = reject new flows.
     pub count: u16,
-    pub rev_nat_id: u16,
     /// `SVC_F_*`.
     pub flags: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
     /// sessionAffinity ClientIP timeout in seconds (slot 0 only), 0 = no affinity.
     pub affinity_timeout_s: u32,
 }
@@ -123,20 +126,19 @@ pub struct CtKeyV4 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtEntry {
     pub backend_id: u32,
-    pub rev_nat_id: u16,
-    /// `CT_F_*`.
-    pub flags: u8,
-    pub _pad: u8,
+    pub rev_nat_id: RevNatId,
     /// `bpf_ktime_get_ns()` of the last packet (monotonic since boot).
     pub last_seen_ns: u64,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// `LB4_SRC_RANGES` key data (inside the LPM trie's {prefix length, data} key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SrcRangeKeyV4 {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
     /// Client address (prefix), network order.
     pub addr: u32,
 }
@@ -147,8 +149,7 @@ pub struct SrcRangeKeyV4 {
 pub struct AffinityKeyV4 {
     /// Client IPv4 address, network order.
     pub client_addr: u32,
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 /// `LB4_AFFINITY` value.
@@ -205,7 +206,7 @@ const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<BackendV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNatV4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<SrcRangeKeyV4>() == 8);
@@ -300,11 +301,10 @@ impl RevNatV4 {
 }
 
 impl AffinityKeyV4 {
-    pub fn new(client: Ipv4Addr, rev_nat_id: u16) -> Self {
+    pub fn new(client: Ipv4Addr, rev_nat_id: RevNatId) -> Self {
         Self {
             client_addr: ip_to_net(client),
             rev_nat_id,
-            _pad: 0,
         }
     }
 

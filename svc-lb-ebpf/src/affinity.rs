@@ -6,16 +6,17 @@
 //! affinity was turned off or changed; the state check below is a second line of defence.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use svc_lb_common::{AffinityEntry, AffinityKeyV4, BE_STATE_ACTIVE, BackendV4, ServiceEntry};
+use svc_lb_common::{
+    AffinityEntry, AffinityKeyV4, BE_STATE_ACTIVE, BackendV4, RevNatId, ServiceEntry,
+};
 
 use crate::maps::{LB4_AFFINITY, LB4_BACKENDS};
 
 #[inline(always)]
-fn key(client_addr: u32, rev_nat_id: u16) -> AffinityKeyV4 {
+fn key(client_addr: u32, rev_nat_id: RevNatId) -> AffinityKeyV4 {
     AffinityKeyV4 {
         client_addr,
         rev_nat_id,
-        _pad: 0,
     }
 }
 
@@ -38,7 +39,7 @@ pub fn lookup(client_addr: u32, svc: &ServiceEntry) -> Option<(u32, BackendV4)> 
 
 /// Records (or refreshes) the client's backend for this frontend.
 #[inline(always)]
-pub fn remember(client_addr: u32, rev_nat_id: u16, backend_id: u32) {
+pub fn remember(client_addr: u32, rev_nat_id: RevNatId, backend_id: u32) {
     let entry = AffinityEntry {
         backend_id,
         _pad: 0,

@@ -2,7 +2,7 @@
 //! keyed by the backend's answer, both carrying the same backend and rev-NAT ids.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use svc_lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4};
+use svc_lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, RevNatId};
 
 use crate::{
     maps::LB4_CT,
@@ -56,13 +56,13 @@ pub fn create(
     backend_addr: u32,
     backend_port: u16,
     backend_id: u32,
-    rev_nat_id: u16,
+    rev_nat_id: RevNatId,
 ) -> bool {
     let entry = CtEntry {
         backend_id,
         rev_nat_id,
         flags: if closing(p) { CT_F_CLOSING } else { 0 },
-        _pad: 0,
+        _pad: [0; 7],
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
     let fwd = packet_key(p, CT_DIR_FORWARD);

@@ -4,9 +4,9 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, SCOPE_EXTERNAL, SRC_RANGE_FIXED_BITS,
-    STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT, STAT_LOOKUP_MISS, SVC_F_MAGLEV,
-    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4,
+    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL,
+    SRC_RANGE_FIXED_BITS, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT,
+    STAT_LOOKUP_MISS, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4,
     maglev::{self, MAGLEV_TABLE_SIZE},
     select::slot_for_hash,
 };
@@ -48,7 +48,6 @@ pub fn source_allowed(p: &Packet, svc: &ServiceEntry) -> bool {
         SRC_RANGE_FIXED_BITS + 32,
         SrcRangeKeyV4 {
             rev_nat_id: svc.rev_nat_id,
-            _pad: 0,
             addr: p.saddr,
         },
     );
@@ -58,7 +57,7 @@ pub fn source_allowed(p: &Packet, svc: &ServiceEntry) -> bool {
 /// The backend the frontend's Maglev table gives the flow; `None` (random slot instead) when
 /// the table is missing, e.g. while the agent switches the frontend's algorithm.
 #[inline(always)]
-fn maglev_pick(p: &Packet, rev_nat_id: u16) -> Option<u32> {
+fn maglev_pick(p: &Packet, rev_nat_id: RevNatId) -> Option<u32> {
     let table = LB4_MAGLEV.get_ptr(rev_nat_id)?;
     let h = maglev::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let idx = (h % MAGLEV_TABLE_SIZE as u32) as usize;

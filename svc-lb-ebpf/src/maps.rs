@@ -9,7 +9,7 @@ use aya_ebpf::{
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, MAX_AFFINITY_ENTRIES,
     MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SRC_RANGES, MaglevTable,
-    RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName,
+    RevNatId, RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName,
 };
 
 #[map(name = "LB4_SERVICES")]
@@ -20,7 +20,7 @@ pub static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceEntry> =
 pub static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(MAX_BACKENDS, 0);
 
 #[map(name = "LB4_REVNAT")]
-pub static LB4_REVNAT: HashMap<u16, RevNatV4> = HashMap::pinned(MAX_REVNAT, 0);
+pub static LB4_REVNAT: HashMap<RevNatId, RevNatV4> = HashMap::pinned(MAX_REVNAT, 0);
 
 #[map(name = "LB4_CT")]
 pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
@@ -28,7 +28,8 @@ pub static LB4_CT: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTR
 /// One 64 KiB table per Maglev frontend; not preallocated, so only those cost memory. The
 /// agent replaces a table with one update, which readers see atomically.
 #[map(name = "LB4_MAGLEV")]
-pub static LB4_MAGLEV: HashMap<u16, MaglevTable> = HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
+pub static LB4_MAGLEV: HashMap<RevNatId, MaglevTable> =
+    HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
 
 /// Allowed client prefixes of frontends with loadBalancerSourceRanges (value unused).
 #[map(name = "LB4_SRC_RANGES")]
@@ -50,7 +51,8 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 /// Only the agent reads and writes it (names for `svc-lb debug`); it lives here so loading the
 /// object creates and pins it with the others. Without preallocation it costs nothing when empty.
 #[map(name = "LB_SVC_NAMES")]
-pub static LB_SVC_NAMES: HashMap<u16, SvcName> = HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
+pub static LB_SVC_NAMES: HashMap<RevNatId, SvcName> =
+    HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
 
 /// Increments global counter `idx` (a `STAT_*` index).
 #[inline(always)]
@@ -74,7 +76,7 @@ fn bump(map: &PerCpuArray<Counter>, idx: u32, bytes: u32) {
 
 /// Per-frontend and per-backend packet/byte counters.
 #[inline(always)]
-pub fn count_flow(rev_nat_id: u16, backend_id: u32, bytes: u32) {
-    bump(&LB4_SVC_STATS, u32::from(rev_nat_id), bytes);
+pub fn count_flow(rev_nat_id: RevNatId, backend_id: u32, bytes: u32) {
+    bump(&LB4_SVC_STATS, rev_nat_id, bytes);
     bump(&LB4_BE_STATS, backend_id, bytes);
 }

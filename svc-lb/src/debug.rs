@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Serialize;
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, SCOPE_EXTERNAL, STAT_NAMES,
     SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
@@ -110,7 +111,7 @@ fn json<T: Serialize>(v: &T) -> Result<String, DebugError> {
     Ok(s)
 }
 
-fn name_of(state: &MapState, rev_nat_id: u16) -> String {
+fn name_of(state: &MapState, rev_nat_id: RevNatId) -> String {
     state.names.get(&rev_nat_id).map_or_else(
         || format!("<rev-nat {rev_nat_id}>"),
         |n| n.as_str().to_string(),
@@ -369,7 +370,7 @@ pub fn flow_rows(maps: &(impl LbMaps + LbStats), now_ns: u64) -> Result<Vec<Flow
     let state = maps.dump()?;
     // (proto, client, frontend, backend) -> (rev-NAT id, last seen, closing)
     type Flow = (String, String, String, String);
-    let mut flows: BTreeMap<Flow, (u16, u64, bool)> = BTreeMap::new();
+    let mut flows: BTreeMap<Flow, (RevNatId, u64, bool)> = BTreeMap::new();
     for (k, e) in maps.conntrack()? {
         let Some((client, frontend, backend)) = flow_ends(&state, &k, &e) else {
             continue;
@@ -697,7 +698,7 @@ ID  BACKEND              STATE        SERVICES                  PACKETS  BYTES
             backend_id,
             rev_nat_id,
             flags,
-            _pad: 0,
+            _pad: [0; 7],
             last_seen_ns,
         };
         maps.ct = vec![

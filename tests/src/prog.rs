@@ -13,6 +13,7 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
 };
 use svc_lb::dataplane::ebpf_object;
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     BackendV4, CtKeyV4, RevNatV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, ip_to_net, maps,
     port_to_net,
@@ -97,7 +98,7 @@ pub fn open_map(dir: &Path, name: &str) -> MapData {
 pub struct Seeder {
     services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
     backends: HashMap<MapData, u32, BackendV4>,
-    revnat: HashMap<MapData, u16, RevNatV4>,
+    revnat: HashMap<MapData, RevNatId, RevNatV4>,
 }
 
 impl Seeder {
@@ -118,7 +119,7 @@ impl Seeder {
         port: u16,
         proto: u8,
         flags: u16,
-        rev_nat_id: u16,
+        rev_nat_id: RevNatId,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
         let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);

@@ -9,6 +9,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG};
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, SCOPE_EXTERNAL,
@@ -78,7 +79,7 @@ impl Harness {
         vip: Ipv4Addr,
         port: u16,
         proto: u8,
-        rev_nat_id: u16,
+        rev_nat_id: RevNatId,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
         Seeder::new(&self.dir.0).service(vip, port, proto, SVC_F_CLUSTER_IP, rev_nat_id, backends);
@@ -699,7 +700,7 @@ fn session_affinity_sticks_per_client_until_timeout_or_off() {
 
 /// Programs the frontend's Maglev table for `backends` (as the agent does: permutations from
 /// the sorted addresses) and sets `SVC_F_MAGLEV` on slot 0.
-fn set_maglev(h: &mut Harness, rev_nat_id: u16, backends: &[(u32, Ipv4Addr, u16)]) {
+fn set_maglev(h: &mut Harness, rev_nat_id: RevNatId, backends: &[(u32, Ipv4Addr, u16)]) {
     let mut sorted = backends.to_vec();
     sorted.sort_by_key(|b| (b.1, b.2));
     let perms: Vec<(usize, usize)> = sorted
@@ -712,7 +713,7 @@ fn set_maglev(h: &mut Harness, rev_nat_id: u16, backends: &[(u32, Ipv4Addr, u16)
     for (slot, pos) in table.backend_ids.iter_mut().zip(&positions) {
         *slot = sorted[*pos as usize].0;
     }
-    let mut tables: HashMap<&mut MapData, u16, MaglevTable> =
+    let mut tables: HashMap<&mut MapData, RevNatId, MaglevTable> =
         HashMap::try_from(h.ebpf.map_mut(maps::MAGLEV_MAP).unwrap()).unwrap();
     tables.insert(rev_nat_id, table.as_ref(), 0).unwrap();
     let key = ServiceKeyV4::new(VIP, 80, IPPROTO_TCP, SCOPE_EXTERNAL, 0);
@@ -828,7 +829,6 @@ fn source_ranges_admit_only_listed_clients() {
             SRC_RANGE_FIXED_BITS + len,
             SrcRangeKeyV4 {
                 rev_nat_id,
-                _pad: 0,
                 addr: ip_to_net(addr),
             },
         );

@@ -11,6 +11,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb::dataplane::{TC_INGRESS_PROG, XDP_PROG};
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, SRC_RANGE_FIXED_BITS,
     STAT_CT_HIT, STAT_CT_NEW, STAT_DNAT, STAT_REVNAT, STAT_SRC_RANGE_DROP, SVC_F_CLUSTER_IP,
@@ -61,7 +62,7 @@ impl Harness {
         port: u16,
         proto: u8,
         flags: u16,
-        rev_nat_id: u16,
+        rev_nat_id: RevNatId,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
         Seeder::new(&self.dir.0).service(vip, port, proto, flags, rev_nat_id, backends);
@@ -259,7 +260,6 @@ fn load_balancer_source_ranges_drop_outsiders_in_xdp() {
         SRC_RANGE_FIXED_BITS + 24,
         SrcRangeKeyV4 {
             rev_nat_id: 5,
-            _pad: 0,
             addr: ip_to_net(Ipv4Addr::new(172, 31, 0, 0)),
         },
     );

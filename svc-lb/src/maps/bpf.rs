@@ -7,6 +7,7 @@ use aya::maps::{
     HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     AFFINITY_MAP, AffinityEntry, AffinityKeyV4, BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP,
     Counter, CtEntry, CtKeyV4, MAGLEV_MAP, MaglevTable, REVNAT_MAP, RevNatV4, SERVICES_MAP,
@@ -24,9 +25,9 @@ pub struct BpfLbMaps {
     pin_dir: PathBuf,
     services: Hash<ServiceKeyV4, ServiceEntry>,
     backends: Hash<u32, BackendV4>,
-    revnat: Hash<u16, RevNatV4>,
-    names: Hash<u16, SvcName>,
-    maglev: Hash<u16, MaglevTable>,
+    revnat: Hash<RevNatId, RevNatV4>,
+    names: Hash<RevNatId, SvcName>,
+    maglev: Hash<RevNatId, MaglevTable>,
     src_ranges: LpmTrie<MapData, SrcRangeKeyV4, u8>,
     ct: Hash<CtKeyV4, CtEntry>,
     affinity: Hash<AffinityKeyV4, AffinityEntry>,
@@ -94,7 +95,6 @@ fn src_range_key(r: &SrcRange) -> Key<SrcRangeKeyV4> {
         SRC_RANGE_FIXED_BITS + u32::from(r.len),
         SrcRangeKeyV4 {
             rev_nat_id: r.rev_nat_id,
-            _pad: 0,
             addr: ip_to_net(r.addr),
         },
     )
@@ -272,7 +272,7 @@ impl LbMaps for BpfLbMaps {
             Op::DeleteSrcRange(r) => {
                 ignore_missing(SRC_RANGES_MAP, self.src_ranges.remove(&src_range_key(r)))
             }
-            Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, u32::from(*id)),
+            Op::ZeroSvcStats(id) => zero_slot(&mut self.svc_stats, SVC_STATS_MAP, *id),
             Op::ZeroBackendStats(id) => zero_slot(&mut self.be_stats, BE_STATS_MAP, *id),
             Op::PurgeFlows(purge) => self.purge_flows(purge),
         }
@@ -297,8 +297,8 @@ fn monotonic_now_ns() -> u64 {
 }
 
 impl LbStats for BpfLbMaps {
-    fn svc_counter(&self, rev_nat_id: u16) -> Result<Counter, MapsError> {
-        sum_counter(&self.svc_stats, SVC_STATS_MAP, u32::from(rev_nat_id))
+    fn svc_counter(&self, rev_nat_id: RevNatId) -> Result<Counter, MapsError> {
+        sum_counter(&self.svc_stats, SVC_STATS_MAP, rev_nat_id)
     }
 
     fn backend_counter(&self, backend_id: u32) -> Result<Counter, MapsError> {
@@ -490,7 +490,7 @@ mod tests {
         let mut maps = BpfLbMaps::open(&pins.0).unwrap();
         let mut ct: Hash<CtKeyV4, CtEntry> = open_typed(&pins.0, CT_MAP).unwrap();
         for (sport, backend_id, rev_nat_id) in [
-            (1u16, 4u32, 1u16),
+            (1u16, 4u32, 1u32),
             (2, 5, 1),
             (3, 4, 2),
             (4, 6, 2),
@@ -513,7 +513,7 @@ mod tests {
             ..Purge::default()
         }))
         .unwrap();
-        let left: Vec<(u32, u16)> = maps
+        let left: Vec<(u32, RevNatId)> = maps
             .conntrack()
             .unwrap()
             .iter()

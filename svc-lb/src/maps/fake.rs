@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use svc_lb_common::RevNatId;
 use svc_lb_common::{AffinityEntry, AffinityKeyV4, Counter, CtEntry, CtKeyV4};
 
 use super::{LbMaps, LbStats, MapState, Op};
@@ -12,7 +13,7 @@ use crate::error::MapsError;
 pub struct FakeLbMaps {
     pub state: MapState,
     /// Counters the "datapath" wrote, keyed like the BPF arrays; absent = zero.
-    pub svc_stats: BTreeMap<u16, Counter>,
+    pub svc_stats: BTreeMap<RevNatId, Counter>,
     pub be_stats: BTreeMap<u32, Counter>,
     pub global: Vec<u64>,
     pub ct: Vec<(CtKeyV4, CtEntry)>,
@@ -75,7 +76,7 @@ impl LbMaps for FakeLbMaps {
 }
 
 impl LbStats for FakeLbMaps {
-    fn svc_counter(&self, rev_nat_id: u16) -> Result<Counter, MapsError> {
+    fn svc_counter(&self, rev_nat_id: RevNatId) -> Result<Counter, MapsError> {
         Ok(self.svc_stats.get(&rev_nat_id).copied().unwrap_or_default())
     }
 

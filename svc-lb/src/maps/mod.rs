@@ -11,6 +11,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, IPPROTO_UDP, MaglevTable,
     RevNatV4, ServiceEntry, ServiceKeyV4, SvcName,
@@ -27,10 +28,10 @@ use crate::error::MapsError;
 pub struct MapState {
     pub services: BTreeMap<ServiceKeyV4, ServiceEntry>,
     pub backends: BTreeMap<u32, BackendV4>,
-    pub revnat: BTreeMap<u16, RevNatV4>,
-    pub names: BTreeMap<u16, SvcName>,
+    pub revnat: BTreeMap<RevNatId, RevNatV4>,
+    pub names: BTreeMap<RevNatId, SvcName>,
     /// Maglev tables by rev-NAT id (boxed: 64 KiB each).
-    pub maglev: BTreeMap<u16, Box<MaglevTable>>,
+    pub maglev: BTreeMap<RevNatId, Box<MaglevTable>>,
     /// Allowed client prefixes of frontends with loadBalancerSourceRanges.
     pub src_ranges: BTreeSet<SrcRange>,
 }
@@ -38,7 +39,7 @@ pub struct MapState {
 /// One `LB4_SRC_RANGES` entry: clients in `addr/len` may use frontend `rev_nat_id`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SrcRange {
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub addr: Ipv4Addr,
     pub len: u8,
 }
@@ -51,17 +52,17 @@ pub enum Op {
     DeleteService(ServiceKeyV4),
     UpsertBackend(u32, BackendV4),
     DeleteBackend(u32),
-    UpsertRevNat(u16, RevNatV4),
-    DeleteRevNat(u16),
-    UpsertName(u16, SvcName),
-    DeleteName(u16),
-    UpsertMaglev(u16, Box<MaglevTable>),
-    DeleteMaglev(u16),
+    UpsertRevNat(RevNatId, RevNatV4),
+    DeleteRevNat(RevNatId),
+    UpsertName(RevNatId, SvcName),
+    DeleteName(RevNatId),
+    UpsertMaglev(RevNatId, Box<MaglevTable>),
+    DeleteMaglev(RevNatId),
     UpsertSrcRange(SrcRange),
     DeleteSrcRange(SrcRange),
     /// Reset the per-frontend counters of a newly allocated rev-NAT id (a previous frontend may
     /// have used the id; its counts must not show up under the new one).
-    ZeroSvcStats(u16),
+    ZeroSvcStats(RevNatId),
     /// Same for a newly allocated backend id.
     ZeroBackendStats(u32),
     /// Drop conntrack entries (both directions) that name a backend id or rev-NAT id the plan
@@ -135,13 +136,13 @@ pub struct Purge {
     /// Backends about to be deleted: every flow and affinity entry naming them.
     pub backend_ids: Vec<u32>,
     /// Frontends about to be deleted: the same.
-    pub rev_nat_ids: Vec<u16>,
+    pub rev_nat_ids: Vec<RevNatId>,
     /// (rev-NAT id, backend id) of frontends that no longer balance to a backend which itself
     /// stays: their affinity entries, and their UDP flows (a connected UDP client must move on;
     /// TCP connections finish where they are).
-    pub pairs: Vec<(u16, u32)>,
+    pub pairs: Vec<(RevNatId, u32)>,
     /// Frontends whose session affinity was turned off or changed: their affinity entries.
-    pub affinity_reset: Vec<u16>,
+    pub affinity_reset: Vec<RevNatId>,
 }
 
 impl Purge {
@@ -152,7 +153,7 @@ impl Purge {
             && self.affinity_reset.is_empty()
     }
 
-    fn names(&self, rev_nat_id: u16, backend_id: u32) -> bool {
+    fn names(&self, rev_nat_id: RevNatId, backend_id: u32) -> bool {
         self.backend_ids.contains(&backend_id) || self.rev_nat_ids.contains(&rev_nat_id)
     }
 
@@ -173,7 +174,7 @@ impl Purge {
 /// Read-only access to what the datapath writes: counters and conntrack. Used by `svc-lb debug`.
 pub trait LbStats {
     /// Per-frontend counters (index = rev-NAT id), summed over CPUs.
-    fn svc_counter(&self, rev_nat_id: u16) -> Result<Counter, MapsError>;
+    fn svc_counter(&self, rev_nat_id: RevNatId) -> Result<Counter, MapsError>;
     /// Per-backend counters (index = backend id), summed over CPUs.
     fn backend_counter(&self, backend_id: u32) -> Result<Counter, MapsError>;
     /// Global counters (`STAT_*` index order), summed over CPUs.

@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use svc_lb_common::RevNatId;
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
     MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV,
@@ -134,7 +135,7 @@ type BackendIdent = (Ipv4Addr, u16, u8);
 
 /// A frontend as currently programmed (slot 0 with scope external).
 struct Programmed {
-    rev_nat_id: u16,
+    rev_nat_id: RevNatId,
     /// Backend id per slot `1..=count`; `None` = slot missing.
     slots: Vec<Option<u32>>,
 }
@@ -180,13 +181,13 @@ struct Planner<'a> {
     be_alloc: IdAllocator,
     rev_alloc: IdAllocator,
     /// Current rev-NAT ids claimed by a desired frontend (each id serves one frontend).
-    claimed_rev: BTreeSet<u16>,
+    claimed_rev: BTreeSet<RevNatId>,
     /// Rev-NAT entries no programmed frontend points at, by value: what an interrupted apply
     /// left behind. Adopted by the frontend they were written for, so a retry after a failed
     /// write ends with the same ids as an uninterrupted apply.
-    orphan_rev: BTreeMap<RevNatV4, Vec<u16>>,
+    orphan_rev: BTreeMap<RevNatV4, Vec<RevNatId>>,
     new_backend_ids: BTreeSet<u32>,
-    new_rev_ids: BTreeSet<u16>,
+    new_rev_ids: BTreeSet<RevNatId>,
     /// Entries `LB4_SERVICES` holds at the peak of applying the plan (current ∪ target).
     peak_services: u64,
     /// Maglev tables built in this plan, by backend id list (frontends of one Service port
@@ -219,17 +220,16 @@ impl<'a> Planner<'a> {
             .chain(current.maglev.keys())
             .chain(current.src_ranges.iter().map(|r| &r.rev_nat_id))
             .copied()
-            .chain(current.services.values().map(|e| e.rev_nat_id))
-            .map(u32::from);
-        let referenced: BTreeSet<u16> = current
+            .chain(current.services.values().map(|e| e.rev_nat_id));
+        let referenced: BTreeSet<RevNatId> = current
             .services
             .iter()
             .filter(|(k, _)| k.backend_slot == 0)
             .map(|(_, v)| v.rev_nat_id)
             .collect();
-        let mut orphan_rev: BTreeMap<RevNatV4, Vec<u16>> = BTreeMap::new();
+        let mut orphan_rev: BTreeMap<RevNatV4, Vec<RevNatId>> = BTreeMap::new();
         for (id, r) in &current.revnat {
-            if !referenced.contains(id) && (1..limits.max_revnat).contains(&u32::from(*id)) {
+            if !referenced.contains(id) && (1..limits.max_revnat).contains(id) {
                 orphan_rev.entry(*r).or_default().push(*id);
             }
         }
@@ -258,14 +258,14 @@ impl<'a> Planner<'a> {
         for key in desired.frontends.keys() {
             if let Some(p) = self.programmed.get(key) {
                 let id = p.rev_nat_id;
-                if (1..self.limits.max_revnat).contains(&u32::from(id)) {
+                if (1..self.limits.max_revnat).contains(&id) {
                     self.claimed_rev.insert(id);
                 }
             }
         }
     }
 
-    fn reused_rev_id(&mut self, key: &FrontendKey) -> Option<u16> {
+    fn reused_rev_id(&mut self, key: &FrontendKey) -> Option<RevNatId> {
         if let Some(p) = self.programmed.get(key) {
             let id = p.rev_nat_id;
             // Claimed in the first pass; taking it out makes a duplicated id serve only one
@@ -340,9 +340,7 @@ impl<'a> Planner<'a> {
         let rev_nat_id = match self.reused_rev_id(&fe.key) {
             Some(id) => id,
             None => match self.rev_alloc.alloc() {
-                // The allocator range is below MAX_REVNAT <= 65536, so the id fits.
                 Some(id) => {
-                    let id = id as u16;
                     self.new_rev_ids.insert(id);
                     id
                 }
@@ -421,7 +419,7 @@ impl<'a> Planner<'a> {
     fn unchanged_maglev_table(
         &self,
         key: &FrontendKey,
-        rev_nat_id: u16,
+        rev_nat_id: RevNatId,
         ids: &[u32],
     ) -> Option<Box<MaglevTable>> {
         let p = self.programmed.get(key)?;
@@ -560,7 +558,7 @@ fn diff(
     current: &MapState,
     target: &MapState,
     new_backend_ids: &BTreeSet<u32>,
-    new_rev_ids: &BTreeSet<u16>,
+    new_rev_ids: &BTreeSet<RevNatId>,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
     for (id, b) in &target.backends {
@@ -571,7 +569,7 @@ fn diff(
             ops.push(Op::UpsertBackend(*id, *b));
         }
     }
-    let rev_ids: BTreeSet<u16> = target
+    let rev_ids: BTreeSet<RevNatId> = target
         .revnat
         .keys()
         .chain(target.names.keys())
@@ -627,7 +625,7 @@ fn diff(
     for k in removed_services().filter(|k| k.backend_slot != 0) {
         ops.push(Op::DeleteService(*k));
     }
-    let removed_rev: Vec<u16> = current
+    let removed_rev: Vec<RevNatId> = current
         .revnat
         .keys()
         .filter(|id| !target.revnat.contains_key(id))
@@ -673,8 +671,8 @@ fn diff(
 /// (another frontend still has it, or it drains). Their UDP flows must go, or a connected UDP
 /// client keeps talking to a pod that left this Service, and so must their affinity entries.
 /// Pairs whose backend or frontend is deleted are covered by the id purge.
-fn dropped_pairs(current: &MapState, target: &MapState) -> Vec<(u16, u32)> {
-    let pairs = |s: &MapState| -> BTreeSet<(u16, u32)> {
+fn dropped_pairs(current: &MapState, target: &MapState) -> Vec<(RevNatId, u32)> {
+    let pairs = |s: &MapState| -> BTreeSet<(RevNatId, u32)> {
         s.services
             .iter()
             .filter(|(k, _)| k.backend_slot != 0)
@@ -691,7 +689,7 @@ fn dropped_pairs(current: &MapState, target: &MapState) -> Vec<(u16, u32)> {
 
 /// Rev-NAT ids of frontends that stay but whose affinity timeout changed (or was turned off):
 /// clients must not keep a stickiness the Service no longer asks for.
-fn affinity_changed(current: &MapState, target: &MapState) -> Vec<u16> {
+fn affinity_changed(current: &MapState, target: &MapState) -> Vec<RevNatId> {
     current
         .services
         .iter()

@@ -720,7 +720,12 @@ fn random_walk_keeps_every_intermediate_state_consistent() {
     }
 }
 
-fn tcp_flow(sport: u16, backend_id: u32, rev_nat_id: u16, last_seen_ns: u64) -> (CtKeyV4, CtEntry) {
+fn tcp_flow(
+    sport: u16,
+    backend_id: u32,
+    rev_nat_id: RevNatId,
+    last_seen_ns: u64,
+) -> (CtKeyV4, CtEntry) {
     (
         CtKeyV4 {
             sport,
@@ -855,7 +860,7 @@ fn udp_flows_of_a_backend_another_frontend_keeps_are_purged_per_frontend() {
         touched(&p.ops)
     );
     reconcile(&mut maps, &dropped, Limits::default()).unwrap();
-    let left: Vec<u16> = maps.ct.iter().map(|(_, e)| e.rev_nat_id).collect();
+    let left: Vec<RevNatId> = maps.ct.iter().map(|(_, e)| e.rev_nat_id).collect();
     assert_eq!(
         left,
         [rev_b],
