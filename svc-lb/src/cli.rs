@@ -64,8 +64,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
 
-    /// Interface to attach the datapath to (repeatable). Traffic to Services enters the node
-    /// here, and replies from backends too.
+    /// Interface to attach the datapath to (repeatable): a name, or a glob pattern such as
+    /// 'lxc*' or 'veth[0-9]*'. Traffic to Services enters the node here, and replies from
+    /// backends too. Names must exist at start; interfaces matching a pattern are attached
+    /// when they appear (pod veths) and forgotten when they go away.
     #[arg(long = "iface", value_name = "IF", required = true)]
     pub ifaces: Vec<String>,
 

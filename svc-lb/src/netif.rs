@@ -2,7 +2,10 @@
 
 use std::{ffi::CStr, net::Ipv4Addr};
 
-use crate::error::NetifError;
+use crate::{
+    dataplane::pattern::{glob_match, is_pattern},
+    error::NetifError,
+};
 
 /// All (interface name, IPv4 address) pairs of this network namespace, in kernel order.
 fn all_ipv4() -> Result<Vec<(String, Ipv4Addr)>, NetifError> {
@@ -43,16 +46,23 @@ fn exists(iface: &str) -> bool {
 
 /// IPv4 addresses of the named interfaces, in the order given, without duplicates. An
 /// interface that exists but has no IPv4 address contributes nothing; one that does not exist
-/// is an error (a typo in --iface should not silently drop NodePorts).
+/// is an error (a typo in --iface should not silently drop NodePorts). A glob pattern
+/// (`eth*`, see `dataplane::pattern`) contributes the addresses of the interfaces it matches
+/// now, and may match none.
 pub fn ipv4_addrs(ifaces: &[String]) -> Result<Vec<Ipv4Addr>, NetifError> {
-    if let Some(missing) = ifaces.iter().find(|i| !exists(i)) {
+    if let Some(missing) = ifaces.iter().find(|i| !is_pattern(i) && !exists(i)) {
         return Err(NetifError::NoSuchInterface(missing.clone()));
     }
     let all = all_ipv4()?;
     let mut out = Vec::new();
     for iface in ifaces {
         for (name, ip) in &all {
-            if name == iface && !out.contains(ip) {
+            let matches = if is_pattern(iface) {
+                glob_match(iface, name)
+            } else {
+                name == iface
+            };
+            if matches && !out.contains(ip) {
                 out.push(*ip);
             }
         }
@@ -67,6 +77,15 @@ mod tests {
     #[test]
     fn loopback_has_127_0_0_1() {
         assert_eq!(ipv4_addrs(&["lo".into()]).unwrap(), [Ipv4Addr::LOCALHOST]);
+    }
+
+    #[test]
+    fn patterns_match_existing_interfaces_or_nothing() {
+        assert_eq!(ipv4_addrs(&["l?".into()]).unwrap(), [Ipv4Addr::LOCALHOST]);
+        assert_eq!(
+            ipv4_addrs(&["svclb-nope*".into()]).unwrap(),
+            Vec::<Ipv4Addr>::new()
+        );
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub enum DataplaneError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("--iface {spec:?}: {reason}")]
+    InvalidIface { spec: String, reason: String },
+    #[error(
+        "interface {0:?} does not exist (exact --iface names must exist at start; use a pattern such as 'lxc*' for interfaces that appear later)"
+    )]
+    NoSuchInterface(String),
+    #[error("listing or following network interfaces (rtnetlink)")]
+    Netlink(#[source] std::io::Error),
+    #[error("starting the interface watcher thread")]
+    Watch(#[source] std::io::Error),
     #[error("writing sysctl {path}")]
     Sysctl {
         path: PathBuf,

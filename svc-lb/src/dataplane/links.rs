@@ -94,7 +94,7 @@ fn replace_in_link(prog: &mut SchedClassifier, old: PinnedLink) -> Result<(), St
 /// Detaches the link pinned at `pin` (if any) and removes the pin. Only removing the pin would
 /// detach too, but asynchronously (the kernel frees bpffs inodes after an RCU grace period), so
 /// the program could still run for a moment after uninstall returned.
-fn remove_pin(pin: &Path) -> Result<(), DataplaneError> {
+pub fn remove_pin(pin: &Path) -> Result<(), DataplaneError> {
     if let Err(e) = sys::detach_pinned_link(pin) {
         warn!(pin = %pin.display(), error = %e, "could not detach pinned link explicitly; removing the pin detaches it");
     }
@@ -108,8 +108,23 @@ fn remove_pin(pin: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-/// Removes (and thereby detaches) pinned links of interfaces not in `keep`.
+/// Detaches and removes the TC link pinned for `iface` (no pin is not an error).
+pub fn remove_link(links_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
+    remove_pin(&link_pin_path(links_dir, iface))
+}
+
+/// Removes (and thereby detaches) pinned TC links of interfaces not in `keep`. Other pins in the
+/// directory (the socket-LB cgroup links) are left alone.
 pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneError> {
+    remove_matching(links_dir, keep, false)
+}
+
+/// Detaches and removes every pinned link under `links_dir` (uninstall).
+pub fn remove_all(links_dir: &Path) -> Result<(), DataplaneError> {
+    remove_matching(links_dir, &[], true)
+}
+
+fn remove_matching(links_dir: &Path, keep: &[String], all: bool) -> Result<(), DataplaneError> {
     let entries = match std::fs::read_dir(links_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -127,7 +142,13 @@ pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneEr
         })?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let iface = name.strip_suffix(SUFFIX).unwrap_or(&name);
+        let Some(iface) = name.strip_suffix(SUFFIX) else {
+            if all {
+                remove_pin(&entry.path())?;
+                info!(pin = %name, "detached pinned link");
+            }
+            continue;
+        };
         if keep.iter().any(|k| k == iface) {
             continue;
         }

@@ -1,15 +1,25 @@
 //! Loads the embedded eBPF object, reuses or creates the pinned maps, and attaches the TC ingress
 //! program to the node's interfaces through pinned links, so the datapath keeps forwarding when
 //! the agent exits or is killed, and a restarted agent takes over without a gap.
+//!
+//! Interfaces are chosen by name or glob pattern ([`pattern`]); a thread follows rtnetlink
+//! ([`watch`]) so interfaces created later (pod veths) get the program too, and the pins of
+//! interfaces that disappear are removed.
 
 mod bpffs;
 mod error;
 mod links;
 mod logger;
+mod netlink;
+pub mod pattern;
 mod sys;
 mod sysctl;
+mod watch;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use svc_lb_common::maps;
@@ -53,19 +63,23 @@ pub fn ebpf_object() -> &'static [u8] {
 pub struct DataplaneConfig {
     /// bpffs directory holding the map pins and `links/`.
     pub pin_dir: PathBuf,
-    /// Interfaces that get the TC ingress program.
+    /// Interfaces that get the TC ingress program: exact names (must exist) or glob patterns
+    /// (`lxc*`; followed as interfaces appear and disappear).
     pub ifaces: Vec<String>,
 }
 
 /// A loaded and attached dataplane. Dropping it stops log forwarding; programs stay attached
 /// through their pinned links until [`uninstall`].
 pub struct Dataplane {
+    // Stopped first (fields drop in order): it attaches with the program in `ebpf`.
+    _watcher: watch::LinkWatcher,
     // Keeps the program and map fds open for the agent's lifetime (the logger's ring buffer
-    // belongs to this object).
-    _ebpf: Ebpf,
+    // belongs to this object). Shared with the interface watcher thread.
+    _ebpf: Arc<Mutex<Ebpf>>,
     _logger: Option<logger::LogForwarder>,
     pin_dir: PathBuf,
     ifaces: Vec<String>,
+    attached_at_start: Vec<String>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -79,9 +93,22 @@ impl std::fmt::Debug for Dataplane {
 
 impl Dataplane {
     /// Mounts bpffs if needed, loads the object reusing existing pinned maps (creating and
-    /// pinning absent ones), attaches `svc_lb_tc_ingress` at TC ingress of every interface with
-    /// pinned links (replacing a previous agent's links) and sets rp_filter=0.
+    /// pinning absent ones), attaches `svc_lb_tc_ingress` at TC ingress of every matching
+    /// interface with pinned links (replacing a previous agent's links), sets rp_filter=0, and
+    /// starts following interfaces that appear or disappear later.
     pub fn load(cfg: &DataplaneConfig) -> Result<Dataplane, DataplaneError> {
+        let sel = pattern::IfaceSelector::parse(&cfg.ifaces)?;
+        // Subscribed before the dump, so a link created in between is seen (twice at worst).
+        let events = netlink::NlSocket::subscribe_links().map_err(DataplaneError::Netlink)?;
+        let links = netlink::dump_links().map_err(DataplaneError::Netlink)?;
+        if let Some(missing) = sel
+            .names()
+            .iter()
+            .find(|n| !links.iter().any(|(_, l)| l == *n))
+        {
+            // Before anything is loaded: a typo leaves the node untouched.
+            return Err(DataplaneError::NoSuchInterface(missing.clone()));
+        }
         bump_memlock_rlimit();
         bpffs::ensure_bpffs(&cfg.pin_dir)?;
         let links_dir = cfg.pin_dir.join(LINKS_DIR);
@@ -108,23 +135,27 @@ impl Dataplane {
             source,
         })?;
 
-        for iface in &cfg.ifaces {
-            links::attach_pinned(prog, iface, &links_dir)?;
-        }
-        links::remove_stale(&links_dir, &cfg.ifaces)?;
-
-        sysctl::configure(&cfg.ifaces)?;
+        let ebpf = Arc::new(Mutex::new(ebpf));
+        let mut attacher = watch::Attacher::new(ebpf.clone(), links_dir.clone(), sel);
+        attacher.attach_initial(&links)?;
+        let attached = attacher.attached();
+        links::remove_stale(&links_dir, &attached)?;
+        sysctl::configure(&attached)?;
+        let watcher = watch::LinkWatcher::start(attacher, events)?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
             ifaces = ?cfg.ifaces,
+            ?attached,
             "dataplane loaded"
         );
         Ok(Dataplane {
+            _watcher: watcher,
             _ebpf: ebpf,
             _logger: logger,
             pin_dir: cfg.pin_dir.clone(),
             ifaces: cfg.ifaces.clone(),
+            attached_at_start: attached,
         })
     }
 
@@ -132,8 +163,14 @@ impl Dataplane {
         &self.pin_dir
     }
 
+    /// The `--iface` values (names and patterns) as configured.
     pub fn ifaces(&self) -> &[String] {
         &self.ifaces
+    }
+
+    /// The interfaces that matched when the dataplane was loaded.
+    pub fn attached_at_start(&self) -> &[String] {
+        &self.attached_at_start
     }
 }
 
@@ -181,7 +218,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), DataplaneError> {
         return Ok(());
     }
     let links_dir = pin_dir.join(LINKS_DIR);
-    links::remove_stale(&links_dir, &[])?;
+    links::remove_all(&links_dir)?;
     std::fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Remove {
         path: pin_dir.to_path_buf(),
         source,

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::DataplaneError;
 
@@ -22,13 +22,24 @@ fn write(name: &str, key: &str, value: &str) -> Result<(), DataplaneError> {
 pub fn configure(ifaces: &[String]) -> Result<(), DataplaneError> {
     write("all", "rp_filter", "0")?;
     for iface in ifaces {
-        write(iface, "rp_filter", "0")?;
-        write(iface, "accept_local", "1")?;
+        write_iface(iface)?;
     }
     info!(
         ifaces = ?ifaces,
         "set rp_filter=0 (all + attached interfaces) and accept_local=1 (attached interfaces) \
          so reverse-NATed replies are not dropped"
     );
+    Ok(())
+}
+
+fn write_iface(iface: &str) -> Result<(), DataplaneError> {
+    write(iface, "rp_filter", "0")?;
+    write(iface, "accept_local", "1")
+}
+
+/// The per-interface part of [`configure`], for an interface attached after startup.
+pub fn configure_iface(iface: &str) -> Result<(), DataplaneError> {
+    write_iface(iface)?;
+    debug!(iface, "set rp_filter=0 and accept_local=1");
     Ok(())
 }
