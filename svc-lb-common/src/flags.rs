@@ -29,6 +29,13 @@ pub const SVC_F_LOCAL: u16 = 1 << 10;
 /// `BackendV4::state`.
 pub const BE_STATE_ACTIVE: u8 = 0;
 pub const BE_STATE_TERMINATING: u8 = 1;
+/// `BackendV4::state` bit, not a state: the backend runs on another node (its EndpointSlice
+/// `nodeName` is not `--node-name`). External traffic (NodePort, ExternalIP, LoadBalancer with
+/// externalTrafficPolicy Cluster) to it is SNATed to this node, so the reply comes back here to
+/// be reverse-translated.
+pub const BE_F_REMOTE: u8 = 1 << 7;
+/// The `BE_STATE_*` part of `BackendV4::state`.
+pub const BE_STATE_MASK: u8 = !BE_F_REMOTE;
 
 /// `CtKeyV4::dir`: a forward entry is keyed by the client's original tuple (to the frontend),
 /// a reply entry by the tuple of the backend's answer (backend -> client).
@@ -37,6 +44,15 @@ pub const CT_DIR_REPLY: u8 = 1;
 
 /// `CtEntry::flags`: a FIN or RST was seen on this flow.
 pub const CT_F_CLOSING: u8 = 1 << 0;
+/// `CtEntry::flags`: the flow is also source-NATed to this node (`CtEntry::nat_addr`/`nat_port`).
+pub const CT_F_SNAT: u8 = 1 << 1;
+
+/// Source ports SNATed flows get on the node: above Linux's default ephemeral range
+/// (32768-60999), so they never take the 4-tuple of one of the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Random ports tried for a new SNATed flow before it is dropped (`STAT_SNAT_FAIL`).
+pub const SNAT_PORT_TRIES: u32 = 32;
 
 /// Indexes into the global per-CPU `LB_STATS` array.
 pub const STAT_PACKETS: u32 = 0;
@@ -64,10 +80,15 @@ pub const STAT_CT_FULL: u32 = 10;
 pub const STAT_SRC_RANGE_DROP: u32 = 11;
 /// New flows to a traffic-policy-Local frontend without a local endpoint (dropped).
 pub const STAT_NO_LOCAL_DROP: u32 = 12;
+/// New flows to a backend on another node that were SNATed to this node.
+pub const STAT_SNAT: u32 = 13;
+/// New flows that needed SNAT but got no source address (no route to the backend) or no free
+/// port (dropped).
+pub const STAT_SNAT_FAIL: u32 = 14;
 pub const STAT_COUNT: u32 = 16;
 
 /// Human names for the counters, in index order (for `svc-lb debug stats`).
-pub const STAT_NAMES: [&str; 13] = [
+pub const STAT_NAMES: [&str; 15] = [
     "packets",
     "dnat",
     "revnat",
@@ -81,4 +102,6 @@ pub const STAT_NAMES: [&str; 13] = [
     "ct_full",
     "src_range_drop",
     "no_local_drop",
+    "snat",
+    "snat_fail",
 ];

@@ -92,7 +92,7 @@ pub struct BackendV4 {
     /// Target port, network order.
     pub port: u16,
     pub proto: u8,
-    /// `BE_STATE_*`.
+    /// `BE_STATE_*`, plus `BE_F_REMOTE`.
     pub state: u8,
 }
 
@@ -131,7 +131,12 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// `CT_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    /// With `CT_F_SNAT` (network order): in the forward entry the node's address and port the
+    /// client's source is rewritten to; in the reply entry the client's address and port the
+    /// reply's destination is rewritten back to.
+    pub nat_port: u16,
+    pub nat_addr: u32,
 }
 
 /// `LB4_SRC_RANGES` key data (inside the LPM trie's {prefix length, data} key).
@@ -279,6 +284,18 @@ impl BackendV4 {
 
     pub fn port_host(&self) -> u16 {
         port_from_net(self.port)
+    }
+
+    /// May take new flows (`BE_STATE_ACTIVE`, whatever its location).
+    #[inline(always)]
+    pub fn is_active(&self) -> bool {
+        self.state & crate::flags::BE_STATE_MASK == crate::flags::BE_STATE_ACTIVE
+    }
+
+    /// Runs on another node (`BE_F_REMOTE`).
+    #[inline(always)]
+    pub fn is_remote(&self) -> bool {
+        self.state & crate::flags::BE_F_REMOTE != 0
     }
 }
 

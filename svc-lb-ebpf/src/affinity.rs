@@ -7,7 +7,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use svc_lb_common::{
-    AffinityEntry, AffinityKeyV4, BE_STATE_ACTIVE, BackendV4, RevNatId, ServiceEntry,
+    AffinityEntry, AffinityKeyV4, BackendV4, RevNatId, ServiceEntry,
 };
 
 use crate::maps::{LB4_AFFINITY, LB4_BACKENDS};
@@ -34,7 +34,7 @@ pub fn lookup(client_addr: u32, svc: &ServiceEntry) -> Option<(u32, BackendV4)> 
     let be = LB4_BACKENDS.get_ptr(e.backend_id)?;
     // SAFETY: as above.
     let be = unsafe { *be };
-    (be.state == BE_STATE_ACTIVE).then_some((e.backend_id, be))
+    be.is_active().then_some((e.backend_id, be))
 }
 
 /// Records (or refreshes) the client's backend for this frontend.

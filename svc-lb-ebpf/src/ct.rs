@@ -1,8 +1,16 @@
 //! Conntrack: a forward entry keyed by the client's tuple towards the frontend and a reply entry
-//! keyed by the backend's answer, both carrying the same backend and rev-NAT ids.
+//! keyed by the backend's answer, both carrying the same backend and rev-NAT ids. A flow to a
+//! backend on another node is also SNATed to this node: its reply entry is keyed by the tuple
+//! backend -> node address:SNAT port and remembers the client to restore.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use svc_lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, RevNatId};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use svc_lb_common::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SNAT, CtEntry, CtKeyV4, RevNatId,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+};
 
 use crate::{
     maps::LB4_CT,
@@ -58,13 +66,7 @@ pub fn create(
     backend_id: u32,
     rev_nat_id: RevNatId,
 ) -> bool {
-    let entry = CtEntry {
-        backend_id,
-        rev_nat_id,
-        flags: if closing(p) { CT_F_CLOSING } else { 0 },
-        _pad: [0; 7],
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    let entry = new_entry(p, backend_id, rev_nat_id);
     let fwd = packet_key(p, CT_DIR_FORWARD);
     let rev = key(
         backend_addr,
@@ -77,4 +79,78 @@ pub fn create(
     let ok_fwd = LB4_CT.insert(fwd, entry, 0).is_ok();
     let ok_rev = LB4_CT.insert(rev, entry, 0).is_ok();
     ok_fwd && ok_rev
+}
+
+#[inline(always)]
+fn new_entry(p: &Packet, backend_id: u32, rev_nat_id: RevNatId) -> CtEntry {
+    CtEntry {
+        backend_id,
+        rev_nat_id,
+        flags: if closing(p) { CT_F_CLOSING } else { 0 },
+        // SAFETY: helper without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        ..Default::default()
+    }
+}
+
+/// The node address and port (network order) a SNATed flow's client source is rewritten to.
+#[derive(Clone, Copy)]
+pub struct Snat {
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// Creates the entries of a flow SNATed to `nat_addr`: picks a source port in
+/// `SNAT_PORT_MIN..=SNAT_PORT_MAX` whose reply tuple (backend -> node address:port) is free by
+/// inserting the reply entry with BPF_NOEXIST (so two CPUs cannot take the same port), then the
+/// forward entry. `None` when no port was free after `SNAT_PORT_TRIES` random tries, or the
+/// forward entry could not be written (the reply entry is removed again).
+#[inline(always)]
+pub fn create_snat(
+    p: &Packet,
+    backend_addr: u32,
+    backend_port: u16,
+    backend_id: u32,
+    rev_nat_id: RevNatId,
+    nat_addr: u32,
+) -> Option<Snat> {
+    let mut reply = new_entry(p, backend_id, rev_nat_id);
+    reply.flags |= CT_F_SNAT;
+    let mut forward = reply;
+    // The reply is rewritten back to the client; the forward direction to the node.
+    reply.nat_addr = p.saddr;
+    reply.nat_port = p.sport;
+    forward.nat_addr = nat_addr;
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut i = 0;
+    while i < SNAT_PORT_TRIES {
+        let port = (SNAT_PORT_MIN as u32 + start.wrapping_add(i) % range) as u16;
+        let port = port.to_be();
+        let rev = key(
+            backend_addr,
+            nat_addr,
+            backend_port,
+            port,
+            p.proto,
+            CT_DIR_REPLY,
+        );
+        if LB4_CT.insert(rev, reply, u64::from(BPF_NOEXIST)).is_ok() {
+            forward.nat_port = port;
+            if LB4_CT
+                .insert(packet_key(p, CT_DIR_FORWARD), forward, 0)
+                .is_err()
+            {
+                let _ = LB4_CT.remove(rev);
+                return None;
+            }
+            return Some(Snat {
+                addr: nat_addr,
+                port,
+            });
+        }
+        i += 1;
+    }
+    None
 }

@@ -1,12 +1,23 @@
 //! Backend choice shared by the TC and XDP programs: conntrack first, otherwise a random slot of
-//! the frontend; creates the conntrack entries of new flows and keeps the global counters.
+//! the frontend; creates the conntrack entries of new flows (SNATed ones for external traffic
+//! to backends on other nodes) and keeps the global counters.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
+    maps::lpm_trie::Key,
+};
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BackendV4, CT_DIR_FORWARD, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL,
+    BackendV4, CT_DIR_FORWARD, CT_F_SNAT, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL,
     SRC_RANGE_FIXED_BITS, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT,
-    STAT_LOOKUP_MISS, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4,
+    STAT_LOOKUP_MISS, STAT_SNAT, STAT_SNAT_FAIL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4,
+    SrcRangeKeyV4,
     maglev::{self, MAGLEV_TABLE_SIZE},
     select::slot_for_hash,
 };
@@ -16,6 +27,9 @@ use crate::{
     maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, stat},
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
+
+/// `AF_INET` for `bpf_fib_lookup::family`.
+const AF_INET: u8 = 2;
 
 /// The frontend key (slot 0) a packet addresses.
 #[inline(always)]
@@ -77,27 +91,39 @@ fn opens_connection(p: &Packet) -> bool {
     p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Backend id and address for the packet's flow, or `None` when a slot or backend is missing
-/// (the agent is midway through an update; counted as STAT_LOOKUP_MISS, caller drops so the
-/// client retransmits into the finished state).
+/// The backend a packet goes to, and the source NAT of its flow (backends on another node).
+#[derive(Clone, Copy)]
+pub struct Pick {
+    pub backend_id: u32,
+    pub be: BackendV4,
+    pub snat: Option<ct::Snat>,
+}
+
+/// Frontend kinds that carry traffic from outside the cluster (externalTrafficPolicy applies).
+pub const EXTERNAL_KINDS: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
+
+/// Backend and SNAT for the packet's flow, or `None` when a slot or backend is missing (the
+/// agent is midway through an update; counted as STAT_LOOKUP_MISS) or a needed SNAT failed
+/// (STAT_SNAT_FAIL); the caller drops, so the client retransmits.
 #[inline(always)]
 pub fn pick_backend<C: EbpfContext>(
     ctx: &C,
+    ifindex: u32,
     p: &Packet,
     key: &ServiceKeyV4,
     svc: &ServiceEntry,
-) -> Option<(u32, BackendV4)> {
+) -> Option<Pick> {
     if let Some(found) = established(p) {
         return Some(found);
     }
-    choose(ctx, p, key, svc)
+    choose(ctx, ifindex, p, key, svc)
 }
 
 /// The backend of the packet's existing flow, if its conntrack entry names a backend that still
 /// exists and may take this packet (a draining backend keeps its connections but gets no new
 /// one). Also answers for frontends that have no backends left: their established flows drain.
 #[inline(always)]
-pub fn established(p: &Packet) -> Option<(u32, BackendV4)> {
+pub fn established(p: &Packet) -> Option<Pick> {
     if let Some(ct) = ct::lookup_touch(&ct::packet_key(p, CT_DIR_FORWARD), p) {
         match LB4_BACKENDS.get_ptr(ct.backend_id) {
             Some(be) => {
@@ -105,9 +131,17 @@ pub fn established(p: &Packet) -> Option<(u32, BackendV4)> {
                 let be = unsafe { *be };
                 // A draining backend keeps the connections it has; a new connection that
                 // happens to reuse an old tuple (SYN) must not reach it.
-                if be.state == BE_STATE_ACTIVE || !opens_connection(p) {
+                if be.is_active() || !opens_connection(p) {
                     stat(STAT_CT_HIT);
-                    return Some((ct.backend_id, be));
+                    let snat = (ct.flags & CT_F_SNAT != 0).then_some(ct::Snat {
+                        addr: ct.nat_addr,
+                        port: ct.nat_port,
+                    });
+                    return Some(Pick {
+                        backend_id: ct.backend_id,
+                        be,
+                        snat,
+                    });
                 }
                 stat(STAT_CT_RESELECT);
             }
@@ -117,14 +151,54 @@ pub fn established(p: &Packet) -> Option<(u32, BackendV4)> {
     None
 }
 
+/// Whether a new flow of frontend `svc` to `be` must be SNATed to this node: external traffic
+/// under externalTrafficPolicy Cluster to a backend on another node (that node would otherwise
+/// answer the client directly, bypassing our reverse NAT).
+#[inline(always)]
+fn needs_snat(svc: &ServiceEntry, be: &BackendV4) -> bool {
+    be.is_remote() && svc.flags & EXTERNAL_KINDS != 0 && svc.flags & SVC_F_LOCAL == 0
+}
+
+/// The address this node sends from towards `backend_addr` (the preferred source of the route,
+/// what MASQUERADE would pick), from a FIB lookup as if forwarding the packet arriving on
+/// `ifindex`. `None` without a route.
+#[inline(always)]
+fn snat_source<C: EbpfContext>(ctx: &C, ifindex: u32, p: &Packet, backend_addr: u32) -> Option<u32> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = p.proto;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = p.saddr;
+    params.__bindgen_anon_4.ipv4_dst = backend_addr;
+    let flags = BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH;
+    // SAFETY: params is a valid, initialised struct of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    // FRAG_NEEDED only says this packet is larger than the egress MTU; the source is set.
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return None;
+    }
+    // SAFETY: reading the IPv4 member of the union the helper wrote.
+    let src = unsafe { params.__bindgen_anon_3.ipv4_src };
+    (src != 0 && src != p.saddr).then_some(src)
+}
+
 /// A backend for a new flow (affinity, Maglev table or random slot) and its conntrack entries.
 #[inline(always)]
 fn choose<C: EbpfContext>(
     ctx: &C,
+    ifindex: u32,
     p: &Packet,
     key: &ServiceKeyV4,
     svc: &ServiceEntry,
-) -> Option<(u32, BackendV4)> {
+) -> Option<Pick> {
     let remembered = if svc.affinity_timeout_s != 0 {
         affinity::lookup(p.saddr, svc)
     } else {
@@ -159,14 +233,28 @@ fn choose<C: EbpfContext>(
             (backend_id, unsafe { *be })
         }
     };
+
+    let snat = if needs_snat(svc, &be) {
+        let created = snat_source(ctx, ifindex, p, be.addr).and_then(|addr| {
+            ct::create_snat(p, be.addr, be.port, backend_id, svc.rev_nat_id, addr)
+        });
+        let Some(snat) = created else {
+            stat(STAT_SNAT_FAIL);
+            return None;
+        };
+        stat(STAT_CT_NEW);
+        stat(STAT_SNAT);
+        Some(snat)
+    } else {
+        if ct::create(p, be.addr, be.port, backend_id, svc.rev_nat_id) {
+            stat(STAT_CT_NEW);
+        } else {
+            stat(STAT_CT_FULL);
+        }
+        None
+    };
     if svc.affinity_timeout_s != 0 {
         affinity::remember(p.saddr, svc.rev_nat_id, backend_id);
-    }
-
-    if ct::create(p, be.addr, be.port, backend_id, svc.rev_nat_id) {
-        stat(STAT_CT_NEW);
-    } else {
-        stat(STAT_CT_FULL);
     }
     // Only the first SYN of a connection is logged: rare enough to never cost per packet.
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -182,5 +270,9 @@ fn choose<C: EbpfContext>(
             u16::from_be(be.port)
         );
     }
-    Some((backend_id, be))
+    Some(Pick {
+        backend_id,
+        be,
+        snat,
+    })
 }

@@ -10,13 +10,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use svc_lb_common::{
-    BackendV4, CT_DIR_REPLY, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
+    CT_DIR_REPLY, CT_F_SNAT, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
     STAT_NO_LOCAL_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP,
     SVC_F_LOCAL, ServiceEntry, ServiceKeyV4,
 };
 
 use crate::{
-    ct, lb,
+    ct,
+    lb::{self, Pick},
     maps::{LB4_REVNAT, count_flow, stat},
     nat::{self, Field},
     parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
@@ -64,7 +65,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     forward(ctx, &p, &key, &svc)
 }
 
-/// Reply of a load-balanced flow (backend -> client): source becomes the frontend again.
+/// Reply of a load-balanced flow (backend -> client): source becomes the frontend again, and
+/// for a SNATed flow the destination (this node) becomes the client again.
 #[inline(always)]
 fn reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     let ct = ct::lookup_touch(&ct::packet_key(p, CT_DIR_REPLY), p)?;
@@ -73,6 +75,11 @@ fn reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     // SAFETY: pointer from a successful lookup; copied out at once.
     let rn = unsafe { *rn };
     if nat::rewrite(ctx, p, Field::Src, rn.addr, rn.port).is_err() {
+        return Some(SHOT);
+    }
+    if ct.flags & CT_F_SNAT != 0
+        && nat::rewrite(ctx, p, Field::Dst, ct.nat_addr, ct.nat_port).is_err()
+    {
         return Some(SHOT);
     }
     stat(STAT_REVNAT);
@@ -122,24 +129,28 @@ fn no_backend(ctx: &TcContext, p: &Packet) -> i32 {
 /// Picks the backend of a client packet (conntrack first) and DNATs to it.
 #[inline(always)]
 fn forward(ctx: &TcContext, p: &Packet, key: &ServiceKeyV4, svc: &ServiceEntry) -> i32 {
-    match lb::pick_backend(ctx, p, key, svc) {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match lb::pick_backend(ctx, ifindex, p, key, svc) {
         Some(found) => dnat(ctx, p, svc, found),
         None => SHOT,
     }
 }
 
-/// Rewrites the destination to the backend and counts the packet.
+/// Rewrites the destination to the backend (and the source to this node for a SNATed flow)
+/// and counts the packet. A SNATed packet then carries one of this node's addresses as its
+/// source; the kernel forwards it because the agent sets accept_local on attached interfaces.
 #[inline(always)]
-fn dnat(
-    ctx: &TcContext,
-    p: &Packet,
-    svc: &ServiceEntry,
-    (backend_id, be): (u32, BackendV4),
-) -> i32 {
-    if nat::rewrite(ctx, p, Field::Dst, be.addr, be.port).is_err() {
+fn dnat(ctx: &TcContext, p: &Packet, svc: &ServiceEntry, pick: Pick) -> i32 {
+    if nat::rewrite(ctx, p, Field::Dst, pick.be.addr, pick.be.port).is_err() {
+        return SHOT;
+    }
+    if let Some(snat) = pick.snat
+        && nat::rewrite(ctx, p, Field::Src, snat.addr, snat.port).is_err()
+    {
         return SHOT;
     }
     stat(STAT_DNAT);
-    count_flow(svc.rev_nat_id, backend_id, ctx.len());
+    count_flow(svc.rev_nat_id, pick.backend_id, ctx.len());
     OK
 }

@@ -10,13 +10,10 @@ use core::mem;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use svc_lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, STAT_SRC_RANGE_DROP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, csum,
-};
+use svc_lb_common::{IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, STAT_SRC_RANGE_DROP, csum};
 
 use crate::{
-    lb,
+    lb::{self, EXTERNAL_KINDS},
     maps::{count_flow, stat},
     parse::{ETH_LEN, IP_LEN, IP_OFF, L4_OFF, Packet, TCP_LEN, UDP_LEN},
 };
@@ -24,7 +21,6 @@ use crate::{
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const EXTERNAL_KINDS: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
 
 /// Pointer to a `T` at `off`, after the bounds check the verifier requires before any direct
 /// packet access (data + off + size <= data_end).
@@ -149,16 +145,22 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
         stat(STAT_SRC_RANGE_DROP);
         return DROP;
     }
-    let Some((backend_id, be)) = lb::pick_backend(ctx, &p, &key, &svc) else {
+    let Some(pick) = lb::pick_backend(ctx, ctx.ingress_ifindex() as u32, &p, &key, &svc) else {
         return DROP;
     };
-    if dnat(ctx, &p, be.addr, be.port).is_none() {
+    // A SNATed flow (backend on another node) is rewritten by the TC program, which follows the
+    // conntrack entries just created: its checksum helpers are right for every skb, and the
+    // source rewrite belongs with the reverse NAT there.
+    if pick.snat.is_some() {
+        return PASS;
+    }
+    if dnat(ctx, &p, pick.be.addr, pick.be.port).is_none() {
         return DROP;
     }
     stat(STAT_DNAT);
     count_flow(
         svc.rev_nat_id,
-        backend_id,
+        pick.backend_id,
         (ctx.data_end() - ctx.data()) as u32,
     );
     PASS

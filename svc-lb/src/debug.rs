@@ -698,8 +698,8 @@ ID  BACKEND              STATE        SERVICES                  PACKETS  BYTES
             backend_id,
             rev_nat_id,
             flags,
-            _pad: [0; 7],
             last_seen_ns,
+            ..Default::default()
         };
         maps.ct = vec![
             (

@@ -2,7 +2,11 @@
 //! and of how it is stored in the maps. `translate` produces it; `reconcile` turns it into map
 //! contents.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use svc_lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
@@ -169,6 +173,10 @@ pub struct LbPolicy {
     /// Traffic policy Local: `backends` are this node's endpoints only, and without any the
     /// frontend drops (other nodes may still serve the Service) instead of refusing.
     pub local_only: bool,
+    /// Addresses of `backends` on another node (EndpointSlice `nodeName` / Pod `spec.nodeName`
+    /// set and not `--node-name`): external traffic to them is SNATed to this node. Empty
+    /// without `--node-name`; endpoints without a node name count as local.
+    pub remote_backends: BTreeSet<Ipv4Addr>,
 }
 
 /// One frontend and the backends it balances over.

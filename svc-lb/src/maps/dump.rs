@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_LOCAL,
-    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKeyV4,
+    BE_F_REMOTE, BE_STATE_ACTIVE, BE_STATE_MASK, BE_STATE_TERMINATING, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKeyV4,
 };
 
 use super::MapState;
@@ -53,6 +53,9 @@ pub(crate) fn flags_name(flags: u16) -> String {
 }
 
 pub(crate) fn state_name(state: u8) -> String {
+    if state & BE_F_REMOTE != 0 {
+        return format!("{} remote", state_name(state & BE_STATE_MASK));
+    }
     match state {
         BE_STATE_ACTIVE => "active".into(),
         BE_STATE_TERMINATING => "terminating".into(),

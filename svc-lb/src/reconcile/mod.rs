@@ -356,9 +356,15 @@ impl<'a> Planner<'a> {
             self.new_backend_ids.insert(*id);
         }
         for (b, id) in fe.backends.iter().zip(&ids) {
+            // On another node: the datapath SNATs external traffic to it.
+            let state = if fe.policy.remote_backends.contains(&b.ip) {
+                BE_STATE_ACTIVE | svc_lb_common::BE_F_REMOTE
+            } else {
+                BE_STATE_ACTIVE
+            };
             self.target
                 .backends
-                .insert(*id, BackendV4::new(b.ip, b.port, proto, BE_STATE_ACTIVE));
+                .insert(*id, BackendV4::new(b.ip, b.port, proto, state));
         }
         let algorithm = fe.policy.algorithm.unwrap_or(self.limits.default_algorithm);
         let table = if algorithm == LbAlgorithm::Maglev {

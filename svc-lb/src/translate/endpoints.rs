@@ -36,6 +36,8 @@ pub(super) struct EndpointIndex<'a> {
     has_slices: BTreeSet<(&'a str, &'a str)>,
     /// namespace -> Pods that may serve traffic.
     pods: BTreeMap<&'a str, Vec<ServingPod<'a>>>,
+    /// Endpoint address -> the node it runs on, where a slice or Pod names one.
+    nodes: BTreeMap<Ipv4Addr, &'a str>,
 }
 
 struct Slice<'a> {
@@ -107,6 +109,7 @@ impl<'a> EndpointIndex<'a> {
             slices: BTreeMap::new(),
             has_slices: BTreeSet::new(),
             pods: BTreeMap::new(),
+            nodes: BTreeMap::new(),
         };
         for slice in &objects.endpoint_slices {
             let labels = slice.metadata.labels.as_ref();
@@ -141,6 +144,11 @@ impl<'a> EndpointIndex<'a> {
                     }
                 })
                 .collect();
+            for &(ip, _, node) in &endpoints {
+                if let Some(node) = node {
+                    index.nodes.insert(ip, node);
+                }
+            }
             index
                 .slices
                 .entry(key)
@@ -149,6 +157,9 @@ impl<'a> EndpointIndex<'a> {
         }
         for pod in &objects.pods {
             if let Some((ip, serving)) = serving_ip(pod) {
+                if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                    index.nodes.entry(ip).or_insert(node);
+                }
                 index
                     .pods
                     .entry(namespace(&pod.metadata))
@@ -157,6 +168,11 @@ impl<'a> EndpointIndex<'a> {
             }
         }
         index
+    }
+
+    /// Whether the endpoint at `ip` runs on a node other than `node` (unknown = local).
+    pub fn is_remote(&self, ip: Ipv4Addr, node: &str) -> bool {
+        self.nodes.get(&ip).is_some_and(|n| *n != node)
     }
 
     /// Sorted, deduplicated backends of one Service port; with `node`, only endpoints on that

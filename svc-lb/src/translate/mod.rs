@@ -97,6 +97,17 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                     (Some(local), true) => local.clone(),
                     _ => backends.clone(),
                 };
+                // Set for every kind (a backend's map entry is shared by the Service's
+                // frontends); the datapath SNATs external traffic only.
+                let remote_backends = node
+                    .map(|node| {
+                        backends
+                            .iter()
+                            .filter(|b| index.is_remote(b.ip, node))
+                            .map(|b| b.ip)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.state.frontends.insert(
                     key,
                     Frontend {
@@ -112,6 +123,7 @@ pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
                                 Vec::new()
                             },
                             local_only,
+                            remote_backends,
                             ..plan.policy.clone()
                         },
                     },

@@ -791,3 +791,44 @@ status: {phase: Running, podIP: 10.0.2.5}
         ["10.96.0.9:80/TCP ClusterIP default/s:80 -> 10.0.1.5:80"]
     );
 }
+
+#[test]
+fn backends_on_other_nodes_are_marked_remote_for_every_frontend() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30009}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{name: '', port: 8080}]
+endpoints:
+- {addresses: [10.0.1.1], nodeName: node-1}
+- {addresses: [10.0.2.1], nodeName: node-2}
+- {addresses: [10.0.3.1]}
+"#;
+    let objects = load_yaml(yaml);
+    let node_ip = [Ipv4Addr::new(172, 31, 0, 1)];
+    let t = translate(&objects, &cfg(&node_ip, Some("node-1")));
+    assert_eq!(t.state.frontends.len(), 2);
+    for f in t.state.frontends.values() {
+        assert_eq!(f.backends.len(), 3, "{f:?}");
+        // Unknown node (no nodeName) counts as local: no SNAT, like a single node.
+        assert_eq!(
+            f.policy.remote_backends.iter().collect::<Vec<_>>(),
+            [&Ipv4Addr::new(10, 0, 2, 1)],
+            "{f:?}"
+        );
+    }
+    // Without --node-name nothing is known to be remote.
+    let t = translate(&objects, &cfg(&node_ip, None));
+    assert!(
+        t.state
+            .frontends
+            .values()
+            .all(|f| f.policy.remote_backends.is_empty())
+    );
+}
