@@ -6,24 +6,39 @@
 //!
 //! Ids stay safe: a draining backend keeps its id (the allocator sees it as used), and it is
 //! only deleted together with a purge of every conntrack entry that still names it.
+//!
+//! A deleted Service drains the same way: its TCP frontends stay as slot 0 without slots
+//! (count 0: the datapath serves established flows and refuses new ones), with their rev-NAT
+//! entry (replies are still rewritten), while live flows use their rev-NAT id. Without that,
+//! deleting a Service would cut its established connections although deleting its pods one by
+//! one does not.
 
 use std::collections::BTreeSet;
 
-use svc_lb_common::{CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP};
+use svc_lb_common::{CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP, RevNatId};
 
 use super::Limits;
-use crate::{maps::MapState, model::DesiredState};
+use crate::{
+    maps::MapState,
+    model::{DesiredState, FrontendKey, Proto},
+};
 
-/// Backend ids that live TCP flows use: seen within `drain_idle` (`drain_closing` once a FIN or
-/// RST was seen, enough for the last segments of the close).
-pub fn live_tcp_backends(
-    flows: &[(CtKeyV4, CtEntry)],
-    now_ns: u64,
-    limits: &Limits,
-) -> BTreeSet<u32> {
+/// What live TCP flows use: seen within `drain_idle` (`drain_closing` once a FIN or RST was
+/// seen, enough for the last segments of the close).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    /// Backend ids.
+    pub backends: BTreeSet<u32>,
+    /// Rev-NAT ids (frontends).
+    pub frontends: BTreeSet<RevNatId>,
+}
+
+/// The ids live TCP flows use (see [`Live`]).
+pub fn live_tcp(flows: &[(CtKeyV4, CtEntry)], now_ns: u64, limits: &Limits) -> Live {
     let idle = limits.drain_idle.as_nanos();
     let closing = limits.drain_closing.as_nanos();
-    flows
+    let mut live = Live::default();
+    let recent = flows
         .iter()
         .filter(|(k, _)| k.proto == IPPROTO_TCP)
         .filter(|(_, e)| {
@@ -33,14 +48,47 @@ pub fn live_tcp_backends(
             } else {
                 age < idle
             }
-        })
-        .map(|(_, e)| e.backend_id)
-        .collect()
+        });
+    for (_, e) in recent {
+        live.backends.insert(e.backend_id);
+        live.frontends.insert(e.rev_nat_id);
+    }
+    live
 }
 
-/// Whether the plan may have to decide about draining: some programmed TCP backend is not in
-/// the desired state (removed now, or already draining). Otherwise conntrack is not read.
+/// Backend ids that live TCP flows use (see [`live_tcp`]).
+pub fn live_tcp_backends(
+    flows: &[(CtKeyV4, CtEntry)],
+    now_ns: u64,
+    limits: &Limits,
+) -> BTreeSet<u32> {
+    live_tcp(flows, now_ns, limits).backends
+}
+
+/// Whether a programmed frontend that is not desired any more might drain instead of going.
+pub(super) fn may_drain(key: &FrontendKey) -> bool {
+    key.proto == Proto::Tcp
+}
+
+/// Whether the plan may have to decide about draining: some programmed TCP backend or TCP
+/// frontend is not in the desired state (removed now, or already draining). Otherwise
+/// conntrack is not read.
 pub fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
+    let removed_frontend = current
+        .services
+        .iter()
+        .filter(|(k, _)| k.backend_slot == 0)
+        .filter_map(|(k, _)| {
+            Some(FrontendKey {
+                ip: k.ip(),
+                port: k.port(),
+                proto: Proto::from_number(k.proto)?,
+            })
+        })
+        .any(|k| may_drain(&k) && !desired.frontends.contains_key(&k));
+    if removed_frontend {
+        return true;
+    }
     let wanted: BTreeSet<_> = desired
         .frontends
         .values()
@@ -75,6 +123,7 @@ mod tests {
             },
             CtEntry {
                 backend_id,
+                rev_nat_id: backend_id * 10,
                 flags: if closing { CT_F_CLOSING } else { 0 },
                 last_seen_ns: last_seen_s * S,
                 ..Default::default()
@@ -97,7 +146,8 @@ mod tests {
             flow(IPPROTO_UDP, 5, 999, false),  // UDP never drains
             flow(IPPROTO_TCP, 6, 2000, false), // stamped after `now` (clock read earlier)
         ];
-        let live = live_tcp_backends(&flows, 1000 * S, &limits);
-        assert_eq!(live, BTreeSet::from([1, 3, 6]));
+        let live = live_tcp(&flows, 1000 * S, &limits);
+        assert_eq!(live.backends, BTreeSet::from([1, 3, 6]));
+        assert_eq!(live.frontends, BTreeSet::from([10, 30, 60]));
     }
 }

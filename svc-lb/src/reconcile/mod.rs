@@ -8,11 +8,13 @@
 
 mod drain;
 mod ids;
+mod reconciler;
 mod slots;
 #[cfg(test)]
 mod tests;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
@@ -22,20 +24,25 @@ use std::{
 use svc_lb_common::RevNatId;
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV,
+    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP,
+    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT,
     SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SvcName,
     maglev::{self, MAGLEV_TABLE_SIZE},
 };
 use thiserror::Error;
 
-use self::ids::IdAllocator;
+use self::ids::IdPool;
 use crate::{
     error::MapsError,
     maps::{LbMaps, MapState, Op, Purge, SrcRange},
     model::{DesiredState, Frontend, FrontendKey, LbAlgorithm, Proto},
 };
 
-pub use self::drain::live_tcp_backends;
+pub(crate) use self::reconciler::Memory;
+pub use self::{
+    drain::{Live, live_tcp, live_tcp_backends},
+    reconciler::Reconciler,
+};
 
 /// Map capacities the plan must respect. `Default` = the sizes the datapath declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +141,7 @@ impl Plan {
 type BackendIdent = (Ipv4Addr, u16, u8);
 
 /// A frontend as currently programmed (slot 0 with scope external).
-struct Programmed {
+struct ProgrammedFe {
     rev_nat_id: RevNatId,
     /// Backend id per slot `1..=count`; `None` = slot missing.
     slots: Vec<Option<u32>>,
@@ -144,42 +151,97 @@ fn frontend_key(fe: &FrontendKey, slot: u16) -> ServiceKeyV4 {
     ServiceKeyV4::new(fe.ip, fe.port, fe.proto.number(), SCOPE_EXTERNAL, slot)
 }
 
-fn programmed_frontends(current: &MapState) -> BTreeMap<FrontendKey, Programmed> {
+/// The programmed frontend `key`, if its slot 0 is in `current`.
+fn programmed_frontend(current: &MapState, key: &FrontendKey) -> Option<ProgrammedFe> {
+    let k0 = frontend_key(key, 0);
+    let v = current.services.get(&k0)?;
+    let slots = (1..=v.count)
+        .map(|s| current.services.get(&k0.with_slot(s)).map(|e| e.backend_id))
+        .collect();
+    Some(ProgrammedFe {
+        rev_nat_id: v.rev_nat_id,
+        slots,
+    })
+}
+
+fn programmed_frontends(current: &MapState) -> BTreeMap<FrontendKey, ProgrammedFe> {
     current
         .services
-        .iter()
-        .filter(|(k, _)| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL)
-        .filter_map(|(k, v)| {
-            let proto = Proto::from_number(k.proto)?;
-            let slots = (1..=v.count)
-                .map(|s| current.services.get(&k.with_slot(s)).map(|e| e.backend_id))
-                .collect();
+        .keys()
+        .filter(|k| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL)
+        .filter_map(|k| {
             let key = FrontendKey {
                 ip: k.ip(),
                 port: k.port(),
-                proto,
+                proto: Proto::from_number(k.proto)?,
             };
-            Some((
-                key,
-                Programmed {
-                    rev_nat_id: v.rev_nat_id,
-                    slots,
-                },
-            ))
+            Some((key, programmed_frontend(current, &key)?))
         })
         .collect()
+}
+
+/// Backend address -> id over `state` (the lowest id wins if an address is there twice).
+fn backend_index(state: &MapState, limits: &Limits) -> HashMap<BackendIdent, u32> {
+    let mut ids = HashMap::with_capacity(state.backends.len());
+    for (id, b) in &state.backends {
+        if (1..limits.max_backends).contains(id) {
+            ids.entry((b.ip(), b.port_host(), b.proto)).or_insert(*id);
+        }
+    }
+    ids
+}
+
+/// The backend and rev-NAT id pools of `state`: every id it names anywhere counts as used.
+fn id_pools(state: &MapState, limits: &Limits) -> (IdPool, IdPool) {
+    let used_be = state
+        .backends
+        .keys()
+        .copied()
+        .chain(state.services.values().map(|e| e.backend_id));
+    let used_rev = state
+        .revnat
+        .keys()
+        .chain(state.names.keys())
+        // Tables and ranges an interrupted apply left behind still name their id.
+        .chain(state.maglev.keys())
+        .chain(state.src_ranges.iter().map(|r| &r.rev_nat_id))
+        .copied()
+        .chain(state.services.values().map(|e| e.rev_nat_id));
+    (
+        IdPool::new(limits.max_backends, used_be),
+        IdPool::new(limits.max_revnat, used_rev),
+    )
+}
+
+/// Which frontends a plan covers.
+enum Scope<'a> {
+    /// Every frontend: the target is the whole map contents.
+    Full,
+    /// Only these frontends (desired or not); every other programmed frontend stays exactly as
+    /// it is in `current`, which must be consistent (what the agent itself programmed). The
+    /// target then holds only the covered frontends' entries and the backends they touch.
+    Frontends {
+        keys: &'a BTreeSet<FrontendKey>,
+        /// Slots naming each backend id over all of `current`.
+        backend_refs: &'a HashMap<u32, u32>,
+    },
 }
 
 struct Planner<'a> {
     current: &'a MapState,
     limits: Limits,
-    /// Backend ids live TCP flows use (see `drain`).
-    live_tcp: &'a BTreeSet<u32>,
-    programmed: BTreeMap<FrontendKey, Programmed>,
-    /// Backend address -> id, from current (lowest id wins if duplicated) plus new allocations.
-    backend_ids: HashMap<BackendIdent, u32>,
-    be_alloc: IdAllocator,
-    rev_alloc: IdAllocator,
+    /// Ids live TCP flows use (see `drain`).
+    live: &'a Live,
+    scope: Scope<'a>,
+    /// The programmed frontends the plan covers.
+    programmed: BTreeMap<FrontendKey, ProgrammedFe>,
+    /// Backend address -> id, from current (lowest id wins if duplicated)...
+    backend_ids: Cow<'a, HashMap<BackendIdent, u32>>,
+    /// ...plus the ids this plan allocated (kept apart so a scoped plan borrows the agent's
+    /// index instead of copying it).
+    allocated_ids: HashMap<BackendIdent, u32>,
+    be_alloc: IdPool,
+    rev_alloc: IdPool,
     /// Current rev-NAT ids claimed by a desired frontend (each id serves one frontend).
     claimed_rev: BTreeSet<RevNatId>,
     /// Rev-NAT entries no programmed frontend points at, by value: what an interrupted apply
@@ -198,29 +260,9 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a MapState, limits: Limits, live_tcp: &'a BTreeSet<u32>) -> Self {
-        let mut backend_ids = HashMap::new();
-        for (id, b) in &current.backends {
-            if (1..limits.max_backends).contains(id) {
-                backend_ids
-                    .entry((b.ip(), b.port_host(), b.proto))
-                    .or_insert(*id);
-            }
-        }
-        let used_be = current
-            .backends
-            .keys()
-            .copied()
-            .chain(current.services.values().map(|e| e.backend_id));
-        let used_rev = current
-            .revnat
-            .keys()
-            .chain(current.names.keys())
-            // Tables and ranges an interrupted apply left behind still name their id.
-            .chain(current.maglev.keys())
-            .chain(current.src_ranges.iter().map(|r| &r.rev_nat_id))
-            .copied()
-            .chain(current.services.values().map(|e| e.rev_nat_id));
+    /// A plan over every frontend, adopting whatever `current` holds (another agent's ids,
+    /// leftovers of an interrupted apply, garbage).
+    fn full(current: &'a MapState, limits: Limits, live: &'a Live) -> Self {
         let referenced: BTreeSet<RevNatId> = current
             .services
             .iter()
@@ -233,14 +275,17 @@ impl<'a> Planner<'a> {
                 orphan_rev.entry(*r).or_default().push(*id);
             }
         }
+        let (be_alloc, rev_alloc) = id_pools(current, &limits);
         Self {
             current,
             limits,
-            live_tcp,
+            live,
+            scope: Scope::Full,
             programmed: programmed_frontends(current),
-            backend_ids,
-            be_alloc: IdAllocator::new(limits.max_backends, used_be),
-            rev_alloc: IdAllocator::new(limits.max_revnat, used_rev),
+            backend_ids: Cow::Owned(backend_index(current, &limits)),
+            allocated_ids: HashMap::new(),
+            be_alloc,
+            rev_alloc,
             claimed_rev: BTreeSet::new(),
             orphan_rev,
             new_backend_ids: BTreeSet::new(),
@@ -252,10 +297,54 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// A plan over `keys` only, against the agent's own record of the maps.
+    fn scoped(
+        memory: &'a Memory,
+        keys: &'a BTreeSet<FrontendKey>,
+        limits: Limits,
+        live: &'a Live,
+    ) -> Self {
+        let current = &memory.maps;
+        Self {
+            current,
+            limits,
+            live,
+            scope: Scope::Frontends {
+                keys,
+                backend_refs: &memory.backend_refs,
+            },
+            programmed: keys
+                .iter()
+                .filter_map(|k| Some((*k, programmed_frontend(current, k)?)))
+                .collect(),
+            backend_ids: Cow::Borrowed(&memory.backend_ids),
+            allocated_ids: HashMap::new(),
+            be_alloc: memory.be_pool.clone(),
+            rev_alloc: memory.rev_pool.clone(),
+            claimed_rev: BTreeSet::new(),
+            // What the agent programmed itself has no orphans (a failed apply drops the
+            // record, and the next plan is a full one).
+            orphan_rev: BTreeMap::new(),
+            new_backend_ids: BTreeSet::new(),
+            new_rev_ids: BTreeSet::new(),
+            peak_services: current.services.len() as u64,
+            maglev_cache: HashMap::new(),
+            target: MapState::default(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn backend_id(&self, ident: &BackendIdent) -> Option<u32> {
+        self.allocated_ids
+            .get(ident)
+            .or_else(|| self.backend_ids.get(ident))
+            .copied()
+    }
+
     /// First pass: every programmed frontend that is still desired keeps its rev-NAT id, before
     /// any new frontend can take an id.
-    fn claim_rev_ids(&mut self, desired: &DesiredState) {
-        for key in desired.frontends.keys() {
+    fn claim_rev_ids<'k>(&mut self, desired: impl Iterator<Item = &'k FrontendKey>) {
+        for key in desired {
             if let Some(p) = self.programmed.get(key) {
                 let id = p.rev_nat_id;
                 if (1..self.limits.max_revnat).contains(&id) {
@@ -299,12 +388,12 @@ impl<'a> Planner<'a> {
         let mut ids = Vec::with_capacity(fe.backends.len());
         for b in &fe.backends {
             let ident = (b.ip, b.port, proto);
-            let id = match self.backend_ids.get(&ident) {
-                Some(id) => *id,
+            let id = match self.backend_id(&ident) {
+                Some(id) => id,
                 None => match self.be_alloc.alloc() {
                     Some(id) => {
                         allocated_be.push((ident, id));
-                        self.backend_ids.insert(ident, id);
+                        self.allocated_ids.insert(ident, id);
                         id
                     }
                     None => {
@@ -477,7 +566,7 @@ impl<'a> Planner<'a> {
 
     fn release_backends(&mut self, allocated: &[(BackendIdent, u32)]) {
         for (ident, id) in allocated {
-            self.backend_ids.remove(ident);
+            self.allocated_ids.remove(ident);
             self.be_alloc.free(*id);
         }
     }
@@ -522,27 +611,82 @@ impl<'a> Planner<'a> {
         true
     }
 
+    /// A programmed TCP frontend that is no longer desired but still has live flows stays as
+    /// slot 0 without slots (the datapath then serves established flows and refuses new ones)
+    /// with its rev-NAT entry and name; its backends drain in `drain_backends`. Maglev tables,
+    /// source ranges and affinity go: they only matter for new connections.
+    fn drain_frontend(&mut self, key: &FrontendKey) {
+        let Some(p) = self.programmed.get(key) else {
+            return;
+        };
+        let rev = p.rev_nat_id;
+        let cur = self.current;
+        let k0 = frontend_key(key, 0);
+        let (Some(entry0), Some(r)) = (cur.services.get(&k0), cur.revnat.get(&rev)) else {
+            return;
+        };
+        if !drain::may_drain(key)
+            || !self.live.frontends.contains(&rev)
+            // A desired frontend adopted the id (only in maps with duplicated ids).
+            || self.target.revnat.contains_key(&rev)
+        {
+            return;
+        }
+        self.target.services.insert(
+            k0,
+            ServiceEntry {
+                count: 0,
+                rev_nat_id: rev,
+                flags: entry0.flags & KIND_FLAGS,
+                ..Default::default()
+            },
+        );
+        self.target.revnat.insert(rev, *r);
+        if let Some(n) = cur.names.get(&rev) {
+            self.target.names.insert(rev, *n);
+        }
+    }
+
     /// Removed TCP backends that live flows still use stay, TERMINATING (in no slot, so no new
-    /// flow can pick them); the rest are deleted by the diff.
-    fn drain(&mut self) {
-        for (id, b) in &self.current.backends {
+    /// flow can pick them); the rest are deleted by the diff. Only `candidates` are looked at.
+    fn drain_backends(&mut self, candidates: impl IntoIterator<Item = u32>) {
+        for id in candidates {
+            let Some(b) = self.current.backends.get(&id) else {
+                continue;
+            };
             if b.proto == IPPROTO_TCP
-                && self.live_tcp.contains(id)
-                && (1..self.limits.max_backends).contains(id)
-                && !self.target.backends.contains_key(id)
+                && self.live.backends.contains(&id)
+                && (1..self.limits.max_backends).contains(&id)
+                && !self.target.backends.contains_key(&id)
             {
                 let draining = BackendV4 {
                     state: BE_STATE_TERMINATING,
                     ..*b
                 };
-                self.target.backends.insert(*id, draining);
+                self.target.backends.insert(id, draining);
             }
         }
     }
 
-    fn into_plan(self) -> Plan {
+    /// Plans every frontend of `desired` and drains or removes the rest.
+    fn plan_full(mut self, desired: &DesiredState) -> Plan {
+        self.claim_rev_ids(desired.frontends.keys());
+        for fe in desired.frontends.values() {
+            self.add(fe);
+        }
+        let removed: Vec<FrontendKey> = self
+            .programmed
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in &removed {
+            self.drain_frontend(key);
+        }
+        let current = self.current;
+        self.drain_backends(current.backends.keys().copied());
         let ops = diff(
-            self.current,
+            current,
             &self.target,
             &self.new_backend_ids,
             &self.new_rev_ids,
@@ -552,6 +696,97 @@ impl<'a> Planner<'a> {
             ops,
             errors: self.errors,
         }
+    }
+
+    /// Plans only `keys` (each as desired now, or gone). The diff runs between the covered part
+    /// of `current` and the target, which then also holds, unchanged, every touched backend
+    /// that frontends outside the scope still use.
+    fn plan_scoped(mut self, desired: &DesiredState) -> Plan {
+        let Scope::Frontends { keys, backend_refs } = self.scope else {
+            unreachable!("plan_scoped on a full planner");
+        };
+        self.claim_rev_ids(keys.iter().filter(|k| desired.frontends.contains_key(k)));
+        for key in keys {
+            match desired.frontends.get(key) {
+                Some(fe) => self.add(fe),
+                None => self.drain_frontend(key),
+            }
+        }
+        let cur = self.current;
+        let mut before = MapState::default();
+        // Slots of the covered frontends per backend id: what is left is used outside.
+        let mut in_scope: HashMap<u32, u32> = HashMap::new();
+        for (key, p) in &self.programmed {
+            let k0 = frontend_key(key, 0);
+            if let Some(e) = cur.services.get(&k0) {
+                before.services.insert(k0, *e);
+            }
+            for (slot, id) in p.slots.iter().enumerate() {
+                let k = k0.with_slot(slot as u16 + 1);
+                if let (Some(id), Some(e)) = (id, cur.services.get(&k)) {
+                    before.services.insert(k, *e);
+                    *in_scope.entry(*id).or_default() += 1;
+                }
+            }
+            let rev = p.rev_nat_id;
+            if let Some(r) = cur.revnat.get(&rev) {
+                before.revnat.insert(rev, *r);
+            }
+            if let Some(n) = cur.names.get(&rev) {
+                before.names.insert(rev, *n);
+            }
+            if let Some(t) = cur.maglev.get(&rev) {
+                before.maglev.insert(rev, t.clone());
+            }
+            before
+                .src_ranges
+                .extend(cur.src_ranges.range(src_ranges_of(rev)).copied());
+        }
+        let touched: BTreeSet<u32> = in_scope
+            .keys()
+            .chain(self.target.backends.keys())
+            .copied()
+            .collect();
+        for id in &touched {
+            let Some(b) = cur.backends.get(id) else {
+                continue;
+            };
+            before.backends.insert(*id, *b);
+            let total = backend_refs.get(id).copied().unwrap_or(0);
+            let outside = total.saturating_sub(in_scope.get(id).copied().unwrap_or(0));
+            if outside > 0 {
+                self.target.backends.entry(*id).or_insert(*b);
+            }
+        }
+        self.drain_backends(touched);
+        let ops = diff(
+            &before,
+            &self.target,
+            &self.new_backend_ids,
+            &self.new_rev_ids,
+        );
+        Plan {
+            target: self.target,
+            ops,
+            errors: self.errors,
+        }
+    }
+}
+
+/// The `SVC_F_*` bits that say which Service field a frontend comes from.
+const KIND_FLAGS: u16 =
+    SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
+
+/// Every `SrcRange` of frontend `rev` (the set is ordered by rev-NAT id first).
+fn src_ranges_of(rev: RevNatId) -> std::ops::RangeInclusive<SrcRange> {
+    SrcRange {
+        rev_nat_id: rev,
+        addr: Ipv4Addr::UNSPECIFIED,
+        len: 0,
+    }..=SrcRange {
+        rev_nat_id: rev,
+        addr: Ipv4Addr::BROADCAST,
+        len: u8::MAX,
     }
 }
 
@@ -717,24 +952,32 @@ pub fn plan(desired: &DesiredState, current: &MapState) -> Plan {
 /// there. Frontends that do not fit are reported in `Plan::errors`; all others proceed.
 /// Removed backends are deleted at once (no flow is known to be live).
 pub fn plan_with_limits(desired: &DesiredState, current: &MapState, limits: Limits) -> Plan {
-    plan_draining(desired, current, limits, &BTreeSet::new())
+    plan_draining(desired, current, limits, &Live::default())
 }
 
-/// [`plan_with_limits`], keeping removed TCP backends in `live_tcp` (ids live flows use, see
-/// [`live_tcp_backends`]) as TERMINATING instead of deleting them.
+/// [`plan_with_limits`], keeping removed TCP backends and frontends that `live` flows use
+/// (see [`live_tcp`]) instead of deleting them.
 pub fn plan_draining(
     desired: &DesiredState,
     current: &MapState,
     limits: Limits,
-    live_tcp: &BTreeSet<u32>,
+    live: &Live,
 ) -> Plan {
-    let mut p = Planner::new(current, limits, live_tcp);
-    p.claim_rev_ids(desired);
-    for fe in desired.frontends.values() {
-        p.add(fe);
-    }
-    p.drain();
-    p.into_plan()
+    Planner::full(current, limits, live).plan_full(desired)
+}
+
+/// Plans only the frontends `keys` (as `desired` has them now, or gone) against the agent's
+/// record of what it programmed; everything else stays as it is. Same ids and writes as a
+/// [`plan_draining`] over all of `desired` would give when only `keys` changed, at the cost of
+/// the changed frontends alone.
+pub(crate) fn plan_changed(
+    memory: &Memory,
+    desired: &DesiredState,
+    keys: &BTreeSet<FrontendKey>,
+    limits: Limits,
+    live: &Live,
+) -> Plan {
+    Planner::scoped(memory, keys, limits, live).plan_scoped(desired)
 }
 
 /// A write failed; the ones before it were applied. Re-planning from a fresh dump and applying
@@ -783,31 +1026,50 @@ pub struct Outcome {
 }
 
 /// Dump -> plan -> apply: adopts whatever is programmed (a previous agent's ids included).
-/// Conntrack is read only when a TCP backend is removed or draining, to find live flows.
+/// Conntrack is read only when a TCP backend or frontend is removed or draining, to find live
+/// flows. The agent uses a [`Reconciler`], which does this only at startup and on periodic
+/// resyncs and plans changes against its own record of the maps in between.
 pub fn reconcile(
     maps: &mut impl LbMaps,
     desired: &DesiredState,
     limits: Limits,
 ) -> Result<Outcome, ReconcileError> {
+    let (outcome, _) = reconcile_full(maps, desired, limits)?;
+    Ok(outcome)
+}
+
+/// [`reconcile`], also returning what the maps hold afterwards.
+fn reconcile_full(
+    maps: &mut impl LbMaps,
+    desired: &DesiredState,
+    limits: Limits,
+) -> Result<(Outcome, Plan), ReconcileError> {
     let current = maps.dump().map_err(ReconcileError::Dump)?;
-    let live_tcp = if drain::needs_flow_scan(desired, &current) {
+    let live = if drain::needs_flow_scan(desired, &current) {
         let (now_ns, flows) = maps.flows().map_err(ReconcileError::Dump)?;
-        live_tcp_backends(&flows, now_ns, &limits)
+        live_tcp(&flows, now_ns, &limits)
     } else {
-        BTreeSet::new()
+        Live::default()
     };
-    let plan = plan_draining(desired, &current, limits, &live_tcp);
+    let plan = plan_draining(desired, &current, limits, &live);
+    // The dump can be large (every slot of every frontend); the plan's target replaces it.
+    drop(current);
     apply(maps, &plan.ops)?;
-    Ok(Outcome {
+    let outcome = Outcome {
         frontends: plan.frontend_count(),
         backends: plan.target.backends.len(),
         ops: plan.ops.len(),
-        errors: plan.errors,
-        draining: plan
-            .target
-            .backends
-            .values()
-            .filter(|b| b.state == BE_STATE_TERMINATING)
-            .count(),
-    })
+        errors: plan.errors.clone(),
+        draining: draining(&plan.target),
+    };
+    Ok((outcome, plan))
+}
+
+/// Removed TCP backends kept for their flows.
+fn draining(state: &MapState) -> usize {
+    state
+        .backends
+        .values()
+        .filter(|b| b.state == BE_STATE_TERMINATING)
+        .count()
 }

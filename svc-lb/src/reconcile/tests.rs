@@ -1032,3 +1032,5 @@ fn source_ranges_are_written_before_enforcement_and_removed_after() {
     let del_rev = t.iter().position(|o| o.starts_with("-rev")).unwrap();
     assert!(del_src < del_rev, "{t:?}");
 }
+
+mod incremental;
