@@ -104,14 +104,19 @@ fn slice_serving(e: &Endpoint) -> Option<Serving> {
 }
 
 impl<'a> EndpointIndex<'a> {
-    pub fn new(objects: &'a super::Objects, rejected: &mut Vec<Rejected>) -> Self {
+    /// Indexes `slices` and `pods` (for one Service: its own slices and its namespace's Pods).
+    pub fn new(
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        pods: impl IntoIterator<Item = &'a Pod>,
+        rejected: &mut Vec<Rejected>,
+    ) -> Self {
         let mut index = EndpointIndex {
             slices: BTreeMap::new(),
             has_slices: BTreeSet::new(),
             pods: BTreeMap::new(),
             nodes: BTreeMap::new(),
         };
-        for slice in &objects.endpoint_slices {
+        for slice in slices {
             let labels = slice.metadata.labels.as_ref();
             let Some(svc) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
                 continue;
@@ -155,7 +160,7 @@ impl<'a> EndpointIndex<'a> {
                 .or_default()
                 .push(Slice { slice, endpoints });
         }
-        for pod in &objects.pods {
+        for pod in pods {
             if let Some((ip, serving)) = serving_ip(pod) {
                 if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
                     index.nodes.entry(ip).or_insert(node);

@@ -5,12 +5,19 @@
 //! address, a port, a Service); everything else keeps working.
 
 mod endpoints;
+mod incremental;
 mod service;
 
-use std::{fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use tracing::debug;
+
+use self::endpoints::SERVICE_NAME_LABEL;
+pub use self::incremental::{IncrementalTranslator, SharedObjects};
 
 use crate::{
     cli::PortRange,
@@ -49,88 +56,173 @@ pub struct Translation {
     pub rejected: Vec<Rejected>,
 }
 
-pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
-    let mut out = Translation::default();
-    let node_ips = service::node_addresses(objects, cfg);
-    let index = endpoints::EndpointIndex::new(objects, &mut out.rejected);
+/// `(namespace, name)` of a Service (name `""` when missing: such a Service is rejected).
+pub type ServiceId = (String, String);
 
-    // Sorted so that the earlier Service wins a contested frontend, whatever the file order.
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by(|a, b| {
-        let key = |s: &Service| (namespace(&s.metadata).to_owned(), s.metadata.name.clone());
-        key(a).cmp(&key(b))
-    });
+pub(crate) fn service_id(svc: &Service) -> ServiceId {
+    (
+        namespace(&svc.metadata).to_owned(),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
 
-    for svc in services {
-        let Some(plan) = service::plan(svc, &node_ips, cfg, &mut out.rejected) else {
-            continue;
+/// The Service an EndpointSlice belongs to (by its `kubernetes.io/service-name` label).
+pub(crate) fn slice_owner(slice: &EndpointSlice) -> Option<ServiceId> {
+    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((namespace(&slice.metadata).to_owned(), svc.clone()))
+}
+
+/// One Service translated on its own: every frontend it asks for, before other Services'
+/// claims on the same addresses are settled (see [`assemble`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ServiceFrontends {
+    /// In the order the Service lists them (ports, then addresses per port): within one
+    /// Service the earlier one wins a duplicated key.
+    pub frontends: Vec<Frontend>,
+    /// Problems with the Service itself.
+    pub rejected: Vec<Rejected>,
+    /// Problems with its EndpointSlices.
+    pub slice_rejected: Vec<Rejected>,
+}
+
+/// Translates one Service from its own EndpointSlices and its namespace's Pods. Depends on
+/// nothing else but `node_ips` and `cfg`, so a change to one Service or slice re-translates
+/// only that Service.
+pub(crate) fn translate_service<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    node_ips: &[Ipv4Addr],
+    cfg: &TranslateConfig,
+) -> ServiceFrontends {
+    let mut out = ServiceFrontends::default();
+    let index = endpoints::EndpointIndex::new(slices, pods, &mut out.slice_rejected);
+    let Some(plan) = service::plan(svc, node_ips, cfg, &mut out.rejected) else {
+        return out;
+    };
+    let node = cfg.node_name.as_deref();
+    for port in &plan.ports {
+        let backends = index.backends(&plan, port, None);
+        let local_backends =
+            (plan.external_local || plan.internal_local).then(|| index.backends(&plan, port, node));
+        let service_ref = ServicePortRef {
+            namespace: plan.namespace.to_owned(),
+            name: plan.name.to_owned(),
+            port: port.label(),
         };
-        let node = cfg.node_name.as_deref();
-        for port in &plan.ports {
-            let backends = index.backends(&plan, port, None);
-            let local_backends = (plan.external_local || plan.internal_local)
-                .then(|| index.backends(&plan, port, node));
-            let service_ref = ServicePortRef {
-                namespace: plan.namespace.to_owned(),
-                name: plan.name.to_owned(),
-                port: port.label(),
+        for &(key, kind) in &port.frontends {
+            let local_only = if kind == FrontendKind::ClusterIp {
+                plan.internal_local
+            } else {
+                plan.external_local
             };
-            for &(key, kind) in &port.frontends {
-                if let Some(owner) = out.state.frontends.get(&key) {
-                    out.rejected.push(Rejected {
-                        object: plan.object(),
-                        reason: format!(
-                            "port {}: {kind} frontend {key} is already used by {} ({})",
-                            port.label(),
-                            owner.service,
-                            owner.kind
-                        ),
-                    });
-                    continue;
-                }
-                let local_only = if kind == FrontendKind::ClusterIp {
-                    plan.internal_local
-                } else {
-                    plan.external_local
-                };
-                let backends = match (&local_backends, local_only) {
-                    (Some(local), true) => local.clone(),
-                    _ => backends.clone(),
-                };
-                // Set for every kind (a backend's map entry is shared by the Service's
-                // frontends); the datapath SNATs external traffic only.
-                let remote_backends = node
-                    .map(|node| {
-                        backends
-                            .iter()
-                            .filter(|b| index.is_remote(b.ip, node))
-                            .map(|b| b.ip)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.state.frontends.insert(
-                    key,
-                    Frontend {
-                        key,
-                        kind,
-                        service: service_ref.clone(),
-                        backends,
-                        policy: LbPolicy {
-                            // kube-proxy applies them to the load balancer's IPs only.
-                            source_ranges: if kind == FrontendKind::LoadBalancer {
-                                plan.policy.source_ranges.clone()
-                            } else {
-                                Vec::new()
-                            },
-                            local_only,
-                            remote_backends,
-                            ..plan.policy.clone()
-                        },
+            let backends = match (&local_backends, local_only) {
+                (Some(local), true) => local.clone(),
+                _ => backends.clone(),
+            };
+            // Set for every kind (a backend's map entry is shared by the Service's
+            // frontends); the datapath SNATs external traffic only.
+            let remote_backends = node
+                .map(|node| {
+                    backends
+                        .iter()
+                        .filter(|b| index.is_remote(b.ip, node))
+                        .map(|b| b.ip)
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.frontends.push(Frontend {
+                key,
+                kind,
+                service: service_ref.clone(),
+                backends,
+                policy: LbPolicy {
+                    // kube-proxy applies them to the load balancer's IPs only.
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        plan.policy.source_ranges.clone()
+                    } else {
+                        Vec::new()
                     },
-                );
+                    local_only,
+                    remote_backends,
+                    ..plan.policy.clone()
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Why `loser` (of Service `object`) does not get its key: `owner` has it.
+fn conflict(object: String, loser: &Frontend, owner: &Frontend) -> Rejected {
+    Rejected {
+        object,
+        reason: format!(
+            "port {}: {} frontend {} is already used by {} ({})",
+            loser.service.port, loser.kind, loser.key, owner.service, owner.kind
+        ),
+    }
+}
+
+/// Settles contested frontends (the Service first by namespace/name wins, whatever the file
+/// or event order) and lists every problem: slices first, then each Service's own problems
+/// followed by its lost frontends.
+fn assemble(services: &BTreeMap<ServiceId, ServiceFrontends>) -> Translation {
+    let mut out = Translation::default();
+    for s in services.values() {
+        out.rejected.extend(s.slice_rejected.iter().cloned());
+    }
+    for ((ns, name), s) in services {
+        out.rejected.extend(s.rejected.iter().cloned());
+        for fe in &s.frontends {
+            match out.state.frontends.get(&fe.key) {
+                Some(owner) => out
+                    .rejected
+                    .push(conflict(describe_service(ns, name), fe, owner)),
+                None => {
+                    out.state.frontends.insert(fe.key, fe.clone());
+                }
             }
         }
     }
+    out
+}
+
+/// `Service ns/name` as rejections name it.
+fn describe_service(ns: &str, name: &str) -> String {
+    let name = if name.is_empty() { "<no name>" } else { name };
+    format!("Service {ns}/{name}")
+}
+
+pub fn translate(objects: &Objects, cfg: &TranslateConfig) -> Translation {
+    let node_ips = service::node_addresses(&objects.nodes, cfg);
+    let mut slices: BTreeMap<ServiceId, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &objects.endpoint_slices {
+        if let Some(owner) = slice_owner(slice) {
+            slices.entry(owner).or_default().push(slice);
+        }
+    }
+    let mut pods: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for pod in &objects.pods {
+        pods.entry(namespace(&pod.metadata)).or_default().push(pod);
+    }
+    let mut services = BTreeMap::new();
+    for svc in &objects.services {
+        let id = service_id(svc);
+        if services.contains_key(&id) {
+            // The loaders never produce two objects with one name; keep the first anyway.
+            continue;
+        }
+        let t = translate_service(
+            svc,
+            slices.get(&id).into_iter().flatten().copied(),
+            pods.get(id.0.as_str()).into_iter().flatten().copied(),
+            &node_ips,
+            cfg,
+        );
+        services.insert(id, t);
+    }
+    let out = assemble(&services);
     for r in &out.rejected {
         debug!(object = %r.object, reason = %r.reason, "rejected");
     }

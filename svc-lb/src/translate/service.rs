@@ -6,14 +6,14 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Service, ServicePort},
+    api::core::v1::{Node, Service, ServicePort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use tracing::debug;
 
 use super::{Rejected, TranslateConfig};
 use crate::{
-    k8s::{manifest::Objects, namespace},
+    k8s::namespace,
     model::{FrontendKey, FrontendKind, LbAlgorithm, LbPolicy, Proto},
 };
 
@@ -73,12 +73,14 @@ pub(super) enum Target {
 }
 
 /// NodePort addresses: the configured ones plus this node's InternalIP/ExternalIP.
-pub(super) fn node_addresses(objects: &Objects, cfg: &TranslateConfig) -> Vec<Ipv4Addr> {
+pub(super) fn node_addresses<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    cfg: &TranslateConfig,
+) -> Vec<Ipv4Addr> {
     let mut ips: BTreeSet<Ipv4Addr> = cfg.node_ips.iter().copied().collect();
     if let Some(node_name) = &cfg.node_name {
-        let node = objects
-            .nodes
-            .iter()
+        let node = nodes
+            .into_iter()
             .find(|n| n.metadata.name.as_ref() == Some(node_name));
         match node {
             None => debug!(
