@@ -6,9 +6,7 @@
 //! affinity was turned off or changed; the state check below is a second line of defence.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use svc_lb_common::{
-    AffinityEntry, AffinityKeyV4, BackendV4, RevNatId, ServiceEntry,
-};
+use svc_lb_common::{AffinityEntry, AffinityKeyV4, BackendV4, RevNatId, ServiceEntry};
 
 use crate::maps::{LB4_AFFINITY, LB4_BACKENDS};
 

@@ -5,8 +5,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
     maps::lpm_trie::Key,
@@ -163,7 +163,12 @@ fn needs_snat(svc: &ServiceEntry, be: &BackendV4) -> bool {
 /// what MASQUERADE would pick), from a FIB lookup as if forwarding the packet arriving on
 /// `ifindex`. `None` without a route.
 #[inline(always)]
-fn snat_source<C: EbpfContext>(ctx: &C, ifindex: u32, p: &Packet, backend_addr: u32) -> Option<u32> {
+fn snat_source<C: EbpfContext>(
+    ctx: &C,
+    ifindex: u32,
+    p: &Packet,
+    backend_addr: u32,
+) -> Option<u32> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;

@@ -10,6 +10,7 @@ pub mod kube_agent;
 pub mod kube_api;
 pub mod kube_objects;
 pub mod manifests;
+pub mod multinode;
 pub mod netns;
 pub mod packet;
 pub mod prog;

@@ -893,3 +893,124 @@ fn local_policy_without_local_endpoint_drops_instead_of_refusing() {
     assert_eq!(h.stat(STAT_NO_LOCAL_DROP), 1);
     assert_eq!(h.stat(STAT_NO_BACKEND), 1);
 }
+
+/// External traffic to a backend on another node (BE_F_REMOTE) is DNATed and SNATed to the
+/// node's address towards the backend (from the FIB: the test runs in a namespace with a route
+/// to 10.244.2.0/24 from 172.30.0.1), on a port from the SNAT range that differs for two
+/// clients with the same source port; the reply to node:port is translated back to
+/// frontend -> client. Every rewritten frame's checksums are verified by recomputation.
+#[test]
+fn remote_backend_flows_are_snated_to_the_node_and_replies_restored() {
+    use svc_lb_common::{
+        BE_F_REMOTE, CT_F_SNAT, SNAT_PORT_MAX, SNAT_PORT_MIN, STAT_SNAT, SVC_F_NODE_PORT,
+    };
+    use svc_lb_tests::multinode::RoutedNs;
+
+    const NODE_PORT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+    let routed = RoutedNs::new();
+    routed.ns.in_ns(|| {
+        let mut h = Harness::new();
+        let backend = sa(pod(2), 80);
+        Seeder::new(&h.dir.0).service(
+            NODE_PORT_IP,
+            30080,
+            IPPROTO_TCP,
+            SVC_F_NODE_PORT,
+            3,
+            &[(5, pod(2), 80)],
+        );
+        // The same backend behind a ClusterIP: in-cluster traffic is never SNATed.
+        Seeder::new(&h.dir.0).service(VIP, 80, IPPROTO_TCP, SVC_F_CLUSTER_IP, 4, &[(5, pod(2), 80)]);
+        h.backends()
+            .insert(5, BackendV4::new(pod(2), 80, IPPROTO_TCP, BE_F_REMOTE), 0)
+            .unwrap();
+        let frontend = sa(NODE_PORT_IP, 30080);
+
+        // Two clients, same source port.
+        let mut snat_ports = Vec::new();
+        for client_ip in [CLIENT, Ipv4Addr::new(172, 31, 0, 3)] {
+            let client = sa(client_ip, 40000);
+            let (v, out) = h.run(&packet::tcp(client, frontend, TCP_SYN, 1000, 0, b""));
+            assert_eq!(v, TC_ACT_OK);
+            let d = decode(&out).expect("checksums after DNAT+SNAT");
+            assert_eq!((d.src, d.dst), (NODE_IP, pod(2)), "{d:?}");
+            let L4::Tcp { sport, dport, seq, .. } = d.l4 else {
+                panic!("not TCP: {d:?}")
+            };
+            assert_eq!((dport, seq), (80, 1000));
+            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&sport), "{sport}");
+            let node = sa(NODE_IP, sport);
+            let fwd = h
+                .ct()
+                .get(&ct_key(client, frontend, IPPROTO_TCP, CT_DIR_FORWARD), 0)
+                .expect("forward CT entry");
+            let rev = h
+                .ct()
+                .get(&ct_key(backend, node, IPPROTO_TCP, CT_DIR_REPLY), 0)
+                .expect("reply CT entry keyed by the SNAT tuple");
+            assert_eq!((fwd.backend_id, fwd.rev_nat_id, rev.backend_id), (5, 3, 5));
+            assert!(fwd.flags & CT_F_SNAT != 0 && rev.flags & CT_F_SNAT != 0);
+            assert_eq!((fwd.nat_addr, fwd.nat_port), (ip_to_net(NODE_IP), port_to_net(sport)));
+            assert_eq!((rev.nat_addr, rev.nat_port), (ip_to_net(client_ip), port_to_net(40000)));
+
+            // The reply to node:port goes back as frontend -> client.
+            let reply = packet::tcp(backend, node, TCP_SYN | TCP_ACK, 7000, 1001, b"");
+            let (v, out) = h.run(&reply);
+            assert_eq!(v, TC_ACT_OK);
+            let d = decode(&out).expect("checksums after reverse NAT of a SNATed flow");
+            assert_eq!((d.src, d.dst), (NODE_PORT_IP, client_ip), "{d:?}");
+            assert!(matches!(
+                d.l4,
+                L4::Tcp { sport: 30080, dport: 40000, seq: 7000, ack: 1001, .. }
+            ));
+
+            // Later packets of the flow keep their SNAT port (from conntrack).
+            let ack = packet::tcp(client, frontend, TCP_ACK | TCP_PSH, 1001, 7001, b"GET /");
+            let (v, out) = h.run(&ack);
+            assert_eq!(v, TC_ACT_OK);
+            let d = decode(&out).expect("checksums of an established SNATed packet");
+            assert_eq!((d.src, d.dst), (NODE_IP, pod(2)));
+            assert!(matches!(&d.l4, L4::Tcp { sport: s, dport: 80, payload, .. } if *s == sport && payload == b"GET /"));
+            snat_ports.push(sport);
+        }
+        assert_ne!(snat_ports[0], snat_ports[1], "same client port, same SNAT port");
+        assert_eq!(h.stat(STAT_SNAT), 2);
+
+        // ClusterIP to the same remote backend: DNAT only, the client's address stays.
+        let client = sa(pod(1), 41000);
+        let (v, out) = h.run(&packet::tcp(client, sa(VIP, 80), TCP_SYN, 1, 0, b""));
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("checksums after ClusterIP DNAT");
+        assert_eq!((d.src, d.dst), (pod(1), pod(2)));
+        assert!(matches!(d.l4, L4::Tcp { sport: 41000, dport: 80, .. }));
+        assert_eq!(h.stat(STAT_SNAT), 2);
+
+        // UDP: both checksums (and the reply) are right too.
+        let udp_port = 30053;
+        Seeder::new(&h.dir.0).service(
+            NODE_PORT_IP,
+            udp_port,
+            IPPROTO_UDP,
+            SVC_F_NODE_PORT,
+            6,
+            &[(8, pod(2), 5353)],
+        );
+        h.backends()
+            .insert(8, BackendV4::new(pod(2), 5353, IPPROTO_UDP, BE_F_REMOTE), 0)
+            .unwrap();
+        let client = sa(CLIENT, 42000);
+        let (v, out) = h.run(&packet::udp(client, sa(NODE_PORT_IP, udp_port), b"q", true));
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("UDP checksums after DNAT+SNAT");
+        assert_eq!((d.src, d.dst), (NODE_IP, pod(2)));
+        let L4::Udp { sport, dport: 5353, .. } = d.l4 else {
+            panic!("{d:?}")
+        };
+        let (v, out) = h.run(&packet::udp(sa(pod(2), 5353), sa(NODE_IP, sport), b"a", true));
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("UDP checksums after reverse NAT");
+        assert_eq!((d.src, d.dst), (NODE_PORT_IP, CLIENT));
+        assert!(matches!(d.l4, L4::Udp { sport: 30053, dport: 42000, .. }));
+    });
+}
