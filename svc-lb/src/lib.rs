@@ -4,6 +4,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod debug;
 pub mod error;
+pub mod healthcheck;
 pub mod k8s;
 pub mod maps;
 pub mod model;

@@ -188,6 +188,19 @@ impl<'a> EndpointIndex<'a> {
         port: &PortPlan,
         node: Option<&str>,
     ) -> Vec<BackendAddr> {
+        self.candidates(svc, port, node).into_backends()
+    }
+
+    /// The ready endpoints of one Service port on `node` only, without the terminating
+    /// fallback (what kube-proxy's health check counts).
+    pub fn ready_on(&self, svc: &ServicePlan<'_>, port: &PortPlan, node: &str) -> Vec<BackendAddr> {
+        self.candidates(svc, port, Some(node))
+            .ready
+            .into_iter()
+            .collect()
+    }
+
+    fn candidates(&self, svc: &ServicePlan<'_>, port: &PortPlan, node: Option<&str>) -> Candidates {
         let on_node = |n: Option<&str>| node.is_none() || n == node;
         let key = (svc.namespace, svc.name);
         let mut out = Candidates::default();
@@ -228,7 +241,7 @@ impl<'a> EndpointIndex<'a> {
                 }
             }
         }
-        out.into_backends()
+        out
     }
 }
 

@@ -148,6 +148,14 @@ impl IncrementalTranslator {
         &self.rejected
     }
 
+    /// Health checks of the current Services, like [`super::Translation::health_checks`].
+    pub fn health_checks(&self) -> Vec<super::HealthCheck> {
+        self.per_service
+            .values()
+            .filter_map(|s| s.health_check.clone())
+            .collect()
+    }
+
     /// Services translated (those with frontends or problems, and those without either).
     pub fn services(&self) -> usize {
         self.per_service.len()

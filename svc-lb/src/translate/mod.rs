@@ -54,6 +54,21 @@ pub struct Translation {
     pub state: DesiredState,
     /// In processing order: Services sorted by namespace/name.
     pub rejected: Vec<Rejected>,
+    /// Services this node answers load balancer health checks for, sorted by namespace/name.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// A Service whose load balancer probes every node (type LoadBalancer, externalTrafficPolicy
+/// Local, `spec.healthCheckNodePort`): kube-proxy answers on that port with the number of
+/// ready endpoints on the node, so only nodes with local endpoints get traffic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    /// Ready (not merely serving/terminating) endpoints on this node, each address counted
+    /// once over all ports, like kube-proxy's `LocalReadyEndpoints`.
+    pub local_endpoints: usize,
 }
 
 /// `(namespace, name)` of a Service (name `""` when missing: such a Service is rejected).
@@ -83,6 +98,8 @@ pub(crate) struct ServiceFrontends {
     pub rejected: Vec<Rejected>,
     /// Problems with its EndpointSlices.
     pub slice_rejected: Vec<Rejected>,
+    /// Its load balancer health check, if this node serves one.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Translates one Service from its own EndpointSlices and its namespace's Pods. Depends on
@@ -101,6 +118,7 @@ pub(crate) fn translate_service<'a>(
         return out;
     };
     let node = cfg.node_name.as_deref();
+    out.health_check = health_check(&plan, &index, node);
     for port in &plan.ports {
         let backends = index.backends(&plan, port, None);
         let local_backends =
@@ -153,6 +171,33 @@ pub(crate) fn translate_service<'a>(
     out
 }
 
+/// The health check of a LoadBalancer Service with externalTrafficPolicy Local (applied, so
+/// `--node-name` is known) and a valid `spec.healthCheckNodePort`.
+fn health_check(
+    plan: &service::ServicePlan<'_>,
+    index: &endpoints::EndpointIndex<'_>,
+    node: Option<&str>,
+) -> Option<HealthCheck> {
+    let spec = plan.service.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") || !plan.external_local {
+        return None;
+    }
+    let port = spec.health_check_node_port.and_then(service::valid_port)?;
+    let node = node?;
+    let ready: std::collections::BTreeSet<Ipv4Addr> = plan
+        .ports
+        .iter()
+        .flat_map(|p| index.ready_on(plan, p, node))
+        .map(|b| b.ip)
+        .collect();
+    Some(HealthCheck {
+        namespace: plan.namespace.to_owned(),
+        name: plan.name.to_owned(),
+        port,
+        local_endpoints: ready.len(),
+    })
+}
+
 /// Why `loser` (of Service `object`) does not get its key: `owner` has it.
 fn conflict(object: String, loser: &Frontend, owner: &Frontend) -> Rejected {
     Rejected {
@@ -172,6 +217,10 @@ fn assemble(services: &BTreeMap<ServiceId, ServiceFrontends>) -> Translation {
     for s in services.values() {
         out.rejected.extend(s.slice_rejected.iter().cloned());
     }
+    out.health_checks = services
+        .values()
+        .filter_map(|s| s.health_check.clone())
+        .collect();
     for ((ns, name), s) in services {
         out.rejected.extend(s.rejected.iter().cloned());
         for fe in &s.frontends {

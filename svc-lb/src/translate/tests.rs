@@ -832,3 +832,62 @@ endpoints:
             .all(|f| f.policy.remote_backends.is_empty())
     );
 }
+
+#[test]
+fn health_checks_count_ready_local_endpoints_once_per_address() {
+    let svc = |name: &str, ip: &str, kind: &str, policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{type: {kind}, clusterIP: {ip}, externalTrafficPolicy: {policy}, \
+             healthCheckNodePort: 32100, ports: [{{name: http, port: 80, nodePort: 30100}}, \
+             {{name: https, port: 443, nodePort: 30443}}]}}\n"
+        )
+    };
+    let slice = |name: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: https, port: 8443}}]\n\
+             endpoints:\n\
+             - {{addresses: [10.0.1.1], nodeName: node-1}}\n\
+             - {{addresses: [10.0.1.2], nodeName: node-1, conditions: {{ready: false, serving: true, terminating: true}}}}\n\
+             - {{addresses: [10.0.2.1], nodeName: node-2}}\n"
+        )
+    };
+    let docs = [
+        svc("lb", "10.96.0.1", "LoadBalancer", "Local"),
+        slice("lb"),
+        // Cluster policy and plain NodePort Services have no health check.
+        svc("cluster", "10.96.0.2", "LoadBalancer", "Cluster"),
+        slice("cluster"),
+        svc("np", "10.96.0.3", "NodePort", "Local"),
+        slice("np"),
+    ];
+    // Distinct node ports per Service so none is rejected for a conflict.
+    let docs: Vec<String> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            d.replace("30100", &(30100 + i).to_string())
+                .replace("30443", &(30200 + i).to_string())
+        })
+        .collect();
+    let objects = load_yaml(&docs.join("---\n"));
+    let on = |node: &str| translate(&objects, &cfg(&[], Some(node))).health_checks;
+    let check = |n| HealthCheck {
+        namespace: "shop".into(),
+        name: "lb".into(),
+        port: 32100,
+        local_endpoints: n,
+    };
+    // Two ports, one ready address: 1 (the terminating one does not count).
+    assert_eq!(on("node-1"), [check(1)]);
+    assert_eq!(on("node-2"), [check(1)]);
+    assert_eq!(on("node-3"), [check(0)]);
+    // Without --node-name the Local policy is not applied: no health check.
+    assert!(
+        translate(&objects, &cfg(&[], None))
+            .health_checks
+            .is_empty()
+    );
+}
