@@ -11,7 +11,7 @@
 //! it reads again (or is deleted).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -39,24 +39,28 @@ use crate::{
     cli::RunArgs,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
     error::{MapsError, NetifError},
-    k8s::manifest::{Loader, ManifestError, Objects, manifest_files},
+    k8s::manifest::{Loader, Location, ManifestError, manifest_files},
     maps::BpfLbMaps,
-    model::DesiredState,
     netif,
     reconcile::{self, Outcome},
-    translate::TranslateConfig,
+    translate::{SharedObjects, TranslateConfig},
 };
 
 mod api;
 mod health;
 mod sync;
 
-use sync::MapSync;
+use sync::{MapSync, Scope};
 
-/// How long to wait after a change event for the rest of a multi-file update.
-const DEBOUNCE: Duration = Duration::from_millis(50);
-/// Full rescan interval, in case an inotify event was missed (or the directory was replaced).
+/// How long to wait after a change event for the rest of a multi-file update. Short: a sync
+/// only costs what changed, and this delay is part of every change's latency.
+const DEBOUNCE: Duration = Duration::from_millis(10);
+/// Rescan interval, in case an inotify event was missed (or the directory was replaced): only
+/// files whose stamp changed are read again.
 const RESCAN: Duration = Duration::from_secs(2);
+/// How often a rescan also reconciles fully: reads the maps back and repairs what someone
+/// else changed in them (like API mode's default `--resync-interval`).
+const FULL_RESYNC: Duration = Duration::from_secs(30);
 
 /// `svc-lb run` startup failures (the loop itself logs and retries instead of failing).
 #[derive(Debug, Error)]
@@ -103,13 +107,13 @@ pub enum RunError {
     },
 }
 
-/// Objects of one file, as last read successfully.
+/// Objects of one file, as last read successfully (shared with the translator).
 #[derive(Clone, Debug, Default)]
 struct FileObjects {
-    services: Vec<Service>,
-    endpoint_slices: Vec<EndpointSlice>,
-    pods: Vec<Pod>,
-    nodes: Vec<Node>,
+    services: Vec<Arc<Service>>,
+    endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pods: Vec<Arc<Pod>>,
+    nodes: Vec<Arc<Node>>,
 }
 
 impl FileObjects {
@@ -119,56 +123,64 @@ impl FileObjects {
             && self.pods.is_empty()
             && self.nodes.is_empty()
     }
-
-    fn append_to(&self, o: &mut Objects) {
-        o.services.extend(self.services.iter().cloned());
-        o.endpoint_slices
-            .extend(self.endpoint_slices.iter().cloned());
-        o.pods.extend(self.pods.iter().cloned());
-        o.nodes.extend(self.nodes.iter().cloned());
-    }
 }
 
-/// Appends the `stale` objects whose namespace/name is not among `fresh`.
-fn keep_new<T>(fresh: &mut Vec<T>, stale: Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) {
-    let id = |o: &T| {
-        let m = meta(o);
-        (m.namespace.clone(), m.name.clone())
-    };
-    let seen: std::collections::BTreeSet<_> = fresh.iter().map(id).collect();
-    fresh.extend(stale.into_iter().filter(|o| !seen.contains(&id(o))));
+/// The duplicate-detection key the loader uses: (kind, namespace, name).
+type ObjectKey = (&'static str, String, String);
+
+fn object_key(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectKey> {
+    let name = meta.name.clone().filter(|n| !n.is_empty())?;
+    Some((kind, meta.namespace.clone().unwrap_or_default(), name))
 }
 
-/// What identifies a version of the directory without reading it: per file, its inode,
-/// size and modification time (following symlinks, like the loader).
-type Fingerprint = Vec<(PathBuf, u64, u64, i64, i64)>;
+/// What identifies a version of a file without reading it: inode, size and modification time
+/// (following symlinks, like the loader).
+type Stamp = (u64, u64, i64, i64);
+
+/// What identifies a version of the directory: its files and their stamps.
+type Fingerprint = Vec<(PathBuf, Stamp)>;
 
 fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
     Ok(manifest_files(dir)?
         .into_iter()
         .map(|f| {
             let m = fs::metadata(&f).ok();
-            let (ino, len, s, ns) = m.map_or((0, 0, 0, 0), |m| {
+            let stamp = m.map_or((0, 0, 0, 0), |m| {
                 (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
             });
-            (f, ino, len, s, ns)
+            (f, stamp)
         })
         .collect())
 }
 
-/// Reads the manifest directory, remembering each file's last good objects.
+/// One file as read at `stamp`.
+#[derive(Debug)]
+struct FileEntry {
+    stamp: Stamp,
+    /// What it contributes: its objects, or the last good ones while it cannot be read.
+    objects: FileObjects,
+    /// Problems of that read (reported on every load, logged once by the caller).
+    errors: Vec<Arc<ManifestError>>,
+    /// Where each of its objects is (for duplicates across files).
+    locations: HashMap<ObjectKey, Location>,
+    /// `objects` are the last good read's: the file could not be read at `stamp`.
+    stale: bool,
+}
+
+/// Reads the manifest directory, re-parsing only the files that changed since the last read
+/// and remembering each file's last good objects.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
     dir: PathBuf,
-    last_good: BTreeMap<PathBuf, FileObjects>,
+    files: BTreeMap<PathBuf, FileEntry>,
     last_fingerprint: Option<Fingerprint>,
 }
 
 /// One read of the directory.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub objects: Objects,
-    pub errors: Vec<ManifestError>,
+    pub objects: SharedObjects,
+    pub errors: Vec<Arc<ManifestError>>,
     /// Files whose previous objects were kept because they could not be read now.
     pub kept_stale: Vec<PathBuf>,
 }
@@ -177,7 +189,7 @@ impl ManifestCache {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            last_good: BTreeMap::new(),
+            files: BTreeMap::new(),
             last_fingerprint: None,
         }
     }
@@ -192,69 +204,120 @@ impl ManifestCache {
         self.load().map(Some)
     }
 
+    /// Reads `file` on its own. `prev` is its entry from the last load, whose objects are kept
+    /// if the file cannot be read now.
+    fn read_file(file: &Path, stamp: Stamp, prev: Option<FileEntry>) -> FileEntry {
+        let mut loader = Loader::default();
+        loader.load_file(file);
+        let o = loader.objects;
+        let now = FileObjects {
+            services: o.services.into_iter().map(Arc::new).collect(),
+            endpoint_slices: o.endpoint_slices.into_iter().map(Arc::new).collect(),
+            pods: o.pods.into_iter().map(Arc::new).collect(),
+            nodes: o.nodes.into_iter().map(Arc::new).collect(),
+        };
+        let unreadable = now.is_empty()
+            && loader.errors.iter().any(|e| {
+                matches!(
+                    e,
+                    ManifestError::ReadFile { .. } | ManifestError::Malformed { .. }
+                )
+            });
+        let errors = loader.errors.into_iter().map(Arc::new).collect();
+        match prev {
+            Some(prev) if unreadable && !prev.objects.is_empty() => FileEntry {
+                stamp,
+                errors,
+                stale: true,
+                ..prev
+            },
+            _ => FileEntry {
+                stamp,
+                objects: now,
+                errors,
+                locations: loader.seen,
+                stale: false,
+            },
+        }
+    }
+
     /// `Err` only when the directory itself cannot be listed.
     pub fn load(&mut self) -> Result<Loaded, ManifestError> {
         // Taken before reading: a write that lands during the read changes the fingerprint,
         // so the next rescan reads again.
         let fp = fingerprint(&self.dir)?;
-        let files: Vec<PathBuf> = fp.iter().map(|f| f.0.clone()).collect();
-        // One loader for all files, so duplicate detection spans files; each file's objects
-        // are the tail its `load_file` appended.
-        let mut loader = Loader::default();
-        let mut kept_stale = Vec::new();
-        let mut next_good = BTreeMap::new();
-        let mut stale = Objects::default();
-        for file in files {
-            let o = &loader.objects;
-            let before = (
-                o.services.len(),
-                o.endpoint_slices.len(),
-                o.pods.len(),
-                o.nodes.len(),
-            );
-            let errors_before = loader.errors.len();
-            loader.load_file(&file);
-            let o = &loader.objects;
-            let now = FileObjects {
-                services: o.services[before.0..].to_vec(),
-                endpoint_slices: o.endpoint_slices[before.1..].to_vec(),
-                pods: o.pods[before.2..].to_vec(),
-                nodes: o.nodes[before.3..].to_vec(),
+        let mut prev = std::mem::take(&mut self.files);
+        for (file, stamp) in &fp {
+            let entry = match prev.remove(file) {
+                Some(e) if e.stamp == *stamp => e,
+                e => Self::read_file(file, *stamp, e),
             };
-            let unreadable = now.is_empty()
-                && loader.errors[errors_before..].iter().any(|e| {
-                    matches!(
-                        e,
-                        ManifestError::ReadFile { .. } | ManifestError::Malformed { .. }
-                    )
-                });
-            match self.last_good.get(&file) {
-                Some(prev) if unreadable && !prev.is_empty() => {
-                    prev.append_to(&mut stale);
-                    kept_stale.push(file.clone());
-                    next_good.insert(file, prev.clone());
+            self.files.insert(file.clone(), entry);
+        }
+        // Deleted files drop out (`prev` is what is left): removing a file is deliberate.
+        self.last_fingerprint = Some(fp);
+        Ok(self.assemble())
+    }
+
+    /// All files' objects in file order. An object already read from an earlier file is a
+    /// duplicate (reported, as the loader reports duplicates inside one file); the objects of
+    /// files that cannot be read come last and silently give way to a readable copy (it
+    /// moved there).
+    fn assemble(&self) -> Loaded {
+        let mut out = Loaded::default();
+        let mut seen: HashMap<ObjectKey, &Location> = HashMap::new();
+        for stale in [false, true] {
+            for (file, e) in self.files.iter().filter(|(_, e)| e.stale == stale) {
+                out.errors.extend(e.errors.iter().cloned());
+                if stale {
+                    out.kept_stale.push(file.clone());
                 }
-                _ => {
-                    next_good.insert(file, now);
-                }
+                let mut take = |kind: &'static str, meta: &ObjectMeta| -> bool {
+                    let Some(key) = object_key(kind, meta) else {
+                        return true;
+                    };
+                    if let Some(first) = seen.get(&key) {
+                        if let (false, Some(at)) = (stale, e.locations.get(&key)) {
+                            let ns = (kind != "Node").then_some(key.1.as_str());
+                            out.errors.push(Arc::new(ManifestError::Duplicate {
+                                at: at.clone(),
+                                object: crate::k8s::describe(kind, ns, Some(&key.2)),
+                                first: Box::new((*first).clone()),
+                            }));
+                        }
+                        return false;
+                    }
+                    if let Some(at) = e.locations.get(&key) {
+                        seen.insert(key, at);
+                    }
+                    true
+                };
+                let o = &e.objects;
+                let objects = &mut out.objects;
+                objects.services.extend(
+                    o.services
+                        .iter()
+                        .filter(|x| take("Service", &x.metadata))
+                        .cloned(),
+                );
+                objects.endpoint_slices.extend(
+                    o.endpoint_slices
+                        .iter()
+                        .filter(|x| take("EndpointSlice", &x.metadata))
+                        .cloned(),
+                );
+                objects
+                    .pods
+                    .extend(o.pods.iter().filter(|x| take("Pod", &x.metadata)).cloned());
+                objects.nodes.extend(
+                    o.nodes
+                        .iter()
+                        .filter(|x| take("Node", &x.metadata))
+                        .cloned(),
+                );
             }
         }
-        // Deleted files drop out here: removing a file is a deliberate change.
-        self.last_good = next_good;
-        self.last_fingerprint = Some(fp);
-        let mut objects = loader.objects;
-        // An object that moved to a readable file is taken from there, not from the stale copy.
-        keep_new(&mut objects.services, stale.services, |o| &o.metadata);
-        keep_new(&mut objects.endpoint_slices, stale.endpoint_slices, |o| {
-            &o.metadata
-        });
-        keep_new(&mut objects.pods, stale.pods, |o| &o.metadata);
-        keep_new(&mut objects.nodes, stale.nodes, |o| &o.metadata);
-        Ok(Loaded {
-            objects,
-            errors: loader.errors,
-            kept_stale,
-        })
+        out
     }
 }
 
@@ -296,15 +359,15 @@ impl Dedup {
 struct Agent {
     sync: MapSync,
     cache: ManifestCache,
-    /// From the last manifest read; re-applied on every rescan (repairs failed or foreign
-    /// writes to the maps) even when the files did not change.
-    desired: DesiredState,
     manifest_log: Dedup,
+    /// When the last full reconcile ran (the periodic one repairs drift in the maps).
+    last_full: Instant,
 }
 
 impl Agent {
-    /// Read, translate, reconcile. Problems with individual objects are logged; only a failed
-    /// dump/apply or an unreadable directory is an error.
+    /// Read (changed files only), translate (changed Services only), reconcile (changed
+    /// frontends only, or everything every [`FULL_RESYNC`]). Problems with individual objects
+    /// are logged; only a failed dump/apply or an unreadable directory is an error.
     fn sync(&mut self, why: Trigger) -> Result<Outcome, RunError> {
         let loaded = match why {
             // `run_async` read the manifests before attaching the datapath.
@@ -313,13 +376,22 @@ impl Agent {
             Trigger::Rescan => self.cache.load_if_changed()?,
         };
         if let Some(loaded) = loaded {
-            self.desired = self.read(loaded);
+            self.read(loaded);
         }
-        self.sync.reconcile(&self.desired, why)
+        let full = match why {
+            Trigger::Startup => true,
+            Trigger::Change => false,
+            Trigger::Rescan => self.last_full.elapsed() >= FULL_RESYNC,
+        };
+        if full {
+            self.last_full = Instant::now();
+        }
+        let scope = if full { Scope::Full } else { Scope::Changes };
+        self.sync.reconcile(scope, why)
     }
 
-    /// Translates a manifest read, logging what was skipped (each distinct set once).
-    fn read(&mut self, loaded: Loaded) -> DesiredState {
+    /// Takes a manifest read, logging what was skipped (each distinct set once).
+    fn read(&mut self, loaded: Loaded) {
         let mut msgs: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         msgs.extend(loaded.kept_stale.iter().map(|f| {
             format!(
@@ -335,7 +407,7 @@ impl Agent {
                 warn!("manifest: {m}");
             }
         }
-        self.sync.translate(&loaded.objects)
+        self.sync.update(&loaded.objects);
     }
 
     /// A sync inside the loop: errors are logged (once per distinct error) and retried.
@@ -446,10 +518,10 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     let mut agent = Agent {
         sync: MapSync::new(maps, translate_cfg, args, telemetry),
         cache,
-        desired: DesiredState::default(),
         manifest_log: Dedup::default(),
+        last_full: Instant::now(),
     };
-    agent.desired = agent.read(first);
+    agent.read(first);
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
     agent.sync(Trigger::Startup)?;
 
@@ -499,7 +571,7 @@ mod tests {
         SVC.replace("NAME", name)
     }
 
-    fn names(o: &Objects) -> Vec<String> {
+    fn names(o: &SharedObjects) -> Vec<String> {
         o.services
             .iter()
             .map(|s| s.metadata.name.clone().unwrap())
@@ -621,6 +693,34 @@ mod tests {
         fs::remove_file(d.0.join("c.yaml")).unwrap();
         assert!(cache.load_if_changed().unwrap().is_some());
         assert!(cache.load_if_changed().unwrap().is_none());
+    }
+
+    #[test]
+    fn only_changed_files_are_read_again_and_duplicates_across_files_are_reported() {
+        let d = TempDir::new("incremental");
+        fs::write(d.0.join("a.yaml"), svc("a")).unwrap();
+        fs::write(d.0.join("b.yaml"), svc("b")).unwrap();
+        let mut cache = ManifestCache::new(&d.0);
+        let first = cache.load().unwrap();
+        fs::write(d.0.join("b.yaml"), svc("b2")).unwrap();
+        let second = cache.load().unwrap();
+        assert_eq!(names(&second.objects), ["a", "b2"]);
+        // a.yaml was not parsed again: the translator sees the very same object.
+        assert!(Arc::ptr_eq(
+            &first.objects.services[0],
+            &second.objects.services[0]
+        ));
+        // A later file naming an object an earlier one has: the first one is kept.
+        fs::write(d.0.join("c.yaml"), svc("a")).unwrap();
+        let third = cache.load().unwrap();
+        assert_eq!(names(&third.objects), ["a", "b2"]);
+        assert_eq!(third.errors.len(), 1);
+        assert!(
+            matches!(&*third.errors[0], ManifestError::Duplicate { at, first, .. }
+                if at.file == d.0.join("c.yaml") && first.file == d.0.join("a.yaml")),
+            "{:?}",
+            third.errors
+        );
     }
 
     #[test]

@@ -143,7 +143,9 @@ pub(crate) struct Loader {
     pub objects: Objects,
     pub errors: Vec<ManifestError>,
     pub unknown_fields: Vec<UnknownField>,
-    seen: HashMap<(&'static str, String, String), Location>,
+    /// First location of each (kind, namespace, name); the manifest cache reads it to find
+    /// duplicates across files it did not re-read.
+    pub(crate) seen: HashMap<(&'static str, String, String), Location>,
 }
 
 impl Loader {

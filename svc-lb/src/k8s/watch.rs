@@ -34,7 +34,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::manifest::Objects;
-use crate::error::chain;
+use crate::{error::chain, translate::SharedObjects};
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -150,21 +150,27 @@ impl ClusterWatch {
     /// A snapshot of the stores, without what svc-lb ignores. Only meaningful after
     /// [`Self::wait_synced`].
     pub fn objects(&self) -> Objects {
+        self.shared().to_objects()
+    }
+
+    /// [`Self::objects`] sharing the stores' objects instead of copying them: what the agent
+    /// takes after every change (an unchanged object keeps its allocation, which is how the
+    /// translator recognises it cheaply).
+    pub fn shared(&self) -> SharedObjects {
         let own = |labels: &std::collections::BTreeMap<String, String>| {
             !labels.contains_key(SERVICE_PROXY_NAME_LABEL)
         };
-        let mut services: Vec<Service> = self
+        let mut services: Vec<Arc<Service>> = self
             .services
             .state()
-            .iter()
+            .into_iter()
             .filter(|s| own(s.labels()))
-            .map(|s| Service::clone(s))
             .collect();
-        services.sort_by(|a, b| key(a).cmp(&key(b)));
-        let mut endpoint_slices: Vec<EndpointSlice> = self
+        services.sort_by(|a, b| key(&**a).cmp(&key(&**b)));
+        let mut endpoint_slices: Vec<Arc<EndpointSlice>> = self
             .slices
             .state()
-            .iter()
+            .into_iter()
             .filter(|s| {
                 let l = s.labels();
                 own(l)
@@ -172,17 +178,15 @@ impl ClusterWatch {
                     && l.contains_key(SERVICE_NAME_LABEL)
                     && s.address_type == "IPv4"
             })
-            .map(|s| EndpointSlice::clone(s))
             .collect();
-        endpoint_slices.sort_by(|a, b| key(a).cmp(&key(b)));
+        endpoint_slices.sort_by(|a, b| key(&**a).cmp(&key(&**b)));
         let nodes = self
             .nodes
             .state()
-            .iter()
+            .into_iter()
             .filter(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
-            .map(|n| Node::clone(n))
             .collect();
-        Objects {
+        SharedObjects {
             services,
             endpoint_slices,
             pods: Vec::new(),

@@ -25,7 +25,7 @@ use super::{
     RunError, Trigger,
     health::{self, HealthState},
     load_datapath, log_exit, node_ips,
-    sync::{self, MapSync},
+    sync::{self, MapSync, Scope},
 };
 use crate::{
     cli::RunArgs,
@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// Window that coalesces a burst of watch events (a rollout touches many slices at once).
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// Retry delay after a failed reconcile (the periodic resync may be far away).
 const RETRY: Duration = Duration::from_secs(1);
 /// How often "still waiting for the API server" is logged before the first sync.
@@ -57,10 +57,11 @@ struct Syncer {
 }
 
 impl Syncer {
-    /// Translate the stores and reconcile; false if the maps could not be programmed.
-    fn sync(&mut self, watch: &ClusterWatch, why: Trigger) -> bool {
-        let desired = self.sync.translate(&watch.objects());
-        let result = self.sync.reconcile(&desired, why);
+    /// Translate what changed in the stores and reconcile (only the changed frontends, or
+    /// everything with `Scope::Full`); false if the maps could not be programmed.
+    fn sync(&mut self, watch: &ClusterWatch, scope: Scope, why: Trigger) -> bool {
+        self.sync.update(&watch.shared());
+        let result = self.sync.reconcile(scope, why);
         self.sync.log_result(&result);
         self.health.reconciled(result.is_ok());
         result.is_ok()
@@ -138,7 +139,8 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
             sync: MapSync::new(maps, translate_cfg, args, telemetry),
             health,
         };
-        let mut deadline = (!syncer.sync(&watch, Trigger::Startup)).then(|| Instant::now() + RETRY);
+        let mut deadline =
+            (!syncer.sync(&watch, Scope::Full, Trigger::Startup)).then(|| Instant::now() + RETRY);
         let every = args.kube.resync_interval;
         let mut resync = tokio::time::interval_at(Instant::now() + every, every);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -151,10 +153,10 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
                     deadline.get_or_insert_with(|| Instant::now() + DEBOUNCE);
                 }
                 _ = sync::until(deadline) => {
-                    deadline = (!syncer.sync(&watch, Trigger::Change)).then(|| Instant::now() + RETRY);
+                    deadline = (!syncer.sync(&watch, Scope::Changes, Trigger::Change)).then(|| Instant::now() + RETRY);
                 }
                 _ = resync.tick() => {
-                    if !syncer.sync(&watch, Trigger::Rescan) {
+                    if !syncer.sync(&watch, Scope::Full, Trigger::Rescan) {
                         deadline.get_or_insert_with(|| Instant::now() + RETRY);
                     }
                 }

@@ -2,6 +2,14 @@
 //! goes with it (each distinct set of problems once, failures once per distinct error) and the
 //! telemetry for the optional servers. The modes differ only in where the objects come from and
 //! in what a failure means (fatal at manifest-mode startup, retried otherwise).
+//!
+//! Syncs are incremental: the translator re-translates only the Services whose objects changed
+//! and reports the frontends whose desired value changed; the reconciler writes only those,
+//! planned against its record of the maps. A full reconcile (dump the maps, plan everything,
+//! repair drift) runs at startup, on the periodic resync, and whenever the record is gone (a
+//! write failed).
+
+use std::collections::BTreeSet;
 
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -12,23 +20,36 @@ use crate::{
     error::chain,
     k8s::manifest::Objects,
     maps::BpfLbMaps,
-    model::DesiredState,
-    reconcile::{self, Limits, Outcome},
-    translate::{TranslateConfig, translate},
+    model::FrontendKey,
+    reconcile::{Limits, Outcome, Reconciler},
+    translate::{IncrementalTranslator, SharedObjects, TranslateConfig},
     views::Telemetry,
 };
 
+/// How much a reconcile covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// Dump the maps and plan every frontend: adopts what is programmed, repairs drift.
+    Full,
+    /// Only the frontends that changed since the last successful reconcile.
+    Changes,
+}
+
 pub(super) struct MapSync {
     maps: BpfLbMaps,
-    translate_cfg: TranslateConfig,
-    limits: Limits,
+    translator: IncrementalTranslator,
+    reconciler: Reconciler,
+    /// Frontends whose desired value changed and that are not programmed yet.
+    pending: BTreeSet<FrontendKey>,
     rejected_log: Dedup,
     plan_log: Dedup,
     last_error: Option<String>,
-    /// Services and EndpointSlices of the last translation (logged with each sync).
+    /// Services and EndpointSlices of the last update (logged with each sync).
     counts: (usize, usize),
     /// Sync latency, rejected objects and the last objects, for the optional servers.
     telemetry: Telemetry,
+    /// Only the DNS responder reads the objects: without it they are not copied for it.
+    share_objects: bool,
 }
 
 impl MapSync {
@@ -40,26 +61,36 @@ impl MapSync {
     ) -> Self {
         Self {
             maps,
-            translate_cfg,
-            limits: Limits {
+            translator: IncrementalTranslator::new(translate_cfg),
+            reconciler: Reconciler::new(Limits {
                 default_algorithm: args.lb_algorithm,
                 ..Limits::default()
-            },
+            }),
+            pending: BTreeSet::new(),
             rejected_log: Dedup::default(),
             plan_log: Dedup::default(),
             last_error: None,
             counts: (0, 0),
             telemetry,
+            share_objects: args.views.dns_listen.is_some(),
         }
     }
 
-    /// Translates `objects`, logging the skipped ones (each distinct set once).
-    pub(super) fn translate(&mut self, objects: &Objects) -> DesiredState {
-        let t = translate(objects, &self.translate_cfg);
-        self.telemetry.record_objects(objects, &t.rejected);
+    /// Takes the current objects: re-translates what changed, logging the skipped objects
+    /// (each distinct set once).
+    pub(super) fn update(&mut self, objects: &SharedObjects) {
+        let changed = self.translator.update(objects);
+        let rejected = self.translator.rejected();
+        let copy = if self.share_objects {
+            objects.to_objects()
+        } else {
+            Objects::default()
+        };
+        self.telemetry.record_objects(&copy, rejected);
         self.counts = (objects.services.len(), objects.endpoint_slices.len());
-        let rejected = t
-            .rejected
+        debug!(frontends = changed.len(), "desired state updated");
+        self.pending.extend(changed);
+        let rejected = rejected
             .iter()
             .map(|r| format!("skipping {}: {}", r.object, r.reason))
             .collect();
@@ -71,22 +102,25 @@ impl MapSync {
                 warn!("{m}");
             }
         }
-        t.state
     }
 
-    /// Programs `desired` into the maps (planned against what is programmed, so a restarted
-    /// agent adopts its predecessor's ids), logging frontends that cannot be programmed (each
-    /// distinct set once) and what changed.
-    pub(super) fn reconcile(
-        &mut self,
-        desired: &DesiredState,
-        why: Trigger,
-    ) -> Result<Outcome, RunError> {
+    /// Programs the desired state into the maps (a full reconcile adopts what is programmed,
+    /// so a restarted agent keeps its predecessor's ids), logging frontends that cannot be
+    /// programmed (each distinct set once) and what changed.
+    pub(super) fn reconcile(&mut self, scope: Scope, why: Trigger) -> Result<Outcome, RunError> {
         let started = std::time::Instant::now();
-        let result = reconcile::reconcile(&mut self.maps, desired, self.limits);
-        self.telemetry
-            .record_sync(started.elapsed(), result.is_ok());
+        let desired = self.translator.state();
+        let result = match scope {
+            Scope::Full => self.reconciler.full(&mut self.maps, desired),
+            Scope::Changes => self
+                .reconciler
+                .changed(&mut self.maps, desired, &self.pending),
+        };
+        let took = started.elapsed();
+        self.telemetry.record_sync(took, result.is_ok());
         let outcome = result.map_err(RunError::Reconcile)?;
+        // A failed reconcile keeps them: the next one (then a full one) programs them.
+        self.pending.clear();
         let plan_errors = outcome.errors.iter().map(ToString::to_string).collect();
         if let Some(msgs) = self.plan_log.changed(plan_errors) {
             if msgs.is_empty() {
@@ -99,15 +133,17 @@ impl MapSync {
         if outcome.ops > 0 || why == Trigger::Startup {
             info!(
                 trigger = %why,
+                full = scope == Scope::Full,
                 services = self.counts.0,
                 slices = self.counts.1,
+                took_ms = took.as_secs_f64() * 1e3,
                 "synced {} frontends, {} backends ({} ops)",
                 outcome.frontends,
                 outcome.backends,
                 outcome.ops
             );
         } else {
-            debug!(trigger = %why, "maps already in sync");
+            debug!(trigger = %why, full = scope == Scope::Full, "maps already in sync");
         }
         Ok(outcome)
     }
