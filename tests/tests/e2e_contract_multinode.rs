@@ -201,3 +201,104 @@ fn clients_with_the_same_source_port_share_a_remote_backend_concurrently() {
         assert_eq!(second.echo(&format!("b{i}")).unwrap(), format!("b{i}"));
     }
 }
+
+/// A LoadBalancer Service with externalTrafficPolicy Local and healthCheckNodePort `HC_PORT`.
+fn lb_service(endpoints: &[(Ipv4Addr, &str)]) -> String {
+    service("lb", "10.96.1.4", 30104, "Local", endpoints).replace(
+        "  type: NodePort\n",
+        &format!("  type: LoadBalancer\n  healthCheckNodePort: {HC_PORT}\n"),
+    )
+}
+
+const HC_PORT: u16 = 32104;
+
+/// `curl` from `ns`: (HTTP status, body), or None when the connection is refused.
+fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "3", "-w", "\n%{http_code}", url]);
+    ns.enter(&mut cmd);
+    let out = cmd.output().expect("run curl (is it installed?)");
+    if !out.status.success() {
+        // 7 = could not connect (refused): the port is closed.
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line from -w");
+    Some((code.parse().expect("status code"), body.to_string()))
+}
+
+/// Polls `curl` until `want` holds for its answer (agents sync on file changes within ~1 s).
+fn wait_curl(
+    ns: &Netns,
+    url: &str,
+    what: &str,
+    want: impl Fn(&Option<(u16, String)>) -> bool,
+) -> Option<(u16, String)> {
+    wait_for(what, Duration::from_secs(20), || {
+        let got = curl(ns, url);
+        want(&got).then_some(got)
+    })
+}
+
+#[test]
+fn health_check_node_port_reports_local_endpoints_per_node() {
+    let (cluster, dir) = setup(&[lb_service(&[POD_B])]);
+    let mut agents = agents(&cluster, &dir);
+    let on_b = SocketAddrV4::new(NODE_B_CLIENT_IP, 30104);
+    wait_answer(&cluster.client_b, on_b, &mut agents);
+    let url_a = format!("http://{NODE_A_CLIENT_IP}:{HC_PORT}/");
+    let url_b = format!("http://{NODE_B_CLIENT_IP}:{HC_PORT}/");
+    let json = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+    };
+
+    // Node B has pod-b: 200 with one local endpoint; node A has none: 503 with zero.
+    let (code, body) = wait_curl(&cluster.client_b, &url_b, "node-b health check", |r| {
+        r.is_some()
+    })
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["service"]["namespace"], "default");
+    assert_eq!(v["service"]["name"], "lb");
+    assert_eq!(v["localEndpoints"], 1);
+    assert_eq!(v["serviceProxyHealthy"], true);
+    let (code, body) = wait_curl(&cluster.client_a, &url_a, "node-a health check", |r| {
+        r.is_some()
+    })
+    .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(json(&body)["localEndpoints"], 0);
+
+    // pod-a becomes an endpoint: node A turns healthy.
+    let mut docs = vec![cluster.node_manifests(), lb_service(&[POD_A, POD_B])];
+    dir.write("cluster.yaml", &manifests::join(&docs));
+    let (_, body) = wait_curl(&cluster.client_a, &url_a, "node-a to report pod-a", |r| {
+        matches!(r, Some((200, _)))
+    })
+    .unwrap();
+    assert_eq!(json(&body)["localEndpoints"], 1);
+
+    // The Service goes away: both nodes close the port.
+    docs.truncate(1);
+    dir.write("cluster.yaml", &manifests::join(&docs));
+    wait_curl(
+        &cluster.client_a,
+        &url_a,
+        "node-a to close",
+        Option::is_none,
+    );
+    wait_curl(
+        &cluster.client_b,
+        &url_b,
+        "node-b to close",
+        Option::is_none,
+    );
+    agents.iter_mut().for_each(NodeAgent::assert_running);
+}

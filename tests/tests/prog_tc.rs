@@ -51,7 +51,22 @@ impl Harness {
     }
 
     fn load_in(dir: PinDir) -> Self {
-        let mut ebpf = prog::load_object(&dir.0);
+        let ebpf = prog::load_object(&dir.0);
+        Self::with_object(ebpf, dir)
+    }
+
+    /// The object with an `LB4_CT` of `entries` entries instead of `MAX_CT_ENTRIES`.
+    fn with_ct_capacity(entries: u32) -> Self {
+        let dir = PinDir::new("progtest-ct");
+        let ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&dir.0)
+            .set_max_entries(maps::CT_MAP, entries)
+            .load(svc_lb::dataplane::ebpf_object())
+            .expect("load the svc-lb eBPF object with a small conntrack map");
+        Self::with_object(ebpf, dir)
+    }
+
+    fn with_object(mut ebpf: Ebpf, dir: PinDir) -> Self {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TC_INGRESS_PROG)
             .expect("program present")
@@ -1013,4 +1028,87 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_restored() {
         assert_eq!((d.src, d.dst), (NODE_PORT_IP, CLIENT));
         assert!(matches!(d.l4, L4::Udp { sport: 30053, dport: 42000, .. }));
     });
+}
+
+/// Conntrack at capacity: `LB4_CT` is an LRU hash, so with more flows than it holds inserts
+/// evict the least recently used entries instead of failing. New flows keep being balanced and
+/// forwarded (nothing is dropped for lack of space, `ct_full` stays 0); an established flow
+/// whose entries were evicted is decided again on its next packet: with Maglev by the same
+/// table, i.e. to the same backend (with random selection it may land elsewhere).
+#[test]
+fn conntrack_at_capacity_evicts_lru_and_keeps_balancing() {
+    use svc_lb_common::STAT_CT_FULL;
+
+    const CAPACITY: u32 = 64;
+    let mut h = Harness::with_ct_capacity(CAPACITY);
+    let four: Vec<_> = (1..=4u8).map(|n| (u32::from(n), pod(n), 5000)).collect();
+    h.add_service(VIP, 80, IPPROTO_TCP, 7, &four);
+    set_maglev(&mut h, 7, &four);
+
+    // 300 flows = 600 entries through a 64-entry table.
+    let ports = 50000..50300u16;
+    let first = syn_backends(&mut h, CLIENT, ports.clone());
+    let used: std::collections::BTreeSet<_> = first.iter().collect();
+    assert_eq!(
+        used.len(),
+        4,
+        "new flows still spread over every backend: {used:?}"
+    );
+    let entries = h.ct().keys().count();
+    assert!(
+        entries <= CAPACITY as usize,
+        "{entries} conntrack entries in a {CAPACITY}-entry map"
+    );
+    assert_eq!(
+        h.stat(STAT_CT_FULL),
+        0,
+        "an insert failed for lack of space"
+    );
+    assert_eq!(h.stat(STAT_CT_NEW), 300);
+
+    // The oldest flows lost their entries; their next packets (not SYNs) are decided again,
+    // reach the same backend, and get entries again so the reply is reverse-NATed.
+    let evicted: Vec<u16> = ports
+        .clone()
+        .filter(|p| {
+            h.ct()
+                .get(
+                    &ct_key(sa(CLIENT, *p), sa(VIP, 80), IPPROTO_TCP, CT_DIR_FORWARD),
+                    0,
+                )
+                .is_err()
+        })
+        .collect();
+    assert!(
+        evicted.len() >= 300 - CAPACITY as usize / 2,
+        "only {} of 300 flows were evicted",
+        evicted.len()
+    );
+    let new_before = h.stat(STAT_CT_NEW);
+    for &port in evicted.iter().take(40) {
+        let client = sa(CLIENT, port);
+        let (v, out) = h.run(&packet::tcp(
+            client,
+            sa(VIP, 80),
+            TCP_ACK | TCP_PSH,
+            2,
+            1,
+            b"x",
+        ));
+        assert_eq!(v, TC_ACT_OK, "packet of an evicted flow dropped");
+        let backend = *tcp_dst(&decode(&out).unwrap()).ip();
+        let was = first[usize::from(port - ports.start)];
+        assert_eq!(backend, was, "flow {port} moved from {was} to {backend}");
+        let reply = packet::tcp(sa(backend, 5000), client, TCP_ACK, 9, 3, b"y");
+        let (v, out) = h.run(&reply);
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).unwrap();
+        assert_eq!(
+            (d.src, d.dst),
+            (VIP, CLIENT),
+            "reply of a re-created flow not reverse-NATed"
+        );
+    }
+    assert_eq!(h.stat(STAT_CT_NEW) - new_before, 40);
+    assert_eq!(h.stat(STAT_CT_FULL), 0);
 }

@@ -18,6 +18,7 @@ use super::{Dedup, RunError, Trigger};
 use crate::{
     cli::RunArgs,
     error::chain,
+    healthcheck::HealthChecks,
     k8s::manifest::Objects,
     maps::BpfLbMaps,
     model::FrontendKey,
@@ -50,6 +51,8 @@ pub(super) struct MapSync {
     telemetry: Telemetry,
     /// Only the DNS responder reads the objects: without it they are not copied for it.
     share_objects: bool,
+    /// healthCheckNodePort servers of LoadBalancer Services with externalTrafficPolicy Local.
+    health: HealthChecks,
 }
 
 impl MapSync {
@@ -73,6 +76,7 @@ impl MapSync {
             counts: (0, 0),
             telemetry,
             share_objects: args.views.dns_listen.is_some(),
+            health: HealthChecks::new(),
         }
     }
 
@@ -80,6 +84,7 @@ impl MapSync {
     /// (each distinct set once).
     pub(super) fn update(&mut self, objects: &SharedObjects) {
         let changed = self.translator.update(objects);
+        self.health.sync(&self.translator.health_checks());
         let rejected = self.translator.rejected();
         let copy = if self.share_objects {
             objects.to_objects()
@@ -118,6 +123,7 @@ impl MapSync {
         };
         let took = started.elapsed();
         self.telemetry.record_sync(took, result.is_ok());
+        self.health.set_proxy_healthy(result.is_ok());
         let outcome = result.map_err(RunError::Reconcile)?;
         // A failed reconcile keeps them: the next one (then a full one) programs them.
         self.pending.clear();
