@@ -1,19 +1,9 @@
 //! Load balancer health checks (`spec.healthCheckNodePort`), answered like kube-proxy's
 //! `pkg/proxy/healthcheck/service_health.go`: for every LoadBalancer Service with
 //! externalTrafficPolicy Local, an HTTP server on its health check port (all node addresses,
-//! kube-proxy's default without `--nodeport-addresses`) answers any request with
-//!
-//! ```text
-//! {
-//! 	"service": {
-//! 		"namespace": "default",
-//! 		"name": "web"
-//! 	},
-//! 	"localEndpoints": 2,
-//! 	"serviceProxyHealthy": true
-//! }
-//! ```
-//!
+//! kube-proxy's default without `--nodeport-addresses`) answers any request with the JSON
+//! `{"service": {"namespace": .., "name": ..}, "localEndpoints": N, "serviceProxyHealthy": ..}`
+//! (tab-indented, byte for byte as kube-proxy writes it, see `response` and its test),
 //! with status 200 when the node has ready local endpoints and the proxy is healthy, 503
 //! otherwise, so the cloud load balancer only sends to nodes that can serve without leaving
 //! the node. Listeners open and close as Services come and go; counts follow every sync.

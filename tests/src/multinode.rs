@@ -93,7 +93,7 @@ pub struct RoutedNs {
 }
 
 impl RoutedNs {
-    pub fn new() -> RoutedNs {
+    pub fn create() -> RoutedNs {
         crate::require_root();
         let mut owned = Namespaces(Vec::new());
         let ns = owned.add(format!("{}-routed", unique_prefix()));
@@ -150,7 +150,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new() -> Cluster {
+    pub fn create() -> Cluster {
         crate::require_root();
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("svc-lb-e2e-{prefix}"));

@@ -53,7 +53,7 @@ fn service(
 
 /// The cluster with peer servers in both pods, manifests for `services`, and both agents.
 fn setup(services: &[String]) -> (Cluster, ManifestDir) {
-    let cluster = Cluster::new();
+    let cluster = Cluster::create();
     cluster.start_peer_servers(PORT);
     let dir = ManifestDir::new(&cluster.dir);
     let mut docs = vec![cluster.node_manifests()];

@@ -60,7 +60,7 @@ impl Harness {
         let dir = PinDir::new("progtest-ct");
         let ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&dir.0)
-            .set_max_entries(maps::CT_MAP, entries)
+            .map_max_entries(maps::CT_MAP, entries)
             .load(svc_lb::dataplane::ebpf_object())
             .expect("load the svc-lb eBPF object with a small conntrack map");
         Self::with_object(ebpf, dir)
@@ -923,7 +923,7 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_restored() {
 
     const NODE_PORT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
     const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
-    let routed = RoutedNs::new();
+    let routed = RoutedNs::create();
     routed.ns.in_ns(|| {
         let mut h = Harness::new();
         let backend = sa(pod(2), 80);
