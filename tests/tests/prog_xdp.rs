@@ -281,3 +281,82 @@ fn load_balancer_source_ranges_drop_outsiders_in_xdp() {
     assert_eq!(v, XDP_DROP);
     assert_eq!(h.stat(STAT_SRC_RANGE_DROP), 1);
 }
+
+/// A NodePort flow to a backend on another node: XDP picks the backend and creates the SNAT
+/// conntrack entries but leaves the frame untouched; TC then rewrites both addresses from
+/// those entries, and reverse-translates the reply. Runs in a namespace with a route to the
+/// backend (the SNAT source comes from the FIB).
+#[test]
+fn remote_backend_flow_is_left_to_tc_which_snats_it() {
+    use svc_lb_common::{BE_F_REMOTE, BackendV4, CT_F_SNAT, STAT_SNAT};
+    use svc_lb_tests::multinode::RoutedNs;
+
+    const LINK_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+    let routed = RoutedNs::create();
+    routed.ns.in_ns(|| {
+        let mut h = Harness::new();
+        h.add_service(
+            NODE_IP,
+            30080,
+            IPPROTO_TCP,
+            SVC_F_NODE_PORT,
+            3,
+            &[(5, pod(2), 80)],
+        );
+        let mut backends: HashMap<MapData, u32, BackendV4> = HashMap::try_from(
+            aya::maps::Map::HashMap(prog::open_map(&h.dir.0, maps::BACKENDS_MAP)),
+        )
+        .unwrap();
+        backends
+            .insert(5, BackendV4::new(pod(2), 80, IPPROTO_TCP, BE_F_REMOTE), 0)
+            .unwrap();
+        let client = sa(CLIENT, 40100);
+        let frontend = sa(NODE_IP, 30080);
+        let syn = packet::tcp(client, frontend, TCP_SYN, 1, 0, b"");
+
+        let (v, out) = h.run_xdp(&syn);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(out, syn, "XDP rewrote a SNAT flow");
+        let fwd = h
+            .ct(&ct_key(client, frontend, IPPROTO_TCP, CT_DIR_FORWARD))
+            .expect("XDP created the forward entry");
+        assert!(fwd.flags & CT_F_SNAT != 0);
+        assert_eq!(fwd.nat_addr, ip_to_net(LINK_IP));
+        assert_eq!((h.stat(STAT_SNAT), h.stat(STAT_DNAT)), (1, 0));
+
+        let (v, out) = h.run_tc(&syn);
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("checksums after TC DNAT+SNAT");
+        assert_eq!((d.src, d.dst), (LINK_IP, pod(2)));
+        let L4::Tcp {
+            sport, dport: 80, ..
+        } = d.l4
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!(svc_lb_common::port_to_net(sport), fwd.nat_port);
+        assert_eq!(h.stat(STAT_CT_HIT), 1);
+
+        let reply = packet::tcp(
+            sa(pod(2), 80),
+            sa(LINK_IP, sport),
+            TCP_SYN | TCP_ACK,
+            9,
+            2,
+            b"",
+        );
+        let (v, out) = h.run_tc(&reply);
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("checksums after reverse NAT");
+        assert_eq!((d.src, d.dst), (NODE_IP, CLIENT));
+        assert!(matches!(
+            d.l4,
+            L4::Tcp {
+                sport: 30080,
+                dport: 40100,
+                ..
+            }
+        ));
+        assert_eq!(h.stat(STAT_REVNAT), 1);
+    });
+}
