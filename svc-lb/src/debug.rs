@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use svc_lb_common::RevNatId;
 use svc_lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtEntry, CtKeyV4, SCOPE_EXTERNAL, STAT_NAMES,
-    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SNAT, CtEntry, CtKeyV4, SCOPE_EXTERNAL,
+    STAT_NAMES, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ip_from_net, port_from_net,
 };
 
 use crate::{
@@ -419,7 +419,13 @@ fn flow_ends(state: &MapState, k: &CtKeyV4, e: &CtEntry) -> Option<(String, Stri
                 || format!("<rev-nat {} gone>", e.rev_nat_id),
                 |r| endpoint(r.ip(), r.port_host()),
             );
-            Some((endpoint(d, dp), frontend, endpoint(s, sp)))
+            // A SNATed flow's reply is keyed by the node's address: the client is in the entry.
+            let client = if e.flags & CT_F_SNAT != 0 {
+                endpoint(ip_from_net(e.nat_addr), port_from_net(e.nat_port))
+            } else {
+                endpoint(d, dp)
+            };
+            Some((client, frontend, endpoint(s, sp)))
         }
         _ => None,
     }
@@ -757,6 +763,44 @@ TCP    172.31.0.2:40000  ->  10.96.0.10:80  =>  10.244.2.2:5000   default/fronte
 TCP    172.31.0.2:41000  ->  10.96.0.10:80  =>  <backend 9 gone>  default/frontend-svc:80      0s  open
 UDP    172.31.0.2:5555   ->  10.96.0.53:53  =>  10.244.1.2:5353   kube-system/dns-like:dns  1m40s  open
 "
+        );
+    }
+
+    #[test]
+    fn conntrack_shows_a_snated_flow_once_with_its_client() {
+        let mut maps = fake();
+        let e = |nat_addr: [u8; 4], nat_port| CtEntry {
+            backend_id: 2,
+            rev_nat_id: 1,
+            flags: CT_F_SNAT,
+            nat_addr: ip_to_net(nat_addr.into()),
+            nat_port: port_to_net(nat_port),
+            ..Default::default()
+        };
+        let (client, frontend, node) = ([172, 31, 0, 2], [10, 96, 0, 10], [172, 30, 0, 1]);
+        maps.ct = vec![
+            (
+                ct_key(client, 40000, frontend, 80, IPPROTO_TCP, CT_DIR_FORWARD),
+                e(node, 61234),
+            ),
+            // The reply entry is keyed by backend -> node:SNAT port.
+            (
+                ct_key(
+                    [10, 244, 2, 2],
+                    5000,
+                    node,
+                    61234,
+                    IPPROTO_TCP,
+                    CT_DIR_REPLY,
+                ),
+                e(client, 40000),
+            ),
+        ];
+        let rows = flow_rows(&maps, 0).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(
+            (rows[0].client.as_str(), rows[0].backend.as_str()),
+            ("172.31.0.2:40000", "10.244.2.2:5000")
         );
     }
 
