@@ -9,13 +9,13 @@
 //!
 //! A deleted Service drains the same way: its TCP frontends stay as slot 0 without slots
 //! (count 0: the datapath serves established flows and refuses new ones), with their rev-NAT
-//! entry (replies are still rewritten), while live flows use their rev-NAT id. Without that,
+//! entry (replies are still rewritten), while established flows use their rev-NAT id. Without that,
 //! deleting a Service would cut its established connections although deleting its pods one by
 //! one does not.
 
 use std::collections::BTreeSet;
 
-use svc_lb_common::{CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP, RevNatId};
+use svc_lb_common::{CT_DIR_FORWARD, CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP, RevNatId};
 
 use super::Limits;
 use crate::{
@@ -23,13 +23,17 @@ use crate::{
     model::{DesiredState, FrontendKey, Proto},
 };
 
-/// What live TCP flows use: seen within `drain_idle` (`drain_closing` once a FIN or RST was
-/// seen, enough for the last segments of the close).
+/// What live TCP flows use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Live {
-    /// Backend ids.
+    /// Backend ids of flows seen within `drain_idle` (`drain_closing` once a FIN or RST was
+    /// seen, enough for the last segments of the close).
     pub backends: BTreeSet<u32>,
-    /// Rev-NAT ids (frontends).
+    /// Rev-NAT ids of established flows within `drain_idle`: the client side (forward
+    /// entry) has sent no FIN or RST yet. Closing flows do not keep a deleted Service: its
+    /// address should stop answering as soon as no client uses it any more, not a minute after
+    /// every short request. (The reply entry is not asked: a server whose client reset the
+    /// connection never sends a FIN, so that entry would look established for an hour.)
     pub frontends: BTreeSet<RevNatId>,
 }
 
@@ -38,20 +42,18 @@ pub fn live_tcp(flows: &[(CtKeyV4, CtEntry)], now_ns: u64, limits: &Limits) -> L
     let idle = limits.drain_idle.as_nanos();
     let closing = limits.drain_closing.as_nanos();
     let mut live = Live::default();
-    let recent = flows
-        .iter()
-        .filter(|(k, _)| k.proto == IPPROTO_TCP)
-        .filter(|(_, e)| {
-            let age = u128::from(now_ns.saturating_sub(e.last_seen_ns));
-            if e.flags & CT_F_CLOSING != 0 {
-                age < closing
-            } else {
-                age < idle
+    for (k, e) in flows.iter().filter(|(k, _)| k.proto == IPPROTO_TCP) {
+        let age = u128::from(now_ns.saturating_sub(e.last_seen_ns));
+        if e.flags & CT_F_CLOSING != 0 {
+            if age < closing {
+                live.backends.insert(e.backend_id);
             }
-        });
-    for (_, e) in recent {
-        live.backends.insert(e.backend_id);
-        live.frontends.insert(e.rev_nat_id);
+        } else if age < idle {
+            live.backends.insert(e.backend_id);
+            if k.dir == CT_DIR_FORWARD {
+                live.frontends.insert(e.rev_nat_id);
+            }
+        }
     }
     live
 }
@@ -145,9 +147,27 @@ mod tests {
             flow(IPPROTO_TCP, 4, 980, true),   // closing, 20 s ago: done
             flow(IPPROTO_UDP, 5, 999, false),  // UDP never drains
             flow(IPPROTO_TCP, 6, 2000, false), // stamped after `now` (clock read earlier)
+            // The server side of a flow its client reset: no FIN ever, keeps no frontend.
+            (
+                CtKeyV4 {
+                    proto: IPPROTO_TCP,
+                    dir: svc_lb_common::CT_DIR_REPLY,
+                    ..Default::default()
+                },
+                CtEntry {
+                    backend_id: 7,
+                    rev_nat_id: 70,
+                    last_seen_ns: 990 * S,
+                    ..Default::default()
+                },
+            ),
         ];
         let live = live_tcp(&flows, 1000 * S, &limits);
-        assert_eq!(live.backends, BTreeSet::from([1, 3, 6]));
-        assert_eq!(live.frontends, BTreeSet::from([10, 30, 60]));
+        assert_eq!(live.backends, BTreeSet::from([1, 3, 6, 7]));
+        assert_eq!(
+            live.frontends,
+            BTreeSet::from([10, 60]),
+            "closing flows keep no frontend"
+        );
     }
 }

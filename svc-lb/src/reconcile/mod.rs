@@ -632,6 +632,11 @@ impl<'a> Planner<'a> {
         {
             return;
         }
+        tracing::info!(
+            frontend = %key,
+            rev_nat_id = rev,
+            "removed frontend kept without backends while established flows use it"
+        );
         self.target.services.insert(
             k0,
             ServiceEntry {
