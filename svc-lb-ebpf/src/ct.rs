@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SNAT, CtEntry, CtKeyV4, RevNatId,
@@ -48,7 +48,10 @@ pub fn lookup_touch(k: &CtKeyV4, p: &Packet) -> Option<CtEntry> {
     // SAFETY: the pointer comes from a successful lookup; racing updates of these plain fields
     // from another CPU are harmless (last writer wins).
     unsafe {
-        (*e).last_seen_ns = bpf_ktime_get_ns();
+        // The coarse clock (CLOCK_MONOTONIC at tick resolution) is a plain read of the last
+        // tick's time; bpf_ktime_get_ns reads the clocksource, ~20 ns a packet in a VM
+        // (kvm-clock). Conntrack ages are compared in seconds, so a tick's lag does not matter.
+        (*e).last_seen_ns = bpf_ktime_get_coarse_ns();
         if closing(p) {
             (*e).flags |= CT_F_CLOSING;
         }
@@ -88,7 +91,7 @@ fn new_entry(p: &Packet, backend_id: u32, rev_nat_id: RevNatId) -> CtEntry {
         rev_nat_id,
         flags: if closing(p) { CT_F_CLOSING } else { 0 },
         // SAFETY: helper without arguments.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
         ..Default::default()
     }
 }

@@ -1,7 +1,14 @@
-//! Header parsing. Reads go through `bpf_skb_load_bytes` (`TcContext::load`), which fails
-//! instead of reading past the end of the packet, so a truncated header is a clean "no" and the
-//! verifier needs no data/data_end proofs. Only the plain case is handled: IPv4 with a 20-byte
-//! header, not fragmented, TCP or UDP. Everything else is left to the kernel untouched.
+//! Header parsing with direct packet access. The headers are read in place from the skb's
+//! linear area (bounds-checked against `data_end`, as the verifier requires) instead of being
+//! copied out with `bpf_skb_load_bytes`: four helper calls per packet cost about 70 ns under
+//! BPF_PROG_TEST_RUN, most of the program's time on a packet that is not ours. When the headers
+//! are not all in the linear area (some drivers and GRO leave them in page fragments),
+//! `bpf_skb_pull_data` moves them there once and the parse continues.
+//!
+//! Only the plain case is handled: IPv4 with a 20-byte header, not fragmented, TCP or UDP.
+//! Everything else is left to the kernel untouched.
+
+use core::mem;
 
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -22,6 +29,10 @@ pub const L4_SPORT_OFF: usize = L4_OFF;
 pub const L4_DPORT_OFF: usize = L4_OFF + 2;
 pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
 pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
+
+/// Bytes that must be in the linear area for a full parse (Ethernet, IPv4, a TCP header
+/// without options; a UDP header is shorter).
+const HDRS_LEN: usize = L4_OFF + TCP_LEN;
 
 /// Ethertype IPv4 in network order, as loaded.
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -60,17 +71,49 @@ pub enum Parsed {
     Ok(Packet),
 }
 
+/// Pointer to a `T` at `off` in the linear area, after the bounds check the verifier requires
+/// (data + off + size <= data_end). Packet pointers die at every helper that may move packet
+/// data (csum/store/pull helpers), so callers derive them again after such a call.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Makes sure the first `HDRS_LEN` bytes (or the whole packet, if shorter) are linear.
+/// Cheap when they already are, which is nearly always.
+#[inline(always)]
+fn linearize(ctx: &TcContext) {
+    let want = if (ctx.len() as usize) < HDRS_LEN {
+        ctx.len() as usize
+    } else {
+        HDRS_LEN
+    };
+    if ctx.data() + want > ctx.data_end() {
+        // A failure (no memory) leaves the packet as it was; the bounds checks below then
+        // refuse it as truncated and the kernel gets it untouched.
+        let _ = ctx.pull_data(want as u32);
+    }
+}
+
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+    linearize(ctx);
+    // SAFETY (every read below): bounds checked by ptr_at; unaligned reads because packet data
+    // has no alignment guarantee.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::NotIpv4;
     };
-    if eth.ether_type != ETH_P_IP_BE {
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
         return Parsed::NotIpv4;
     }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(IP_OFF) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
         return Parsed::Unparsed;
     };
+    let ip = unsafe { ip.read_unaligned() };
     // IHL must be exactly 5: options would move the L4 header, and a constant L4 offset keeps
     // every later access a constant offset for the verifier.
     if ip.vihl != 0x45 {
@@ -89,15 +132,16 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     let daddr = u32::from_ne_bytes(ip.dst_addr);
     match ip.proto {
         IPPROTO_TCP => {
-            let Ok(tcp) = ctx.load::<TcpHdr>(L4_OFF) else {
+            let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4_OFF) else {
                 return Parsed::Unparsed;
             };
+            let tcp = unsafe { tcp.read_unaligned() };
             let hdr_len = tcp.doff() * 4;
             if (hdr_len as usize) < TCP_LEN || tot_len < IP_LEN as u16 + hdr_len {
                 return Parsed::Unparsed;
             }
-            // Byte 13 of the TCP header holds FIN..CWR.
-            let Ok(flags) = ctx.load::<u8>(L4_OFF + 13) else {
+            // Byte 13 of the TCP header holds FIN..CWR (inside the 20 bytes checked above).
+            let Some(flags) = ptr_at::<u8>(ctx, L4_OFF + 13) else {
                 return Parsed::Unparsed;
             };
             Parsed::Ok(Packet {
@@ -106,15 +150,16 @@ pub fn parse(ctx: &TcContext) -> Parsed {
                 sport: u16::from_ne_bytes(tcp.source),
                 dport: u16::from_ne_bytes(tcp.dest),
                 proto: IPPROTO_TCP,
-                tcp_flags: flags,
+                tcp_flags: unsafe { *flags },
                 ip_tot_len: tot_len,
                 l4_hdr_len: hdr_len,
             })
         }
         IPPROTO_UDP => {
-            let Ok(udp) = ctx.load::<UdpHdr>(L4_OFF) else {
+            let Some(udp) = ptr_at::<UdpHdr>(ctx, L4_OFF) else {
                 return Parsed::Unparsed;
             };
+            let udp = unsafe { udp.read_unaligned() };
             if tot_len < (IP_LEN + UDP_LEN) as u16 {
                 return Parsed::Unparsed;
             }
