@@ -223,7 +223,7 @@ fn program(mode: Mode, topo: &Topology, sc: &Scenario, svc_lb: &Path) -> Result<
                 .arg(&dir)
                 .arg("--pin-dir")
                 .arg(&pins.0);
-            cmd.args(["--node-ip", &NODE_IP.to_string()]);
+            cmd.args(["--node-ip", &NODE_IP.to_string(), "--no-socket-lb"]);
             for i in topo.node_ifaces() {
                 cmd.args(["--iface", &i]);
             }

@@ -228,7 +228,14 @@ fn measure(n: usize, cfg: &B6Config, bin: &Path) -> Result<Measured> {
     let logf = fs::File::create(&log).map_err(BenchError::io("create agent log"))?;
     let mut cmd = ns.command(
         &bin.to_string_lossy(),
-        &["run", "--iface", "d0", "--node-ip", &NODE_IP.to_string()],
+        &[
+            "run",
+            "--iface",
+            "d0",
+            "--node-ip",
+            &NODE_IP.to_string(),
+            "--no-socket-lb",
+        ],
     );
     cmd.arg("--manifests")
         .arg(&dir)

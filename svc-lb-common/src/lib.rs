@@ -9,6 +9,8 @@ pub mod flags;
 pub mod maglev;
 pub mod maps;
 pub mod select;
+pub mod sock;
 
 pub use flags::*;
 pub use maps::*;
+pub use sock::*;

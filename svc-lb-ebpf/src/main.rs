@@ -9,12 +9,13 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// Attached at TC ingress of every node interface (see `tc` for the semantics).
@@ -27,6 +28,31 @@ pub fn svc_lb_tc_ingress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn svc_lb_xdp(ctx: XdpContext) -> u32 {
     xdp::xdp(&ctx)
+}
+
+/// Socket LB (see `sock`): attached to a cgroup v2 (default the root) so processes of the node
+/// reach Services; TCP and connected UDP.
+#[cgroup_sock_addr(connect4)]
+pub fn svc_lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// Socket LB: unconnected UDP (sendto/sendmsg with an address).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn svc_lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// Socket LB: the source of a received datagram reads as the frontend again.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn svc_lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// Socket LB: getpeername() reports the frontend, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn svc_lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 /// Benchmark baseline (`cargo xtask bench`): an empty TC program, so BPF_PROG_TEST_RUN numbers

@@ -54,6 +54,14 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 pub static LB_SVC_NAMES: HashMap<RevNatId, SvcName> =
     HashMap::pinned(MAX_REVNAT, BPF_F_NO_PREALLOC);
 
+/// Socket LB (`sock`): which frontend a socket's rewritten destination stands for, so replies
+/// (recvmsg) and getpeername show the frontend. LRU: closed sockets age out on their own.
+#[map(name = "LB4_SOCK_REVNAT")]
+pub static LB4_SOCK_REVNAT: LruHashMap<
+    svc_lb_common::SockRevNatKeyV4,
+    svc_lb_common::SockRevNatV4,
+> = LruHashMap::pinned(svc_lb_common::MAX_SOCK_REVNAT, 0);
+
 /// Increments global counter `idx` (a `STAT_*` index).
 #[inline(always)]
 pub fn stat(idx: u32) {

@@ -33,6 +33,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the `run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load and attach the datapath, then keep the maps in sync with the objects.
@@ -91,6 +93,17 @@ pub struct RunArgs {
     #[arg(long, default_value = "random", value_name = "ALGO", value_parser = parse_lb_algorithm)]
     pub lb_algorithm: LbAlgorithm,
 
+    /// Socket LB: cgroup v2 directory whose processes (the node's own, with the default root
+    /// cgroup) reach Services by connect()-time translation to a backend, which TC ingress
+    /// cannot do for locally originated traffic.
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
+    pub cgroup_path: PathBuf,
+
+    /// Do not attach the socket LB (node processes then cannot reach Services); also detaches
+    /// the one a previous agent attached.
+    #[arg(long)]
+    pub no_socket_lb: bool,
+
     #[command(flatten)]
     pub pin: PinArgs,
 
@@ -100,6 +113,13 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub views: ViewArgs,
+}
+
+impl RunArgs {
+    /// The cgroup the socket LB attaches to, `None` with `--no-socket-lb`.
+    pub fn socket_lb_cgroup(&self) -> Option<&std::path::Path> {
+        (!self.no_socket_lb).then_some(self.cgroup_path.as_path())
+    }
 }
 
 /// Optional servers of the agent; all off unless given.
@@ -400,6 +420,36 @@ mod tests {
             }
         );
         assert_eq!(run.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(
+            run.socket_lb_cgroup(),
+            Some(std::path::Path::new("/sys/fs/cgroup"))
+        );
+    }
+
+    #[test]
+    fn socket_lb_flags() {
+        let cli = Cli::try_parse_from([
+            "svc-lb",
+            "run",
+            "--iface",
+            "lxc*",
+            "--cgroup-path",
+            "/sys/fs/cgroup/kubepods",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.socket_lb_cgroup(),
+            Some(std::path::Path::new("/sys/fs/cgroup/kubepods"))
+        );
+        let cli =
+            Cli::try_parse_from(["svc-lb", "run", "--iface", "eth0", "--no-socket-lb"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.socket_lb_cgroup(), None);
     }
 
     #[test]

@@ -433,10 +433,14 @@ fn node_ips(args: &RunArgs) -> Result<Vec<std::net::Ipv4Addr>, NetifError> {
 /// Loads the datapath (reusing the pinned maps, so programmed frontends keep working) and
 /// opens its maps.
 fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
+    if let Some(cgroup) = args.socket_lb_cgroup() {
+        crate::dataplane::check_cgroup(cgroup)?;
+    }
     let dataplane = Dataplane::load(&DataplaneConfig {
         pin_dir: args.pin.pin_dir.clone(),
         ifaces: args.ifaces.clone(),
     })?;
+    dataplane.set_socket_lb(args.socket_lb_cgroup())?;
     let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
     Ok((dataplane, maps))
 }

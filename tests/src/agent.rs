@@ -63,6 +63,12 @@ impl<'t> AgentProcess<'t> {
         for iface in self.topo.node_ifaces() {
             cmd.args(["--iface", &iface]);
         }
+        // The socket LB attaches to a cgroup, by default the machine's root one: it would
+        // balance every process of the machine (other tests included) into this test's
+        // Services. Only tests that give their own child cgroup get it.
+        if !self.args.iter().any(|a| a == "--cgroup-path") {
+            cmd.arg("--no-socket-lb");
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,svc_lb=debug");
         }

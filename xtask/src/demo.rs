@@ -281,6 +281,8 @@ impl Demo {
                 "--iface", "n-c", "--iface", "n-p1", "--iface", "n-p2", "--iface", "n-p3",
             ])
             .args(["--node-ip", "172.31.0.1", "--pin-dir", PIN_DIR])
+            // The socket LB would attach to the machine's root cgroup (every process).
+            .arg("--no-socket-lb")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -71,6 +71,15 @@ pub enum DataplaneError {
     Netlink(#[source] std::io::Error),
     #[error("starting the interface watcher thread")]
     Watch(#[source] std::io::Error),
+    #[error("socket LB cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("attaching {program} to cgroup {path}")]
+    AttachCgroup {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("writing sysctl {path}")]
     Sysctl {
         path: PathBuf,

@@ -12,6 +12,7 @@ mod links;
 mod logger;
 mod netlink;
 pub mod pattern;
+mod socklb;
 mod sys;
 mod sysctl;
 mod watch;
@@ -26,6 +27,7 @@ use svc_lb_common::maps;
 use tracing::{debug, info};
 
 pub use error::DataplaneError;
+pub use socklb::{SOCK_PROGS, check_cgroup};
 
 /// Name of the TC ingress program in the eBPF object.
 pub const TC_INGRESS_PROG: &str = "svc_lb_tc_ingress";
@@ -75,7 +77,7 @@ pub struct Dataplane {
     _watcher: watch::LinkWatcher,
     // Keeps the program and map fds open for the agent's lifetime (the logger's ring buffer
     // belongs to this object). Shared with the interface watcher thread.
-    _ebpf: Arc<Mutex<Ebpf>>,
+    ebpf: Arc<Mutex<Ebpf>>,
     _logger: Option<logger::LogForwarder>,
     pin_dir: PathBuf,
     ifaces: Vec<String>,
@@ -151,7 +153,7 @@ impl Dataplane {
         );
         Ok(Dataplane {
             _watcher: watcher,
-            _ebpf: ebpf,
+            ebpf,
             _logger: logger,
             pin_dir: cfg.pin_dir.clone(),
             ifaces: cfg.ifaces.clone(),
@@ -161,6 +163,20 @@ impl Dataplane {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Socket LB: with a cgroup v2 path, attaches the `connect4`/`sendmsg4`/`recvmsg4`/
+    /// `getpeername4` programs there (pinned links, replacing a predecessor's); with `None`,
+    /// detaches links a previous agent left.
+    pub fn set_socket_lb(&self, cgroup: Option<&Path>) -> Result<(), DataplaneError> {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        match cgroup {
+            Some(cgroup) => {
+                let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+                socklb::attach(&mut ebpf, cgroup, &links_dir)
+            }
+            None => socklb::detach(&links_dir),
+        }
     }
 
     /// The `--iface` values (names and patterns) as configured.

@@ -1,0 +1,302 @@
+//! Socket LB: processes of the node itself (node network namespace) reach Services through the
+//! cgroup connect4/sendmsg4/recvmsg4/getpeername4 programs, which TC ingress cannot do for
+//! locally originated traffic.
+//!
+//! The agent attaches to a child cgroup made for the test (never the machine's root cgroup:
+//! that would balance every process of the machine), and the client runs as a separate process
+//! placed in that cgroup before it executes.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use svc_lb_tests::{
+    agent::AgentGuard,
+    bin_path, fixture,
+    manifests::{self, FRONTEND_PORTS, FRONTEND_VIP},
+    netns::{NODE_IP, Netns},
+    wait_for,
+};
+
+/// A cgroup v2 directory for one test; removed on drop (its processes are killed first).
+struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    /// A child of the cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+    /// hybrid layout: the first cgroup2 mount).
+    fn new(prefix: &str) -> TestCgroup {
+        let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+        let root = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .next()
+            .expect("no cgroup v2 mounted: the socket LB needs one");
+        let path = root.join(format!("svc-lb-test-{prefix}"));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+
+    /// Runs `svc-lb-sockclient <args>` inside this cgroup (`in_cgroup`) and `ns`.
+    fn client(&self, ns: &Netns, in_cgroup: bool, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin_path("svc-lb-sockclient", "SVC_LB_SOCKCLIENT_BIN"));
+        cmd.args(args);
+        let procs = in_cgroup.then(|| {
+            File::options()
+                .write(true)
+                .open(self.path.join("cgroup.procs"))
+                .expect("open cgroup.procs")
+        });
+        if let Some(procs) = &procs {
+            let fd = procs.as_raw_fd();
+            // SAFETY: only write(2) between fork and exec ("0" = the writing process itself);
+            // `procs` stays open until the command finished.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        ns.enter(&mut cmd);
+        let out = cmd.output().expect("run svc-lb-sockclient");
+        drop(procs);
+        out
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() > deadline => {
+                    eprintln!("warning: could not remove {}: {e}", self.path.display());
+                    return;
+                }
+                // Busy: a client is still in it (a failed test); kill what is left.
+                Err(_) => {
+                    let _ = fs::write(self.path.join("cgroup.kill"), "1");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs the client `count` times in one process and returns the backend names, checking every
+/// line starts with `<key>=<frontend>` (the application must only ever see the frontend).
+fn answers(
+    cg: &TestCgroup,
+    ns: &Netns,
+    mode: &str,
+    frontend: &str,
+    key: &str,
+    count: usize,
+) -> Vec<String> {
+    let out = cg.client(ns, true, &[mode, frontend, &count.to_string()]);
+    let ls = lines(&out);
+    assert!(
+        out.status.success() && ls.len() == count,
+        "{mode} {frontend}: {ls:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ls.iter()
+        .map(|l| {
+            let prefix = format!("{key}={frontend} body=");
+            l.strip_prefix(&prefix)
+                .unwrap_or_else(|| panic!("{mode} {frontend}: expected {prefix}..., got {l:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+fn all_pods() -> BTreeSet<String> {
+    ["pod-a", "pod-b", "pod-c"].map(String::from).into()
+}
+
+fn sock_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
+        .iter()
+        .map(|h| pin_dir.join("links").join(format!("sock-{h}")))
+        .collect()
+}
+
+#[test]
+fn node_processes_reach_services_and_see_the_frontend_as_peer() {
+    let (topo, dir) = fixture::standard();
+    let cg = TestCgroup::new(&topo.prefix);
+    let cg_path = cg.path.to_string_lossy().into_owned();
+    let mut agent = AgentGuard::start_with(&topo, &dir.path, &["--cgroup-path", &cg_path]);
+    fixture::wait_serving(&topo, &mut agent);
+    for pin in sock_pins(&agent.pin_dir) {
+        assert!(pin.exists(), "{} missing", pin.display());
+    }
+    let vip = format!("{FRONTEND_VIP}:80");
+
+    // TCP: balanced over every backend; getpeername says ClusterIP.
+    let seen: BTreeSet<String> = answers(&cg, &topo.node, "tcp", &vip, "peer", 30)
+        .into_iter()
+        .collect();
+    assert_eq!(seen, all_pods(), "TCP from the node was not balanced");
+
+    // Unconnected UDP: sendmsg4 picks a backend per datagram, recvmsg4 shows the frontend as
+    // the reply's source.
+    let dns = format!("{}:53", manifests::DNS_VIP);
+    let seen: BTreeSet<String> = answers(&cg, &topo.node, "udp", &dns, "from", 30)
+        .into_iter()
+        .collect();
+    assert_eq!(
+        seen,
+        all_pods(),
+        "unconnected UDP from the node was not balanced"
+    );
+    // Connected UDP: connect4 + getpeername4.
+    answers(&cg, &topo.node, "udp-connected", &dns, "peer", 3);
+
+    // NodePort on the node's own address.
+    let np = format!("{NODE_IP}:{}", manifests::WEB_NODE_PORT);
+    let seen: BTreeSet<String> = answers(&cg, &topo.node, "tcp", &np, "peer", 10)
+        .into_iter()
+        .collect();
+    assert!(!seen.is_empty());
+
+    // Control: the same client outside the cgroup has no way to the ClusterIP (the node has
+    // no route for it), so the answers above came through the socket LB.
+    let out = cg.client(&topo.node, false, &["tcp", &vip]);
+    assert!(!out.status.success(), "{:?}", lines(&out));
+
+    // No backends: connect fails at once with ECONNREFUSED (no SYN timeout).
+    let slices = manifests::endpoint_slice("frontend-svc", &FRONTEND_PORTS, &[]);
+    let pods: Vec<_> = topo.pods.iter().collect();
+    let others = manifests::standard(&pods).replace(
+        &manifests::endpoint_slice("frontend-svc", &FRONTEND_PORTS, &pods),
+        &slices,
+    );
+    dir.write("services.yaml", &others);
+    wait_for(
+        "connects to the backendless frontend-svc to be refused",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            let out = cg.client(&topo.node, true, &["tcp", &vip]);
+            (lines(&out) == ["error=ECONNREFUSED"]).then_some(())
+        },
+    );
+    let start = Instant::now();
+    let out = cg.client(&topo.node, true, &["tcp", &vip]);
+    assert_eq!(lines(&out), ["error=ECONNREFUSED"]);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}",
+        start.elapsed()
+    );
+
+    // Uninstall detaches the cgroup programs: the ClusterIP is unreachable again.
+    let out = agent.shutdown();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cg.client(&topo.node, true, &["udp-connected", &dns]);
+    assert!(
+        !out.status.success(),
+        "still balanced after uninstall: {:?}",
+        lines(&out)
+    );
+}
+
+#[test]
+fn a_restarted_agent_keeps_one_set_of_socket_links() {
+    let (topo, dir) = fixture::standard();
+    let cg = TestCgroup::new(&topo.prefix);
+    let cg_path = cg.path.to_string_lossy().into_owned();
+    let mut agent = AgentGuard::start_with(&topo, &dir.path, &["--cgroup-path", &cg_path]);
+    fixture::wait_serving(&topo, &mut agent);
+    let dns = format!("{}:53", manifests::DNS_VIP);
+    answers(&cg, &topo.node, "udp-connected", &dns, "peer", 1);
+
+    // kill -9 and restart: the pinned links kept balancing meanwhile, the new agent replaces
+    // them (one program per hook afterwards, checked through the kernel's view).
+    agent.kill_hard();
+    answers(&cg, &topo.node, "udp", &dns, "from", 3);
+    agent.restart();
+    fixture::wait_serving(&topo, &mut agent);
+    answers(&cg, &topo.node, "udp", &dns, "from", 3);
+    let attached = attached_progs(&cg.path);
+    assert_eq!(
+        attached,
+        ["connect4", "getpeername4", "recvmsg4", "sendmsg4"]
+            .map(String::from)
+            .to_vec(),
+        "expected exactly one program per hook on {}",
+        cg.path.display()
+    );
+    assert_eq!(
+        fs::read_dir(agent.pin_dir.join("links"))
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("sock-"))
+            .count(),
+        4
+    );
+}
+
+/// Hooks of the programs attached to `cgroup`, sorted (from `bpftool cgroup show`).
+fn attached_progs(cgroup: &Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool (apt-get install bpftool)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "ID  AttachType  AttachFlags  Name"
+            f.get(1)
+                .filter(|_| f[0].parse::<u32>().is_ok())
+                // bpftool versions spell them differently (connect4, cgroup_inet4_connect, ...).
+                .map(|s| {
+                    ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
+                        .into_iter()
+                        .find(|h| s.contains(h.trim_end_matches('4')))
+                        .map_or_else(|| s.to_string(), String::from)
+                })
+        })
+        .collect();
+    v.sort();
+    v
+}
