@@ -8,6 +8,10 @@
 //! rewritten, alternating between the two, and after the first two iterations both directions
 //! are conntrack hits (the steady state of an established flow). The DNAT counter is checked
 //! to have grown by exactly the number of iterations.
+//!
+//! The maps are created with the sizes of [`B1Config::capacity`] (through the same
+//! [`MapCapacity`] the agent's `--max-services/--max-backends/--max-conntrack` use), the same
+//! at every scale of a run, so scales differ only in how full the maps are.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -20,6 +24,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb::{
+    capacity::MapCapacity,
     dataplane::{TC_INGRESS_PROG, XDP_PROG, ebpf_object},
     maps::BpfLbMaps,
     model::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbPolicy, Proto, ServicePortRef},
@@ -33,17 +38,20 @@ use crate::{BenchError, Result, ns::TempDir, report::Row, scenario::Scenario, st
 pub const TC_PASS_PROG: &str = "svc_lb_tc_pass";
 pub const XDP_PASS_PROG: &str = "svc_lb_xdp_pass";
 
-/// The measured frontend and its one backend (outside the synthetic ranges).
+/// The measured frontend and its one backend, outside the synthetic ranges (a million pods
+/// from 10.244.0.2 reach into 11.3.x.x, so the backend is not in 10/8).
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 100, 0, 10), 80);
-const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 251, 0, 10), 8080);
+const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 251, 10), 8080);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(172, 31, 0, 2), 40000);
 /// Not a frontend: traffic straight to a pod.
-const OTHER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 252, 0, 99), 8080);
+const OTHER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 252, 99), 8080);
 
 #[derive(Clone, Copy, Debug)]
 pub struct B1Config {
     pub repeat: u32,
     pub rounds: usize,
+    /// Map sizes for every scale.
+    pub capacity: MapCapacity,
 }
 
 /// A frontend of kind ExternalIP (so the XDP program handles it too) with one backend.
@@ -108,10 +116,12 @@ struct Loaded {
     _pins: TempDir,
 }
 
-fn load(n: usize, eps: usize, pods: usize) -> Result<Loaded> {
+fn load(n: usize, eps: usize, pods: usize, capacity: &MapCapacity) -> Result<Loaded> {
     let pins = TempDir::pins("b1").map_err(BenchError::io("create pin dir"))?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&pins.0)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&pins.0);
+    capacity.apply(&mut loader);
+    let mut ebpf = loader
         .load(ebpf_object())
         .map_err(|e| BenchError::bpf("load object", e))?;
     for name in [TC_INGRESS_PROG, TC_PASS_PROG] {
@@ -138,7 +148,7 @@ fn load(n: usize, eps: usize, pods: usize) -> Result<Loaded> {
         desired.frontends.insert(fe.key, fe);
     }
     let mut maps = BpfLbMaps::open(&pins.0).map_err(|e| BenchError::bpf("open pins", e))?;
-    let out = reconcile::reconcile(&mut maps, &desired, Limits::default())
+    let out = reconcile::reconcile(&mut maps, &desired, capacity.limits(Limits::default()))
         .map_err(|e| BenchError::bpf("reconcile", e))?;
     if !out.errors.is_empty() || out.frontends != n + 2 {
         return Err(BenchError::Check(format!(
@@ -169,11 +179,15 @@ pub fn run_scale(
     cfg: &B1Config,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    eprintln!("B1: {n} Services x {eps} endpoints: loading maps");
-    let l = load(n, eps, pods)?;
+    eprintln!("B1: {n} Services x {eps} endpoints ({pods} pods): loading maps");
+    let started = std::time::Instant::now();
+    let l = load(n, eps, pods, &cfg.capacity)?;
+    eprintln!("B1: programmed in {:.1}s", started.elapsed().as_secs_f64());
     let matching = packet::tcp(CLIENT, VIP, TCP_ACK, 1, 1, &[0x61; 64]);
     let other = packet::tcp(CLIENT, OTHER, TCP_ACK, 1, 1, &[0x61; 64]);
-    let scale = format!("{} Services", n + 2);
+    // Endpoint j of Service i is pod (i * eps + j) % pods: distinct pods, plus the pair's.
+    let backends = (n * eps).min(pods) + 2;
+    let scale = format!("{} Services, {backends} backends", n + 2);
     kind_rows::<SchedClassifier>(
         &l,
         "TC",

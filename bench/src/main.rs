@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
+use svc_lb::capacity::MapCapacity;
 use svc_lb_bench::{
     b1::{self, B1Config},
     b2::{self, B2Config},
@@ -79,16 +80,33 @@ fn run() -> Result<()> {
     };
 
     if want("b1") {
+        // (Services, endpoints each, pod pool). The full run programs a million distinct
+        // backends at 10k and 100k Services into maps sized for them (the agent's
+        // --max-services 131072 --max-backends 1048576); the quick run keeps the default sizes.
+        let (capacity, scales) = if cli.quick {
+            (
+                MapCapacity::default(),
+                vec![(0, 0, 1), (10_000, 10, 50_000)],
+            )
+        } else {
+            (
+                MapCapacity {
+                    max_services: 131_072,
+                    max_backends: 1_048_576,
+                    ..MapCapacity::default()
+                },
+                vec![
+                    (0, 0, 1),
+                    (10_000, 100, 1_000_000),
+                    (100_000, 10, 1_000_000),
+                ],
+            )
+        };
         let cfg = B1Config {
             repeat: if cli.quick { 100_000 } else { 1_000_000 },
             rounds: if cli.quick { 3 } else { 5 },
+            capacity,
         };
-        // (Services, endpoints each, pod pool). 65,000 x 3 is the largest that fits:
-        // MAX_REVNAT (65,536 frontends), MAX_SERVICE_ENTRIES (262,144 slots), MAX_BACKENDS.
-        let mut scales = vec![(0, 0, 1), (10_000, 10, 50_000)];
-        if !cli.quick {
-            scales.push((65_000, 3, 50_000));
-        }
         for (n, eps, pods) in scales {
             if let Err(e) = b1::run_scale(n, eps, pods, &cfg, &mut report.rows) {
                 failures.push(format!("B1 at {n} Services: {e}"));
