@@ -138,7 +138,13 @@ impl Dataplane {
         })?;
 
         let ebpf = Arc::new(Mutex::new(ebpf));
-        let mut attacher = watch::Attacher::new(ebpf.clone(), links_dir.clone(), sel);
+        let mut attacher = watch::Attacher::new(
+            watch::TcLinks {
+                ebpf: ebpf.clone(),
+                links_dir: links_dir.clone(),
+            },
+            sel,
+        );
         attacher.attach_initial(&links)?;
         let attached = attacher.attached();
         links::remove_stale(&links_dir, &attached)?;

@@ -21,20 +21,55 @@ use super::{
     sysctl,
 };
 
+/// What the [`Attacher`] does to an interface (a trait so the event logic is unit-tested
+/// without a kernel).
+pub trait LinkOps {
+    /// Attaches the program to `name` (pinned; logs the attach).
+    fn attach(&mut self, name: &str) -> Result<(), DataplaneError>;
+    /// Detaches and unpins our link on `name`.
+    fn detach(&mut self, name: &str) -> Result<(), DataplaneError>;
+}
+
+/// The real operations: pinned TCX links under `links_dir` and the interface sysctls.
+pub struct TcLinks {
+    pub ebpf: Arc<Mutex<Ebpf>>,
+    pub links_dir: PathBuf,
+}
+
+impl LinkOps for TcLinks {
+    fn attach(&mut self, name: &str) -> Result<(), DataplaneError> {
+        {
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(TC_INGRESS_PROG)
+                .ok_or(DataplaneError::ProgramNotFound(TC_INGRESS_PROG))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    program: TC_INGRESS_PROG,
+                    source,
+                })?;
+            links::attach_pinned(prog, name, &self.links_dir)?;
+        }
+        sysctl::configure_iface(name)
+    }
+
+    fn detach(&mut self, name: &str) -> Result<(), DataplaneError> {
+        links::remove_link(&self.links_dir, name)
+    }
+}
+
 /// The attach state shared by the initial pass (in `Dataplane::load`) and the watcher thread.
-pub struct Attacher {
-    ebpf: Arc<Mutex<Ebpf>>,
-    links_dir: PathBuf,
+pub struct Attacher<O: LinkOps = TcLinks> {
+    ops: O,
     sel: IfaceSelector,
     /// Interfaces we attached to: name -> ifindex at attach time.
     attached: BTreeMap<String, u32>,
 }
 
-impl Attacher {
-    pub fn new(ebpf: Arc<Mutex<Ebpf>>, links_dir: PathBuf, sel: IfaceSelector) -> Attacher {
+impl<O: LinkOps> Attacher<O> {
+    pub fn new(ops: O, sel: IfaceSelector) -> Attacher<O> {
         Attacher {
-            ebpf,
-            links_dir,
+            ops,
             sel,
             attached: BTreeMap::new(),
         }
@@ -63,27 +98,19 @@ impl Attacher {
     }
 
     fn attach(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
-        {
-            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(TC_INGRESS_PROG)
-                .ok_or(DataplaneError::ProgramNotFound(TC_INGRESS_PROG))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    program: TC_INGRESS_PROG,
-                    source,
-                })?;
-            links::attach_pinned(prog, name, &self.links_dir)?;
+        let result = self.ops.attach(name);
+        // Recorded even when only the sysctls failed: the link is pinned and must be
+        // forgotten when the interface goes.
+        if result.is_ok() || matches!(result, Err(DataplaneError::Sysctl { .. })) {
+            self.attached.insert(name.to_string(), index);
         }
-        self.attached.insert(name.to_string(), index);
-        sysctl::configure_iface(name)?;
-        Ok(())
+        result
     }
 
     /// Detaches and unpins our link on `name` (its interface went away or was renamed).
     fn forget(&mut self, name: &str, why: &str) {
         self.attached.remove(name);
-        match links::remove_link(&self.links_dir, name) {
+        match self.ops.detach(name) {
             Ok(()) => info!(iface = name, "{why}: detached and unpinned its TC link"),
             Err(e) => warn!(iface = name, error = %e, "{why}: could not remove its TC link pin"),
         }
@@ -133,13 +160,13 @@ impl Attacher {
 
     /// Brings the attached set in line with a fresh dump (after lost events).
     fn resync(&mut self) {
-        let links = match netlink::dump_links() {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "cannot list interfaces to resynchronise");
-                return;
-            }
-        };
+        match netlink::dump_links() {
+            Ok(links) => self.resync_with(links),
+            Err(e) => warn!(error = %e, "cannot list interfaces to resynchronise"),
+        }
+    }
+
+    fn resync_with(&mut self, links: Vec<(u32, String)>) {
         let gone: Vec<(String, u32)> = self
             .attached
             .iter()
@@ -165,7 +192,7 @@ impl LinkWatcher {
     /// Starts following `events` (subscribed before the initial dump, so no link can appear
     /// unnoticed in between).
     pub fn start(
-        mut attacher: Attacher,
+        mut attacher: Attacher<TcLinks>,
         mut events: NlSocket,
     ) -> Result<LinkWatcher, DataplaneError> {
         // SAFETY: plain eventfd(2); the fd is owned below.
@@ -242,5 +269,124 @@ impl Drop for LinkWatcher {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what the attacher asked for; `fail` names interfaces whose attach fails.
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<String>,
+        fail: Vec<String>,
+    }
+
+    impl LinkOps for Fake {
+        fn attach(&mut self, name: &str) -> Result<(), DataplaneError> {
+            self.calls.push(format!("attach {name}"));
+            if self.fail.iter().any(|f| f == name) {
+                return Err(DataplaneError::NoSuchInterface(name.into()));
+            }
+            Ok(())
+        }
+        fn detach(&mut self, name: &str) -> Result<(), DataplaneError> {
+            self.calls.push(format!("detach {name}"));
+            Ok(())
+        }
+    }
+
+    fn attacher(specs: &[&str]) -> Attacher<Fake> {
+        let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+        Attacher::new(Fake::default(), IfaceSelector::parse(&specs).unwrap())
+    }
+
+    fn new(index: u32, name: &str) -> LinkEvent {
+        LinkEvent::New {
+            index,
+            name: name.into(),
+        }
+    }
+
+    fn del(index: u32, name: &str) -> LinkEvent {
+        LinkEvent::Del {
+            index,
+            name: name.into(),
+        }
+    }
+
+    fn calls(a: &mut Attacher<Fake>) -> Vec<String> {
+        std::mem::take(&mut a.ops.calls)
+    }
+
+    #[test]
+    fn initial_pass_attaches_matching_links_only() {
+        let mut a = attacher(&["eth0", "lxc*"]);
+        let links =
+            [(1, "lo"), (2, "eth0"), (3, "lxc1"), (4, "docker0")].map(|(i, n)| (i, n.to_string()));
+        a.attach_initial(&links).unwrap();
+        assert_eq!(calls(&mut a), ["attach eth0", "attach lxc1"]);
+        assert_eq!(a.attached(), ["eth0", "lxc1"]);
+    }
+
+    #[test]
+    fn new_links_are_attached_once_and_deleted_ones_forgotten() {
+        let mut a = attacher(&["lxc*"]);
+        a.handle(new(7, "lxc7"));
+        // State changes (up, MTU, ...) repeat RTM_NEWLINK for the same link.
+        a.handle(new(7, "lxc7"));
+        a.handle(new(8, "eth1"));
+        assert_eq!(calls(&mut a), ["attach lxc7"]);
+        // A delete for another ifindex under the same name is not ours.
+        a.handle(del(9, "lxc7"));
+        a.handle(del(8, "eth1"));
+        assert!(calls(&mut a).is_empty());
+        a.handle(del(7, "lxc7"));
+        assert_eq!(calls(&mut a), ["detach lxc7"]);
+        assert!(a.attached().is_empty());
+    }
+
+    #[test]
+    fn renames_and_recreations() {
+        let mut a = attacher(&["lxc*"]);
+        a.handle(new(7, "lxc7"));
+        // Renamed out of the pattern: forgotten.
+        a.handle(new(7, "tmp7"));
+        // Renamed into the pattern: attached under the new name.
+        a.handle(new(8, "tmp8"));
+        a.handle(new(8, "lxc8"));
+        assert_eq!(calls(&mut a), ["attach lxc7", "detach lxc7", "attach lxc8"]);
+        // Deleted and recreated with the same name while the delete was missed.
+        a.handle(new(9, "lxc8"));
+        assert_eq!(calls(&mut a), ["detach lxc8", "attach lxc8"]);
+        assert_eq!(a.attached.get("lxc8"), Some(&9));
+    }
+
+    #[test]
+    fn a_failed_attach_is_not_recorded_and_retried_on_the_next_event() {
+        let mut a = attacher(&["lxc*"]);
+        a.ops.fail.push("lxc1".into());
+        a.handle(new(1, "lxc1"));
+        assert!(a.attached().is_empty());
+        a.ops.fail.clear();
+        a.handle(new(1, "lxc1"));
+        assert_eq!(calls(&mut a), ["attach lxc1", "attach lxc1"]);
+        assert_eq!(a.attached(), ["lxc1"]);
+    }
+
+    #[test]
+    fn resync_after_lost_events() {
+        let mut a = attacher(&["lxc*"]);
+        a.handle(new(1, "lxc1"));
+        a.handle(new(2, "lxc2"));
+        calls(&mut a);
+        // lxc1 vanished, lxc2 was recreated (new ifindex), lxc3 appeared: all unseen.
+        a.resync_with(vec![(5, "lxc2".into()), (6, "lxc3".into())]);
+        assert_eq!(
+            calls(&mut a),
+            ["detach lxc1", "detach lxc2", "attach lxc2", "attach lxc3"]
+        );
+        assert_eq!(a.attached(), ["lxc2", "lxc3"]);
     }
 }
