@@ -18,8 +18,8 @@ use std::{
     fs,
     io::{self, BufRead, BufReader, Write},
     mem,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::{FromRawFd, OwnedFd},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
@@ -145,6 +145,7 @@ pub struct Cluster {
     /// Scratch directory (manifests, agent logs); kept when the test fails.
     pub dir: PathBuf,
     stop: Mutex<Vec<TcpListener>>,
+    stop_udp: Mutex<Vec<UdpSocket>>,
     // Last: namespaces go after everything that runs in them.
     _owned: Namespaces,
 }
@@ -310,15 +311,35 @@ impl Cluster {
             ],
             dir,
             stop: Mutex::new(Vec::new()),
+            stop_udp: Mutex::new(Vec::new()),
             _owned: owned,
             prefix,
         }
     }
 
-    /// Starts a TCP server on `port` in every pod. Each accepted connection first gets a line
-    /// `<pod name> <peer address:port>` (the source the pod sees), then every line it sends is
-    /// echoed back, until it closes.
+    /// Starts a TCP and a UDP server on `port` in every pod. Each accepted TCP connection
+    /// first gets a line `<pod name> <peer address:port>` (the source the pod sees), then every
+    /// line it sends is echoed back, until it closes. Each datagram is answered with that line.
     pub fn start_peer_servers(&self, port: u16) {
+        for pod in &self.pods {
+            let socket = pod
+                .ns
+                .in_ns(move || UdpSocket::bind(("0.0.0.0", port)))
+                .unwrap_or_else(|e| panic!("bind udp {port} in {}: {e}", pod.name));
+            let recv = socket.try_clone().expect("clone udp socket");
+            let name = pod.name;
+            thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                // Ends when Drop shuts the socket down (recv fails or returns nothing).
+                while let Ok((n, peer)) = recv.recv_from(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    let _ = recv.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                }
+            });
+            self.stop_udp.lock().unwrap().push(socket);
+        }
         for pod in &self.pods {
             let listener = pod
                 .ns
@@ -356,10 +377,21 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Wake the accept loops so their threads end: shutting a listening socket down makes
         // accept() fail.
-        for l in self.stop.get_mut().unwrap().drain(..) {
+        let listeners = self.stop.get_mut().unwrap().drain(..);
+        let fds: Vec<OwnedFd> = listeners
+            .map(OwnedFd::from)
+            .chain(
+                self.stop_udp
+                    .get_mut()
+                    .unwrap()
+                    .drain(..)
+                    .map(OwnedFd::from),
+            )
+            .collect();
+        for fd in &fds {
             // SAFETY: shutdown(2) on a socket we own.
             unsafe {
-                libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&l), libc::SHUT_RDWR);
+                libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
             }
         }
         if thread::panicking() {
@@ -432,6 +464,28 @@ impl PeerConn {
         }
         Ok(line.trim_end().to_string())
     }
+}
+
+/// One datagram from `ns` to `dst` on a connected socket (so only an answer from `dst` itself,
+/// i.e. correctly reverse-translated, is received): (pod name, source the pod saw).
+pub fn udp_peer(
+    ns: &Netns,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<(String, SocketAddr)> {
+    let sock = ns.in_ns(move || -> io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(dst)?;
+        Ok(s)
+    })?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"who\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("answer {line:?}"));
+    let (pod, seen) = line.trim().split_once(' ').ok_or_else(bad)?;
+    Ok((pod.to_string(), seen.parse().map_err(|_| bad())?))
 }
 
 /// A TCP connection bound to `src` first (std has no bind-then-connect), with SO_REUSEADDR so

@@ -15,7 +15,7 @@ use svc_lb_tests::{
     manifests::{self, ManifestDir},
     multinode::{
         CLIENT_A_IP, CLIENT_A2_IP, CLIENT_B_IP, Cluster, NODE_A_CLIENT_IP, NODE_A_IP,
-        NODE_B_CLIENT_IP, NodeAgent, POD_A_IP, POD_B_IP, PeerConn,
+        NODE_B_CLIENT_IP, NodeAgent, POD_A_IP, POD_B_IP, PeerConn, udp_peer,
     },
     netns::Netns,
     wait_for,
@@ -301,4 +301,39 @@ fn health_check_node_port_reports_local_endpoints_per_node() {
         Option::is_none,
     );
     agents.iter_mut().for_each(NodeAgent::assert_running);
+}
+
+#[test]
+fn udp_nodeport_to_a_remote_pod_is_snated_and_answered() {
+    let udp = service("dns", "10.96.1.5", 30105, "Cluster", &[POD_B])
+        .replace("protocol: TCP", "protocol: UDP");
+    let (cluster, dir) = setup(&[udp]);
+    let mut agents = agents(&cluster, &dir);
+    let frontend = SocketAddrV4::new(NODE_A_CLIENT_IP, 30105);
+    // The connected socket only takes answers from the frontend: the reply was translated
+    // back on node A.
+    let (pod, seen) = wait_for(
+        "UDP NodePort on node A to answer",
+        Duration::from_secs(20),
+        || {
+            agents.iter_mut().for_each(NodeAgent::assert_running);
+            udp_peer(&cluster.client_a, frontend, Duration::from_millis(300)).ok()
+        },
+    );
+    assert_eq!(pod, "pod-b");
+    assert_eq!(ip(seen), NODE_A_IP, "pod-b saw {seen}");
+    assert_snat_port(seen);
+    // Every new socket is a new flow with a SNAT port of its own.
+    let sock_seen: BTreeSet<SocketAddr> = (0..3)
+        .map(|_| {
+            udp_peer(&cluster.client_a, frontend, Duration::from_secs(2))
+                .expect("UDP answer")
+                .1
+        })
+        .collect();
+    assert_eq!(
+        sock_seen.len(),
+        3,
+        "three sockets, three flows: {sock_seen:?}"
+    );
 }
