@@ -230,7 +230,7 @@ fn node_processes_reach_services_and_see_the_frontend_as_peer() {
 }
 
 #[test]
-fn a_restarted_agent_keeps_one_set_of_socket_links() {
+fn a_restarted_agent_keeps_one_set_of_socket_links_and_no_socket_lb_detaches_them() {
     let (topo, dir) = fixture::standard();
     let cg = TestCgroup::new(&topo.prefix);
     let cg_path = cg.path.to_string_lossy().into_owned();
@@ -255,18 +255,41 @@ fn a_restarted_agent_keeps_one_set_of_socket_links() {
         "expected exactly one program per hook on {}",
         cg.path.display()
     );
-    assert_eq!(
-        fs::read_dir(agent.pin_dir.join("links"))
-            .unwrap()
-            .filter(|e| e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("sock-"))
-            .count(),
-        4
+    assert_eq!(sock_pin_count(&agent.pin_dir), 4);
+
+    // The next agent runs with --no-socket-lb (what AgentGuard passes without --cgroup-path):
+    // it detaches its predecessor's socket LB but keeps serving through TC.
+    agent.stop();
+    let mut plain = AgentGuard::start(&topo, &dir.path);
+    wait_for(
+        "the --no-socket-lb agent to detach the socket LB",
+        Duration::from_secs(10),
+        || {
+            plain.assert_running();
+            (sock_pin_count(&plain.pin_dir) == 0).then_some(())
+        },
     );
+    fixture::wait_serving(&topo, &mut plain);
+    assert!(
+        attached_progs(&cg.path).is_empty(),
+        "{:?}",
+        attached_progs(&cg.path)
+    );
+    let out = cg.client(&topo.node, true, &["udp-connected", &dns]);
+    assert!(!out.status.success(), "still balanced: {:?}", lines(&out));
+    assert!(plain.log_text().contains("socket LB detached"));
+}
+
+fn sock_pin_count(pin_dir: &Path) -> usize {
+    fs::read_dir(pin_dir.join("links"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("sock-"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Hooks of the programs attached to `cgroup`, sorted (from `bpftool cgroup show`).
