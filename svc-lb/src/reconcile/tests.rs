@@ -1034,3 +1034,38 @@ fn source_ranges_are_written_before_enforcement_and_removed_after() {
 }
 
 mod incremental;
+
+#[test]
+fn remote_backends_are_flagged_and_the_flag_follows_the_node() {
+    let with_remote = |remote: &[&str]| {
+        let mut f = fe(
+            "172.31.0.1",
+            30080,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            "default/web:http",
+            &[(PODS[0], 80), (PODS[1], 80)],
+        );
+        f.policy.remote_backends = remote.iter().map(|a| ip(a)).collect();
+        state([f])
+    };
+    let flags = |s: &MapState| -> Vec<(Ipv4Addr, bool, bool)> {
+        s.backends
+            .values()
+            .map(|b| (b.ip(), b.is_remote(), b.is_active()))
+            .collect()
+    };
+    let (s, _) = step(&MapState::default(), &with_remote(&[PODS[1]]));
+    assert_eq!(
+        flags(&s),
+        [(ip(PODS[0]), false, true), (ip(PODS[1]), true, true)]
+    );
+    assert!(dump_text(&s).contains("active remote"), "{}", dump_text(&s));
+    // The pod is now on this node: only its backend entry is rewritten, same id.
+    let (s2, ops) = step(&s, &with_remote(&[]));
+    assert_eq!(
+        flags(&s2),
+        [(ip(PODS[0]), false, true), (ip(PODS[1]), false, true)]
+    );
+    assert_eq!(touched(&ops), ["+be 2"], "{ops:?}");
+}
