@@ -49,16 +49,16 @@ pub struct CapacityArgs {
     /// address of a NodePort, external IPs). LB4_SERVICES gets max(4 x N, N + --max-backends)
     /// entries. Maps already pinned keep their size: the agent warns and uses it;
     /// `svc-lb uninstall` and a restart apply a new size (and drop conntrack).
-    #[arg(long, default_value_t = MAX_REVNAT, value_name = "N")]
+    #[arg(long, default_value_t = MAX_REVNAT, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_services: u32,
 
     /// Distinct backends (pod address and port) the maps hold. The per-backend counters cost
     /// 16 bytes per backend per possible CPU (1M backends on 64 CPUs: 1 GiB).
-    #[arg(long, default_value_t = MAX_BACKENDS, value_name = "N")]
+    #[arg(long, default_value_t = MAX_BACKENDS, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_backends: u32,
 
     /// Conntrack entries (LRU; two per load-balanced flow, about 100 bytes each).
-    #[arg(long, default_value_t = MAX_CT_ENTRIES, value_name = "N")]
+    #[arg(long, default_value_t = MAX_CT_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_conntrack: u32,
 }
 
@@ -147,15 +147,18 @@ impl MapCapacity {
     }
 
     /// Logs a warning for every map pinned under `pin_dir` whose size differs from what this
-    /// capacity asks for (call before loading: afterwards the pins are the maps in use). Maps
-    /// not pinned yet will be created with the requested size and are not reported.
-    pub fn warn_adopted(&self, pin_dir: &Path) {
+    /// capacity asks for, and returns them as (map, pinned size, requested size). Call before
+    /// loading: afterwards the pins are the maps in use. Maps not pinned yet will be created
+    /// with the requested size and are not reported.
+    pub fn warn_adopted(&self, pin_dir: &Path) -> Vec<(&'static str, u32, u32)> {
+        let mut differ = Vec::new();
         for (name, want) in self.map_sizes() {
             let path = pin_dir.join(name);
             let Ok(info) = MapInfo::from_pin(&path) else {
                 continue;
             };
             if info.max_entries() != want {
+                differ.push((name, info.max_entries(), want));
                 warn!(
                     map = name,
                     pinned = info.max_entries(),
@@ -167,6 +170,7 @@ impl MapCapacity {
                 );
             }
         }
+        differ
     }
 
     /// The capacities of the maps pinned under `pin_dir` (the ones the datapath uses).
@@ -257,6 +261,68 @@ mod tests {
         assert!(c.service_entries() >= 100_000 + 1_000_000);
         // 2 CPUs: 16 B x (1M + 128k) x 2 = 36 MiB.
         assert_eq!(c.per_cpu_stats_bytes(2), 16 * (1_048_576 + 131_072) * 2);
+    }
+
+    /// Removes the pin directory (and with it the maps) when the test ends.
+    struct PinDir(std::path::PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn load(dir: &Path, capacity: &MapCapacity) {
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(dir);
+        capacity.apply(&mut loader);
+        loader
+            .load(crate::dataplane::ebpf_object())
+            .expect("load the embedded eBPF object's maps");
+    }
+
+    /// Needs root and bpffs on /sys/fs/bpf, like the maps::bpf tests.
+    #[test]
+    fn maps_get_the_requested_sizes_and_adopted_pins_keep_theirs() {
+        let dir = PinDir(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/svc-lb-unit-capacity-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap_or_else(|e| {
+            panic!(
+                "cannot create {} (needs root and bpffs: mount -t bpf bpf /sys/fs/bpf): {e}",
+                dir.0.display()
+            )
+        });
+        let small = MapCapacity {
+            max_services: 1_024,
+            max_backends: 4_096,
+            max_conntrack: 8_192,
+        };
+        assert!(small.warn_adopted(&dir.0).is_empty(), "nothing pinned yet");
+        load(&dir.0, &small);
+        assert_eq!(MapCapacity::from_pins(&dir.0).unwrap(), small);
+        let limits = pinned_limits(&dir.0, Limits::default());
+        assert_eq!(
+            (
+                limits.max_revnat,
+                limits.max_backends,
+                limits.max_service_entries
+            ),
+            (1_024, 4_096, 1_024 + 4_096)
+        );
+
+        // A second load asking for more adopts the pins: their sizes stay and are reported.
+        let bigger = MapCapacity {
+            max_backends: 8_192,
+            ..small
+        };
+        let differ = bigger.warn_adopted(&dir.0);
+        assert!(differ.contains(&(BACKENDS_MAP, 4_096, 8_192)), "{differ:?}");
+        assert!(differ.contains(&(BE_STATS_MAP, 4_096, 8_192)), "{differ:?}");
+        assert!(!differ.iter().any(|d| d.0 == CT_MAP), "{differ:?}");
+        load(&dir.0, &bigger);
+        assert_eq!(MapCapacity::from_pins(&dir.0).unwrap(), small);
     }
 
     #[test]

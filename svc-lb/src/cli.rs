@@ -113,6 +113,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub views: ViewArgs,
+
+    #[command(flatten)]
+    pub capacity: crate::capacity::CapacityArgs,
 }
 
 impl RunArgs {

@@ -26,6 +26,8 @@ use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use svc_lb_common::maps;
 use tracing::{debug, info};
 
+use crate::capacity::MapCapacity;
+
 pub use error::DataplaneError;
 pub use socklb::{SOCK_PROGS, check_cgroup};
 
@@ -99,6 +101,15 @@ impl Dataplane {
     /// interface with pinned links (replacing a previous agent's links), sets rp_filter=0, and
     /// starts following interfaces that appear or disappear later.
     pub fn load(cfg: &DataplaneConfig) -> Result<Dataplane, DataplaneError> {
+        Self::load_with_capacity(cfg, &MapCapacity::default())
+    }
+
+    /// [`Dataplane::load`] creating absent maps with the sizes of `capacity` (`svc-lb run
+    /// --max-*`). Pinned maps are adopted with their own size; a different one is logged.
+    pub fn load_with_capacity(
+        cfg: &DataplaneConfig,
+        capacity: &MapCapacity,
+    ) -> Result<Dataplane, DataplaneError> {
         let sel = pattern::IfaceSelector::parse(&cfg.ifaces)?;
         // Subscribed before the dump, so a link created in between is seen (twice at worst).
         let events = netlink::NlSocket::subscribe_links().map_err(DataplaneError::Netlink)?;
@@ -121,7 +132,7 @@ impl Dataplane {
             })?;
         }
 
-        let mut ebpf = load_object(&cfg.pin_dir)?;
+        let mut ebpf = load_object(&cfg.pin_dir, capacity)?;
         let logger = logger::LogForwarder::start(&mut ebpf);
 
         let prog: &mut SchedClassifier = ebpf
@@ -198,9 +209,12 @@ impl Dataplane {
 
 /// Loads [`ebpf_object`] with `pin_dir` as the directory of its by-name pinned maps and checks
 /// that every map of [`PINNED_MAPS`] was created (the linker must not have dropped an unused one).
-fn load_object(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
-    let ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+fn load_object(pin_dir: &Path, capacity: &MapCapacity) -> Result<Ebpf, DataplaneError> {
+    capacity.warn_adopted(pin_dir);
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    capacity.apply(&mut loader);
+    let ebpf = loader
         .load(ebpf_object())
         .map_err(|e| DataplaneError::Load(Box::new(e)))?;
     for name in PINNED_MAPS {

@@ -62,13 +62,18 @@ impl MapSync {
         args: &RunArgs,
         telemetry: Telemetry,
     ) -> Self {
+        // The limits follow the pinned maps' real sizes (an adopted map keeps its size).
+        let limits = crate::capacity::pinned_limits(
+            maps.pin_dir(),
+            Limits {
+                default_algorithm: args.lb_algorithm,
+                ..Limits::default()
+            },
+        );
         Self {
             maps,
             translator: IncrementalTranslator::new(translate_cfg),
-            reconciler: Reconciler::new(Limits {
-                default_algorithm: args.lb_algorithm,
-                ..Limits::default()
-            }),
+            reconciler: Reconciler::new(limits),
             pending: BTreeSet::new(),
             rejected_log: Dedup::default(),
             plan_log: Dedup::default(),
