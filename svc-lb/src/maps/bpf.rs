@@ -257,7 +257,7 @@ impl LbMaps for BpfLbMaps {
             Op::DeleteRevNat(k) => ignore_missing(REVNAT_MAP, self.revnat.remove(k)),
             Op::UpsertName(k, v) => self
                 .names
-                .insert(k, v, 0)
+                .insert(k, **v, 0)
                 .map_err(map_err(SVC_NAMES_MAP, "update")),
             Op::DeleteName(k) => ignore_missing(SVC_NAMES_MAP, self.names.remove(k)),
             Op::UpsertMaglev(k, v) => self
@@ -507,11 +507,11 @@ mod tests {
             };
             ct.insert(k, e, 0).unwrap();
         }
-        maps.apply(&Op::PurgeFlows(Purge {
+        maps.apply(&Op::PurgeFlows(Box::new(Purge {
             backend_ids: vec![4, 6],
             rev_nat_ids: vec![3],
             ..Purge::default()
-        }))
+        })))
         .unwrap();
         let left: Vec<(u32, RevNatId)> = maps
             .conntrack()

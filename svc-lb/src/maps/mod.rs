@@ -54,7 +54,9 @@ pub enum Op {
     DeleteBackend(u32),
     UpsertRevNat(RevNatId, RevNatV4),
     DeleteRevNat(RevNatId),
-    UpsertName(RevNatId, SvcName),
+    /// Boxed like the other large payloads: a full sync holds one `Op` per map entry, and the
+    /// enum is as large as its largest variant.
+    UpsertName(RevNatId, Box<SvcName>),
     DeleteName(RevNatId),
     UpsertMaglev(RevNatId, Box<MaglevTable>),
     DeleteMaglev(RevNatId),
@@ -70,7 +72,7 @@ pub enum Op {
     /// out again its next packet would reach, or its replies be rewritten to, whatever got the
     /// id — possibly another Service. No new entry can name them: their slots are gone.
     /// The same holds for sessionAffinity entries, which also name both ids.
-    PurgeFlows(Purge),
+    PurgeFlows(Box<Purge>),
 }
 
 impl Op {
@@ -97,7 +99,7 @@ impl Op {
                 state.revnat.remove(k);
             }
             Op::UpsertName(k, v) => {
-                state.names.insert(*k, *v);
+                state.names.insert(*k, **v);
             }
             Op::DeleteName(k) => {
                 state.names.remove(k);

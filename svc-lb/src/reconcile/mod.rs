@@ -833,7 +833,7 @@ fn diff(
         if let Some(n) = target.names.get(&id)
             && current.names.get(&id) != Some(n)
         {
-            ops.push(Op::UpsertName(id, *n));
+            ops.push(Op::UpsertName(id, Box::new(*n)));
         }
     }
     // Tables before any slot changes and before the slot 0 that turns Maglev on: they name
@@ -892,7 +892,7 @@ fn diff(
     if !purge.is_empty() {
         // Before the deletes: if the purge fails, the ids are still in the maps and the next
         // plan purges and deletes them again.
-        ops.push(Op::PurgeFlows(purge));
+        ops.push(Op::PurgeFlows(Box::new(purge)));
     }
     for r in current.src_ranges.difference(&target.src_ranges) {
         ops.push(Op::DeleteSrcRange(*r));
@@ -992,7 +992,7 @@ pub(crate) fn plan_changed(
 pub struct ApplyError {
     pub index: usize,
     pub total: usize,
-    /// Boxed: an `Op` carries a 128-byte name.
+    /// Boxed: keeps the error small.
     pub op: Box<Op>,
     #[source]
     pub source: MapsError,
