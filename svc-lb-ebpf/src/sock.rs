@@ -10,8 +10,8 @@
 //!
 //! The packets then travel between the node and the backend with real addresses: no per-packet
 //! NAT, no conntrack entry. Not applied here (documented): Maglev tables and sessionAffinity
-//! (a random slot is used), and frontends with loadBalancerSourceRanges or of kind LoadBalancer
-//! (left to the packet path).
+//! (a random slot is used), and frontends with loadBalancerSourceRanges (left to the packet
+//! path, which checks the client address).
 
 use aya_ebpf::{
     EbpfContext,
@@ -21,8 +21,8 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use svc_lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, STAT_LOOKUP_MISS, SVC_F_CLUSTER_IP,
-    SVC_F_EXTERNAL_IP, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceKeyV4, SockRevNatKeyV4,
-    SockRevNatV4, select::slot_for_hash,
+    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceKeyV4,
+    SockRevNatKeyV4, SockRevNatV4, select::slot_for_hash,
 };
 
 use crate::{
@@ -38,8 +38,9 @@ const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
-/// Frontend kinds host traffic is balanced for.
-const KINDS: u16 = SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP;
+/// Frontend kinds host traffic is balanced for: all of them, as kube-proxy short-circuits
+/// LoadBalancer ingress IPs for in-node clients too.
+const KINDS: u16 = SVC_F_CLUSTER_IP | SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
 
 #[inline(always)]
 fn reject(errno: i32) -> i32 {
