@@ -190,3 +190,57 @@ fn a_missing_exact_name_fails_the_start_and_attaches_nothing() {
         "a failed start must not attach anything"
     );
 }
+
+#[test]
+fn a_restarted_agent_adopts_late_links_and_drops_pins_of_interfaces_gone_meanwhile() {
+    let (topo, dir) = fixture::standard();
+    let mut agent = AgentGuard::start_with(&topo, &dir.path, &["--iface", "lxc*"]);
+    fixture::wait_serving(&topo, &mut agent);
+    let late = LatePod::create(&topo);
+    wait_for(
+        "the agent to pin a TC link for the new interface",
+        Duration::from_secs(10),
+        || link_pin(&agent.pin_dir).exists().then_some(()),
+    );
+    let vip = SocketAddr::from((FRONTEND_VIP, 80));
+
+    // kill -9 + restart: the link made for the late interface is adopted (program replaced
+    // inside it), and the pod keeps reaching the Service.
+    agent.restart();
+    wait_for(
+        "the restarted agent to adopt the late interface's link",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            agent
+                .log_text()
+                .lines()
+                .any(|l| {
+                    l.contains("replaced program in existing pinned TC link")
+                        && l.contains(LATE_IFACE)
+                })
+                .then_some(())
+        },
+    );
+    client::http_get_within(&late.pod.ns, vip, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("new pod -> {vip} after restart: {e}"));
+
+    // The interface disappears while no agent runs: the next agent removes its stale pin.
+    agent.kill_hard();
+    late.delete_veth();
+    assert!(
+        link_pin(&agent.pin_dir).exists(),
+        "pin removed without an agent?"
+    );
+    agent.restart();
+    // (Traffic alone proves nothing here: the pinned links kept serving without an agent.)
+    wait_for(
+        "the restarted agent to remove the stale pin of the deleted interface",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            (!link_pin(&agent.pin_dir).exists()).then_some(())
+        },
+    );
+    fixture::wait_serving(&topo, &mut agent);
+}

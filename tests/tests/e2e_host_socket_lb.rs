@@ -244,7 +244,16 @@ fn a_restarted_agent_keeps_one_set_of_socket_links_and_no_socket_lb_detaches_the
     agent.kill_hard();
     answers(&cg, &topo.node, "udp", &dns, "from", 3);
     agent.restart();
-    fixture::wait_serving(&topo, &mut agent);
+    // Traffic alone proves nothing (the pinned links served meanwhile): wait for the new
+    // agent's own attach.
+    wait_for(
+        "the restarted agent to attach its socket LB",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            (agent.log_text().matches("socket LB attached").count() == 2).then_some(())
+        },
+    );
     answers(&cg, &topo.node, "udp", &dns, "from", 3);
     let attached = attached_progs(&cg.path);
     assert_eq!(
