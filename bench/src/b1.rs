@@ -33,9 +33,13 @@ use svc_lb::{
 use svc_lb_common::{STAT_DNAT, maps};
 use svc_lb_tests::packet::{self, TCP_ACK};
 
-use crate::{BenchError, Result, ns::TempDir, report::Row, scenario::Scenario, stats::median};
+use crate::{
+    BenchError, Result, b6::map_memlock, ns::TempDir, report::Row, scenario::Scenario,
+    stats::median,
+};
 
 pub const TC_PASS_PROG: &str = "svc_lb_tc_pass";
+const MIB: f64 = 1024.0 * 1024.0;
 pub const XDP_PASS_PROG: &str = "svc_lb_xdp_pass";
 
 /// The measured frontend and its one backend, outside the synthetic ranges (a million pods
@@ -113,7 +117,7 @@ where
 
 struct Loaded {
     ebpf: Ebpf,
-    _pins: TempDir,
+    pins: TempDir,
 }
 
 fn load(n: usize, eps: usize, pods: usize, capacity: &MapCapacity) -> Result<Loaded> {
@@ -158,7 +162,7 @@ fn load(n: usize, eps: usize, pods: usize, capacity: &MapCapacity) -> Result<Loa
             out.errors.first().map(ToString::to_string)
         )));
     }
-    Ok(Loaded { ebpf, _pins: pins })
+    Ok(Loaded { ebpf, pins })
 }
 
 fn prog<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<&'a T>
@@ -210,8 +214,26 @@ pub fn run_scale(
         cfg,
         rows,
     )?;
-    // Give the kernel a moment to free the previous scale's maps before the next one loads.
+    // What the maps cost at this size and fill, next to default-size maps with only the pair.
+    let mem = map_memlock(&l.pins.0)? as f64 / MIB;
     drop(l);
+    let base = {
+        let d = load(0, 0, 1, &MapCapacity::default())?;
+        map_memlock(&d.pins.0)? as f64 / MIB
+    };
+    let c = &cfg.capacity;
+    rows.push(Row::new(
+        "B1",
+        format!(
+            "BPF map memory (memlock), maps for {} frontends / {} backends, {scale}",
+            c.max_services, c.max_backends
+        ),
+        mem,
+        "MiB",
+        "default sizes, 2 Services".into(),
+        base,
+    ));
+    // Give the kernel a moment to free this scale's maps before the next one loads.
     std::thread::sleep(Duration::from_millis(100));
     Ok(())
 }

@@ -179,7 +179,8 @@ pub(crate) fn programmed_backends(
         .collect()
 }
 
-fn map_memlock(pins: &Path) -> Result<u64> {
+/// Kernel memory of every pinned map under `pins` (bpftool's `bytes_memlock`).
+pub(crate) fn map_memlock(pins: &Path) -> Result<u64> {
     let mut total = 0;
     for name in PINNED_MAPS {
         let out = Command::new("bpftool")
