@@ -5,6 +5,9 @@
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// SCTP: its CRC32c checksum covers no IP pseudo-header, so only address rewrites are done
+/// (a port rewrite would need the CRC over the whole packet recomputed).
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// `ServiceKeyV4::scope`: which slot set of a frontend a key addresses. Only `SCOPE_EXTERNAL`
 /// is used today; `SCOPE_INTERNAL` is reserved for traffic policies (node-local slot sets).

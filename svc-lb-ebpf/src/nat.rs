@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use svc_lb_common::{IPPROTO_UDP, csum};
+use svc_lb_common::{IPPROTO_SCTP, IPPROTO_UDP, csum};
 
 use crate::parse::{
     IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet, TCP_CSUM_OFF,
@@ -27,6 +27,8 @@ pub enum Field {
 /// Error of a rewrite whose header is not in the linear area (cannot happen after `parse`,
 /// which made it linear; kept so a violated assumption drops the packet instead of faulting).
 const E_NOT_LINEAR: i64 = -22;
+/// Error of an SCTP rewrite that would change a port (see `rewrite_sctp`).
+const E_SCTP_PORT: i64 = -95;
 
 /// Rewrites (address, port) of `field` from the packet's values to `addr`/`port` (network
 /// order), fixing the IP checksum and the L4 checksum (pseudo-header + port). All offsets are
@@ -40,6 +42,9 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, field: Field, addr: u32, port: u16) 
         Field::Dst => (p.daddr, p.dport, IP_DADDR_OFF, L4_DPORT_OFF),
         Field::Src => (p.saddr, p.sport, IP_SADDR_OFF, L4_SPORT_OFF),
     };
+    if p.proto == IPPROTO_SCTP {
+        return rewrite_sctp(ctx, old_addr, old_port, addr_off, addr, port);
+    }
     // UDP: a zero checksum means "none" and MARK_MANGLED_0 keeps it zero (and turns a computed
     // zero into 0xffff).
     let (csum_off, mangled) = if p.proto == IPPROTO_UDP {
@@ -68,6 +73,29 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, field: Field, addr: u32, port: u16) 
         write(ctx, addr_off, addr)?;
     }
     write(ctx, port_off, port)?;
+    Ok(())
+}
+
+/// SCTP: its CRC32c covers the SCTP packet only (no pseudo-header), so an address rewrite needs
+/// just the IP checksum. A port rewrite would need the CRC recomputed over the whole packet,
+/// which the datapath does not do: the agent only programs SCTP frontends whose backends use
+/// the same port, and anything else is refused here (the packet is dropped, never corrupted).
+#[inline(always)]
+fn rewrite_sctp(
+    ctx: &TcContext,
+    old_addr: u32,
+    old_port: u16,
+    addr_off: usize,
+    addr: u32,
+    port: u16,
+) -> Result<(), i64> {
+    if old_port != port {
+        return Err(E_SCTP_PORT);
+    }
+    if old_addr != addr {
+        update_u16(ctx, IP_CSUM_OFF, |c| csum::replace4(c, old_addr, addr))?;
+        write(ctx, addr_off, addr)?;
+    }
     Ok(())
 }
 

@@ -5,14 +5,15 @@
 //! are not all in the linear area (some drivers and GRO leave them in page fragments),
 //! `bpf_skb_pull_data` moves them there once and the parse continues.
 //!
-//! Only the plain case is handled: IPv4 with a 20-byte header, not fragmented, TCP or UDP.
+//! Only the plain case is handled: IPv4 with a 20-byte header, not fragmented, TCP, UDP or
+//! SCTP.
 //! Everything else is left to the kernel untouched.
 
 use core::mem;
 
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use svc_lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use svc_lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_LEN: usize = 14;
 pub const IP_OFF: usize = ETH_LEN;
@@ -21,6 +22,8 @@ pub const IP_LEN: usize = 20;
 pub const L4_OFF: usize = IP_OFF + IP_LEN;
 pub const TCP_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;
+/// SCTP common header: ports, verification tag, CRC32c.
+pub const SCTP_LEN: usize = 12;
 
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SADDR_OFF: usize = IP_OFF + 12;
@@ -57,7 +60,7 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// IPv4 total length (host order).
     pub ip_tot_len: u16,
-    /// TCP header length in bytes (data offset * 4); 8 for UDP.
+    /// TCP header length in bytes (data offset * 4); 8 for UDP, 12 for SCTP.
     pub l4_hdr_len: u16,
 }
 
@@ -66,7 +69,7 @@ pub enum Parsed {
     NotIpv4,
     /// IPv4 that we cannot handle safely: truncated, options, fragment.
     Unparsed,
-    /// IPv4 carrying something other than TCP/UDP.
+    /// IPv4 carrying something other than TCP/UDP/SCTP.
     OtherProto,
     Ok(Packet),
 }
@@ -172,6 +175,26 @@ pub fn parse(ctx: &TcContext) -> Parsed {
                 tcp_flags: 0,
                 ip_tot_len: tot_len,
                 l4_hdr_len: UDP_LEN as u16,
+            })
+        }
+        IPPROTO_SCTP => {
+            // Only the ports are needed: the first 4 bytes, like TCP and UDP.
+            let Some(ports) = ptr_at::<[u8; 4]>(ctx, L4_OFF) else {
+                return Parsed::Unparsed;
+            };
+            let ports = unsafe { ports.read_unaligned() };
+            if tot_len < (IP_LEN + SCTP_LEN) as u16 {
+                return Parsed::Unparsed;
+            }
+            Parsed::Ok(Packet {
+                saddr,
+                daddr,
+                sport: u16::from_ne_bytes([ports[0], ports[1]]),
+                dport: u16::from_ne_bytes([ports[2], ports[3]]),
+                proto: IPPROTO_SCTP,
+                tcp_flags: 0,
+                ip_tot_len: tot_len,
+                l4_hdr_len: SCTP_LEN as u16,
             })
         }
         _ => Parsed::OtherProto,

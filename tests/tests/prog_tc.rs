@@ -1112,3 +1112,95 @@ fn conntrack_at_capacity_evicts_lru_and_keeps_balancing() {
     assert_eq!(h.stat(STAT_CT_NEW) - new_before, 40);
     assert_eq!(h.stat(STAT_CT_FULL), 0);
 }
+
+/// CRC32c (Castagnoli, reflected), the SCTP checksum.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet (common header + one DATA-like chunk) with a correct CRC32c (stored
+/// little-endian, as Linux does) and a correct IP header checksum.
+fn sctp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    // A UDP frame of the right size gives Ethernet + IPv4; protocol and checksum are redone.
+    let chunk = [0u8, 3, 0, 8, 0xde, 0xad, 0xbe, 0xef];
+    let mut f = packet::udp(src, dst, &[0; 4 + 8], false);
+    f[ETH_LEN + 9] = svc_lb_common::IPPROTO_SCTP;
+    packet::fix_ip_checksum(&mut f);
+    let l4 = &mut f[L4_OFF..];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    l4[8..12].fill(0);
+    l4[12..20].copy_from_slice(&chunk);
+    let crc = crc32c(l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    f
+}
+
+/// (src, dst) of an SCTP frame after checking its IP header checksum and its CRC32c.
+fn sctp_check(f: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    let ip = &f[ETH_LEN..L4_OFF];
+    assert_eq!(
+        svc_lb_common::csum::checksum_be(ip),
+        0,
+        "IP header checksum"
+    );
+    let mut l4 = f[L4_OFF..].to_vec();
+    let stored = u32::from_le_bytes(l4[8..12].try_into().unwrap());
+    l4[8..12].fill(0);
+    assert_eq!(crc32c(&l4), stored, "SCTP CRC32c");
+    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([f[L4_OFF + o], f[L4_OFF + o + 1]]);
+    (sa(addr(12), port(0)), sa(addr(16), port(2)))
+}
+
+/// SCTP ClusterIP with port == targetPort: only addresses change (the CRC32c covers no IP
+/// pseudo-header, so it stays valid untouched); the reply is reverse-NATed the same way. A
+/// frontend whose backend port differs is dropped rather than sent with a broken CRC.
+#[test]
+fn sctp_addresses_are_translated_and_the_crc_stays_valid() {
+    use svc_lb_common::IPPROTO_SCTP;
+
+    let mut h = Harness::new();
+    h.add_service(VIP, 3868, IPPROTO_SCTP, 7, &[(4, pod(2), 3868)]);
+    let client = sa(CLIENT, 40500);
+    let frame = sctp_frame(client, sa(VIP, 3868));
+    let (v, out) = h.run(&frame);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(sctp_check(&out), (client, sa(pod(2), 3868)));
+    assert_eq!(
+        out[L4_OFF..],
+        frame[L4_OFF..],
+        "SCTP header or chunks changed"
+    );
+    assert!(
+        h.ct()
+            .get(
+                &ct_key(client, sa(VIP, 3868), IPPROTO_SCTP, CT_DIR_FORWARD),
+                0
+            )
+            .is_ok()
+    );
+
+    let reply = sctp_frame(sa(pod(2), 3868), client);
+    let (v, out) = h.run(&reply);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(sctp_check(&out), (sa(VIP, 3868), client));
+    assert_eq!(h.stat(STAT_REVNAT), 1);
+
+    // Port translation cannot be done without recomputing the CRC: dropped, not corrupted.
+    h.add_service(VIP, 3869, IPPROTO_SCTP, 8, &[(5, pod(3), 9999)]);
+    let (v, _) = h.run(&sctp_frame(sa(CLIENT, 40501), sa(VIP, 3869)));
+    assert_eq!(v, TC_ACT_SHOT);
+}
