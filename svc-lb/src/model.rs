@@ -9,8 +9,8 @@ use std::{
 };
 
 use svc_lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
 };
 
 /// L4 protocols the datapath balances.
@@ -18,6 +18,9 @@ use svc_lb_common::{
 pub enum Proto {
     Tcp,
     Udp,
+    /// ClusterIP only, and only with targetPort == port: the datapath rewrites SCTP addresses
+    /// but never ports (its CRC32c would need recomputing).
+    Sctp,
 }
 
 impl Proto {
@@ -25,6 +28,7 @@ impl Proto {
         match self {
             Proto::Tcp => IPPROTO_TCP,
             Proto::Udp => IPPROTO_UDP,
+            Proto::Sctp => IPPROTO_SCTP,
         }
     }
 
@@ -32,6 +36,7 @@ impl Proto {
         match n {
             IPPROTO_TCP => Some(Proto::Tcp),
             IPPROTO_UDP => Some(Proto::Udp),
+            IPPROTO_SCTP => Some(Proto::Sctp),
             _ => None,
         }
     }
@@ -42,6 +47,7 @@ impl fmt::Display for Proto {
         f.write_str(match self {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
         })
     }
 }

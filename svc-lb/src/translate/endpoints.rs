@@ -209,6 +209,16 @@ impl<'a> EndpointIndex<'a> {
                 let Some(target) = slice_port(s.slice, port) else {
                     continue;
                 };
+                // SCTP ports are never translated (see `service::port_plan`).
+                if port.proto == Proto::Sctp && target != port.port {
+                    debug!(
+                        service = %svc.object(),
+                        port = %port.label(),
+                        target,
+                        "SCTP endpoint port differs from the Service port; skipped"
+                    );
+                    continue;
+                }
                 for &(ip, serving, n) in &s.endpoints {
                     if on_node(n) {
                         out.insert(BackendAddr { ip, port: target }, serving);
@@ -311,6 +321,7 @@ fn proto_is(protocol: Option<&str>, proto: Proto) -> bool {
     match protocol.unwrap_or("TCP") {
         "TCP" => proto == Proto::Tcp,
         "UDP" => proto == Proto::Udp,
+        "SCTP" => proto == Proto::Sctp,
         _ => false,
     }
 }

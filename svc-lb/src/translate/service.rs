@@ -234,6 +234,19 @@ pub(super) fn plan<'a>(
                 .iter()
                 .map(|&ip| (key(ip), FrontendKind::ClusterIp)),
         );
+        // SCTP: ClusterIP only. External frontends would need a port rewrite (NodePort) or
+        // SNAT ports for backends on other nodes, neither possible without recomputing the
+        // CRC32c; Cilium has the same limit.
+        let external_sctp = port.proto == Proto::Sctp
+            && (node_port || !external_ips.is_empty() || !lb_ips.is_empty());
+        if external_sctp {
+            reject(format!(
+                "port {label}: SCTP is served on the ClusterIP only; no NodePort, externalIP \
+                 or LoadBalancer frontends"
+            ));
+            ports.push(port);
+            continue;
+        }
         if node_port {
             match p.node_port {
                 Some(np) if u16::try_from(np).is_ok_and(|np| cfg.nodeport_range.contains(np)) => {
@@ -397,7 +410,7 @@ fn port_plan(p: &ServicePort, index: usize) -> Result<PortPlan, String> {
     let proto = match p.protocol.as_deref() {
         None | Some("TCP") => Proto::Tcp,
         Some("UDP") => Proto::Udp,
-        Some("SCTP") => return Err("SCTP not supported yet".into()),
+        Some("SCTP") => Proto::Sctp,
         Some(other) => return Err(format!("unknown protocol {other:?} (index {index})")),
     };
     let target = match &p.target_port {
@@ -414,6 +427,12 @@ fn port_plan(p: &ServicePort, index: usize) -> Result<PortPlan, String> {
             Err(_) => Target::Named(s.clone()),
         },
     };
+    // The datapath cannot rewrite SCTP ports (the CRC32c over the whole packet would change).
+    if proto == Proto::Sctp && target != Target::Number(port) {
+        return Err(format!(
+            "SCTP needs targetPort equal to port ({port}): SCTP ports are not translated"
+        ));
+    }
     Ok(PortPlan {
         name: p.name.clone().unwrap_or_default(),
         port,

@@ -146,6 +146,10 @@ fn every_service_kind_and_endpoint_source() {
                 "10.96.5.5:9000/TCP ClusterIP demo/mixed:tcp -> {}",
                 all(9000)
             ),
+            format!(
+                "10.96.5.5:9001/SCTP ClusterIP demo/mixed:sctp -> {}",
+                all(9001)
+            ),
             // From the hand-written EndpointSlice: only the ready endpoint.
             "10.96.6.6:3306/TCP ClusterIP demo/manual:mysql -> 192.168.50.10:3306".into(),
             // No selector, no slice: the frontend exists and refuses connections.
@@ -183,7 +187,6 @@ fn every_service_kind_and_endpoint_source() {
     assert_eq!(
         rejected(&t),
         [
-            "Service demo/mixed: port sctp: SCTP not supported yet",
             "Service demo/web: port admin: nodePort 40000 is outside the node port range \
              30000-32767; no NodePort frontend",
         ]
@@ -889,5 +892,55 @@ fn health_checks_count_ready_local_endpoints_once_per_address() {
         translate(&objects, &cfg(&[], None))
             .health_checks
             .is_empty()
+    );
+}
+
+#[test]
+fn sctp_is_clusterip_only_and_never_translates_ports() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: diameter}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  externalIPs: [198.51.100.30]
+  ports:
+  - {name: diameter, protocol: SCTP, port: 3868, nodePort: 30868}
+  - {name: other, protocol: SCTP, port: 3869, targetPort: 9999}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: diameter-1, labels: {kubernetes.io/service-name: diameter}}
+addressType: IPv4
+ports: [{name: diameter, protocol: SCTP, port: 3868}]
+endpoints:
+- {addresses: [10.0.1.1]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: diameter-2, labels: {kubernetes.io/service-name: diameter}}
+addressType: IPv4
+ports: [{name: diameter, protocol: SCTP, port: 4000}]
+endpoints:
+- {addresses: [10.0.2.1]}
+"#;
+    let t = translate(
+        &load_yaml(yaml),
+        &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None),
+    );
+    // The slice publishing another port is skipped: its endpoint would need a port rewrite.
+    assert_eq!(
+        lines(&t),
+        ["10.96.0.30:3868/SCTP ClusterIP default/diameter:diameter -> 10.0.1.1:3868"]
+    );
+    assert_eq!(
+        rejected(&t),
+        [
+            "Service default/diameter: port diameter: SCTP is served on the ClusterIP only; \
+             no NodePort, externalIP or LoadBalancer frontends",
+            "Service default/diameter: port other: SCTP needs targetPort equal to port (3869): \
+             SCTP ports are not translated",
+        ]
     );
 }

@@ -54,6 +54,7 @@ pub fn split_name(full: &str) -> Option<(&str, &str, &str)> {
 pub fn url(proto: u8, ip: Ipv4Addr, port: u16) -> String {
     let scheme = match Proto::from_number(proto) {
         Some(Proto::Udp) => "udp",
+        Some(Proto::Sctp) => "sctp",
         _ => "http",
     };
     format!("{scheme}://{ip}:{port}")
