@@ -33,7 +33,7 @@ use tokio::{
     sync::Notify,
     time::{Instant, MissedTickBehavior},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cli::RunArgs,
@@ -128,11 +128,6 @@ impl FileObjects {
 /// The duplicate-detection key the loader uses: (kind, namespace, name).
 type ObjectKey = (&'static str, String, String);
 
-fn object_key(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectKey> {
-    let name = meta.name.clone().filter(|n| !n.is_empty())?;
-    Some((kind, meta.namespace.clone().unwrap_or_default(), name))
-}
-
 /// What identifies a version of a file without reading it: inode, size and modification time
 /// (following symlinks, like the loader).
 type Stamp = (u64, u64, i64, i64);
@@ -174,6 +169,11 @@ pub struct ManifestCache {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileEntry>,
     last_fingerprint: Option<Fingerprint>,
+    /// How many files name each object, kept up to date as files are read, so that a load
+    /// knows without hashing every object whether any object is in two files.
+    key_files: HashMap<ObjectKey, u32>,
+    /// Objects named by more than one file.
+    shared_keys: usize,
 }
 
 /// One read of the directory.
@@ -191,6 +191,8 @@ impl ManifestCache {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
             last_fingerprint: None,
+            key_files: HashMap::new(),
+            shared_keys: 0,
         }
     }
 
@@ -250,47 +252,86 @@ impl ManifestCache {
         for (file, stamp) in &fp {
             let entry = match prev.remove(file) {
                 Some(e) if e.stamp == *stamp => e,
-                e => Self::read_file(file, *stamp, e),
+                e => {
+                    if let Some(e) = &e {
+                        self.count_keys(e, false);
+                    }
+                    let entry = Self::read_file(file, *stamp, e);
+                    self.count_keys(&entry, true);
+                    entry
+                }
             };
             self.files.insert(file.clone(), entry);
         }
         // Deleted files drop out (`prev` is what is left): removing a file is deliberate.
+        for e in prev.values() {
+            self.count_keys(e, false);
+        }
         self.last_fingerprint = Some(fp);
         Ok(self.assemble())
+    }
+
+    /// Adds (or removes) the objects of `e` to the per-object file counts.
+    fn count_keys(&mut self, e: &FileEntry, add: bool) {
+        for key in e.locations.keys() {
+            if add {
+                let n = self.key_files.entry(key.clone()).or_insert(0);
+                *n += 1;
+                if *n == 2 {
+                    self.shared_keys += 1;
+                }
+            } else if let Some(n) = self.key_files.get_mut(key) {
+                *n -= 1;
+                if *n == 1 {
+                    self.shared_keys -= 1;
+                }
+                if *n == 0 {
+                    self.key_files.remove(key);
+                }
+            }
+        }
     }
 
     /// All files' objects in file order. An object already read from an earlier file is a
     /// duplicate (reported, as the loader reports duplicates inside one file); the objects of
     /// files that cannot be read come last and silently give way to a readable copy (it
     /// moved there).
-    fn assemble(&self) -> Loaded {
+    fn assemble<'s>(&'s self) -> Loaded {
+        if self.shared_keys == 0 {
+            return self.concatenate();
+        }
         let mut out = Loaded::default();
-        let mut seen: HashMap<ObjectKey, &Location> = HashMap::new();
+        // Borrowed keys: this runs on every change, over every object of every file.
+        let mut seen: HashMap<(&str, &str, &str), &'s FileEntry> = HashMap::new();
         for stale in [false, true] {
             for (file, e) in self.files.iter().filter(|(_, e)| e.stale == stale) {
                 out.errors.extend(e.errors.iter().cloned());
                 if stale {
                     out.kept_stale.push(file.clone());
                 }
-                let mut take = |kind: &'static str, meta: &ObjectMeta| -> bool {
-                    let Some(key) = object_key(kind, meta) else {
+                let mut take = |kind: &'static str, meta: &'s ObjectMeta| -> bool {
+                    let Some(name) = meta.name.as_deref().filter(|n| !n.is_empty()) else {
                         return true;
                     };
-                    if let Some(first) = seen.get(&key) {
-                        if let (false, Some(at)) = (stale, e.locations.get(&key)) {
-                            let ns = (kind != "Node").then_some(key.1.as_str());
+                    let ns = meta.namespace.as_deref().unwrap_or_default();
+                    let Some(first) = seen.get(&(kind, ns, name)) else {
+                        seen.insert((kind, ns, name), e);
+                        return true;
+                    };
+                    if !stale {
+                        let key = (kind, ns.to_owned(), name.to_owned());
+                        if let (Some(at), Some(first)) =
+                            (e.locations.get(&key), first.locations.get(&key))
+                        {
+                            let ns = (kind != "Node").then_some(ns);
                             out.errors.push(Arc::new(ManifestError::Duplicate {
                                 at: at.clone(),
-                                object: crate::k8s::describe(kind, ns, Some(&key.2)),
-                                first: Box::new((*first).clone()),
+                                object: crate::k8s::describe(kind, ns, Some(name)),
+                                first: Box::new(first.clone()),
                             }));
                         }
-                        return false;
                     }
-                    if let Some(at) = e.locations.get(&key) {
-                        seen.insert(key, at);
-                    }
-                    true
+                    false
                 };
                 let o = &e.objects;
                 let objects = &mut out.objects;
@@ -315,6 +356,27 @@ impl ManifestCache {
                         .filter(|x| take("Node", &x.metadata))
                         .cloned(),
                 );
+            }
+        }
+        out
+    }
+
+    /// [`Self::assemble`] when no object is in two files: nothing to look up.
+    fn concatenate(&self) -> Loaded {
+        let mut out = Loaded::default();
+        for stale in [false, true] {
+            for (file, e) in self.files.iter().filter(|(_, e)| e.stale == stale) {
+                out.errors.extend(e.errors.iter().cloned());
+                if stale {
+                    out.kept_stale.push(file.clone());
+                }
+                let (o, objects) = (&e.objects, &mut out.objects);
+                objects.services.extend(o.services.iter().cloned());
+                objects
+                    .endpoint_slices
+                    .extend(o.endpoint_slices.iter().cloned());
+                objects.pods.extend(o.pods.iter().cloned());
+                objects.nodes.extend(o.nodes.iter().cloned());
             }
         }
         out
@@ -369,6 +431,7 @@ impl Agent {
     /// frontends only, or everything every [`FULL_RESYNC`]). Problems with individual objects
     /// are logged; only a failed dump/apply or an unreadable directory is an error.
     fn sync(&mut self, why: Trigger) -> Result<Outcome, RunError> {
+        let started = std::time::Instant::now();
         let loaded = match why {
             // `run_async` read the manifests before attaching the datapath.
             Trigger::Startup => None,
@@ -376,6 +439,10 @@ impl Agent {
             Trigger::Rescan => self.cache.load_if_changed()?,
         };
         if let Some(loaded) = loaded {
+            debug!(
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "manifests read (changed files only)"
+            );
             self.read(loaded);
         }
         let full = match why {

@@ -88,7 +88,9 @@ impl MapSync {
     /// Takes the current objects: re-translates what changed, logging the skipped objects
     /// (each distinct set once).
     pub(super) fn update(&mut self, objects: &SharedObjects) {
+        let started = std::time::Instant::now();
         let changed = self.translator.update(objects);
+        let took = started.elapsed();
         self.health.sync(&self.translator.health_checks());
         let rejected = self.translator.rejected();
         let copy = if self.share_objects {
@@ -98,7 +100,11 @@ impl MapSync {
         };
         self.telemetry.record_objects(&copy, rejected);
         self.counts = (objects.services.len(), objects.endpoint_slices.len());
-        debug!(frontends = changed.len(), "desired state updated");
+        debug!(
+            frontends = changed.len(),
+            took_ms = took.as_secs_f64() * 1e3,
+            "desired state updated"
+        );
         self.pending.extend(changed);
         let rejected = rejected
             .iter()

@@ -10,7 +10,7 @@
 //! recognised by pointer before it is compared by value.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -72,40 +72,166 @@ fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
 }
 
-fn same_all<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same(a, b))
+/// What an object of the last snapshot fed.
+#[derive(Clone, Debug)]
+enum Feeds {
+    Service(ServiceId),
+    Slice(ServiceId),
+    /// Pods feed the Services of their namespace.
+    Pod(String),
+    /// Slices without the service-name label feed nothing.
+    Nothing,
 }
 
-/// Objects grouped the way one Service's translation reads them.
+/// The address of a shared object: what identifies it between snapshots.
+fn addr<T>(o: &Arc<T>) -> usize {
+    Arc::as_ptr(o) as usize
+}
+
+/// Objects grouped the way one Service's translation reads them, kept up to date from
+/// snapshot to snapshot by object address, so that an update costs a pass over addresses plus
+/// the work for what changed (no per-object keys are built for unchanged objects).
 #[derive(Debug, Default)]
 struct Inputs {
-    services: BTreeMap<ServiceId, Arc<Service>>,
-    /// By owning Service, in the order given (slices without the label are never read).
+    /// The first of two objects with one name wins, as in `translate` (the loaders never
+    /// produce two).
+    services: HashMap<ServiceId, Vec<Arc<Service>>>,
+    /// By owning Service.
     slices: HashMap<ServiceId, Vec<Arc<EndpointSlice>>>,
     /// By namespace.
     pods: HashMap<String, Vec<Arc<Pod>>>,
+    /// Every object of the last snapshot, by address.
+    feeds: HashMap<usize, Feeds>,
+}
+
+/// What an update of [`Inputs`] touched.
+#[derive(Debug, Default)]
+struct Touched {
+    services: BTreeSet<ServiceId>,
+    namespaces: BTreeSet<String>,
+}
+
+/// Removes the object at `address` from `list`, returning it.
+fn take<T>(list: &mut Vec<Arc<T>>, address: usize) -> Option<Arc<T>> {
+    let i = list.iter().position(|o| addr(o) == address)?;
+    Some(list.remove(i))
+}
+
+/// Whether `a` and `b` hold equal objects (in any order).
+fn same_set<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && b.iter().all(|x| a.iter().any(|y| same(x, y)))
 }
 
 impl Inputs {
-    fn new(objects: &SharedObjects) -> Self {
-        let mut inputs = Inputs::default();
+    fn service(&self, id: &ServiceId) -> Option<&Arc<Service>> {
+        self.services.get(id)?.first()
+    }
+
+    /// Takes the next snapshot. An object at an address seen before is unchanged; the others
+    /// are compared by value with what they replace (a re-read file or a re-list allocates
+    /// unchanged objects anew) and only real changes are reported.
+    fn update(&mut self, objects: &SharedObjects) -> Touched {
+        let now: HashSet<usize> = objects
+            .services
+            .iter()
+            .map(addr)
+            .chain(objects.endpoint_slices.iter().map(addr))
+            .chain(objects.pods.iter().map(addr))
+            .collect();
+        // What left, by what it fed (kept to compare with what arrives).
+        let mut gone_services: HashMap<ServiceId, Vec<Arc<Service>>> = HashMap::new();
+        let mut gone_slices: HashMap<ServiceId, Vec<Arc<EndpointSlice>>> = HashMap::new();
+        let mut touched = Touched::default();
+        let left: Vec<(usize, Feeds)> = self
+            .feeds
+            .iter()
+            .filter(|(a, _)| !now.contains(a))
+            .map(|(a, f)| (*a, f.clone()))
+            .collect();
+        for (address, feeds) in left {
+            self.feeds.remove(&address);
+            match feeds {
+                Feeds::Service(id) => {
+                    if let Some(o) = self.services.get_mut(&id).and_then(|l| take(l, address)) {
+                        gone_services.entry(id).or_default().push(o);
+                    }
+                }
+                Feeds::Slice(id) => {
+                    if let Some(o) = self.slices.get_mut(&id).and_then(|l| take(l, address)) {
+                        gone_slices.entry(id).or_default().push(o);
+                    }
+                }
+                Feeds::Pod(ns) => {
+                    if let Some(l) = self.pods.get_mut(&ns) {
+                        take(l, address);
+                    }
+                    touched.namespaces.insert(ns);
+                }
+                Feeds::Nothing => {}
+            }
+        }
+        let mut new_services: HashMap<ServiceId, Vec<Arc<Service>>> = HashMap::new();
+        let mut new_slices: HashMap<ServiceId, Vec<Arc<EndpointSlice>>> = HashMap::new();
         for svc in &objects.services {
-            // The first of two objects with one name wins, as in `translate`.
-            inputs
-                .services
-                .entry(service_id(svc))
-                .or_insert_with(|| svc.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = self.feeds.entry(addr(svc)) {
+                let id = service_id(svc);
+                e.insert(Feeds::Service(id.clone()));
+                self.services
+                    .entry(id.clone())
+                    .or_default()
+                    .push(svc.clone());
+                new_services.entry(id).or_default().push(svc.clone());
+            }
         }
         for slice in &objects.endpoint_slices {
-            if let Some(owner) = slice_owner(slice) {
-                inputs.slices.entry(owner).or_default().push(slice.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = self.feeds.entry(addr(slice)) {
+                match slice_owner(slice) {
+                    Some(id) => {
+                        e.insert(Feeds::Slice(id.clone()));
+                        self.slices
+                            .entry(id.clone())
+                            .or_default()
+                            .push(slice.clone());
+                        new_slices.entry(id).or_default().push(slice.clone());
+                    }
+                    None => {
+                        e.insert(Feeds::Nothing);
+                    }
+                }
             }
         }
         for pod in &objects.pods {
-            let ns = namespace(&pod.metadata).to_owned();
-            inputs.pods.entry(ns).or_default().push(pod.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = self.feeds.entry(addr(pod)) {
+                let ns = namespace(&pod.metadata).to_owned();
+                e.insert(Feeds::Pod(ns.clone()));
+                self.pods.entry(ns.clone()).or_default().push(pod.clone());
+                touched.namespaces.insert(ns);
+            }
         }
-        inputs
+        let empty_svc = Vec::new();
+        for id in gone_services.keys().chain(new_services.keys()) {
+            let (a, b) = (
+                gone_services.get(id).unwrap_or(&empty_svc),
+                new_services.get(id).unwrap_or(&empty_svc),
+            );
+            if !same_set(a, b) {
+                touched.services.insert(id.clone());
+            }
+        }
+        let empty_slices = Vec::new();
+        for id in gone_slices.keys().chain(new_slices.keys()) {
+            let (a, b) = (
+                gone_slices.get(id).unwrap_or(&empty_slices),
+                new_slices.get(id).unwrap_or(&empty_slices),
+            );
+            if !same_set(a, b) {
+                touched.services.insert(id.clone());
+            }
+        }
+        self.services.retain(|_, l| !l.is_empty());
+        self.slices.retain(|_, l| !l.is_empty());
+        self.pods.retain(|_, l| !l.is_empty());
+        touched
     }
 }
 
@@ -163,21 +289,32 @@ impl IncrementalTranslator {
 
     /// Takes the current objects; returns the frontend keys whose desired value changed.
     pub fn update(&mut self, objects: &SharedObjects) -> BTreeSet<FrontendKey> {
-        let next = Inputs::new(objects);
+        let touched = self.inputs.update(objects);
         let node_ips = node_addresses(objects.nodes.iter().map(|n| &**n), &self.cfg);
         let all = self.fresh || node_ips != self.node_ips;
-        let dirty: BTreeSet<ServiceId> = if all {
+        let mut dirty: BTreeSet<ServiceId> = if all {
             self.per_service
                 .keys()
-                .chain(next.services.keys())
+                .chain(self.inputs.services.keys())
                 .cloned()
                 .collect()
         } else {
-            self.dirty(&next)
+            touched.services
         };
+        // Pods only matter to Services without slices, but which those are can change with
+        // the same update: the whole namespace is re-translated.
+        if !all && !touched.namespaces.is_empty() {
+            let in_ns = |id: &&ServiceId| touched.namespaces.contains(&id.0);
+            dirty.extend(self.inputs.services.keys().filter(in_ns).cloned());
+            dirty.extend(self.per_service.keys().filter(in_ns).cloned());
+        }
+        // Only Services that exist now or had a translation matter (a slice of a Service
+        // that never existed changes nothing).
+        dirty.retain(|id| {
+            self.inputs.services.contains_key(id) || self.per_service.contains_key(id)
+        });
         self.fresh = false;
         self.node_ips = node_ips;
-        self.inputs = next;
         if dirty.is_empty() {
             return BTreeSet::new();
         }
@@ -198,7 +335,7 @@ impl IncrementalTranslator {
                     }
                 }
             }
-            let Some(svc) = self.inputs.services.get(id) else {
+            let Some(svc) = self.inputs.service(id) else {
                 continue;
             };
             let t = translate_service(
@@ -244,50 +381,6 @@ impl IncrementalTranslator {
         }
         self.rejected = self.collect_rejected();
         changed
-    }
-
-    /// Services whose inputs differ between the last objects and `next`.
-    fn dirty(&self, next: &Inputs) -> BTreeSet<ServiceId> {
-        let prev = &self.inputs;
-        let mut dirty = BTreeSet::new();
-        for (id, svc) in &next.services {
-            if !prev.services.get(id).is_some_and(|p| same(p, svc)) {
-                dirty.insert(id.clone());
-            }
-        }
-        for id in prev.services.keys() {
-            if !next.services.contains_key(id) {
-                dirty.insert(id.clone());
-            }
-        }
-        for (owner, slices) in &next.slices {
-            if !same_all(prev.slices.get(owner).map_or(&[], |v| &v[..]), slices) {
-                dirty.insert(owner.clone());
-            }
-        }
-        for owner in prev.slices.keys() {
-            if !next.slices.contains_key(owner) {
-                dirty.insert(owner.clone());
-            }
-        }
-        // Pods only matter to Services without slices, but which those are can change with
-        // the same update: the whole namespace is re-translated.
-        let namespaces: BTreeSet<&String> = next
-            .pods
-            .iter()
-            .filter(|(ns, pods)| !same_all(prev.pods.get(*ns).map_or(&[], |v| &v[..]), pods))
-            .map(|(ns, _)| ns)
-            .chain(prev.pods.keys().filter(|ns| !next.pods.contains_key(*ns)))
-            .collect();
-        for ns in namespaces {
-            let in_ns = |id: &&ServiceId| id.0 == *ns;
-            dirty.extend(next.services.keys().filter(in_ns).cloned());
-            dirty.extend(prev.services.keys().filter(in_ns).cloned());
-        }
-        // Only Services that exist now or had a translation matter (a slice of a Service
-        // that never existed changes nothing).
-        dirty.retain(|id| next.services.contains_key(id) || self.per_service.contains_key(id));
-        dirty
     }
 
     fn collect_rejected(&self) -> Vec<Rejected> {

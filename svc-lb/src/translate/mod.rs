@@ -113,6 +113,12 @@ pub(crate) fn translate_service<'a>(
     cfg: &TranslateConfig,
 ) -> ServiceFrontends {
     let mut out = ServiceFrontends::default();
+    // By name, so the result does not depend on the order objects arrived in (it matters
+    // only for odd input, e.g. one address in two slices with different node names).
+    let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut pods: Vec<&Pod> = pods.into_iter().collect();
+    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let index = endpoints::EndpointIndex::new(slices, pods, &mut out.slice_rejected);
     let Some(plan) = service::plan(svc, node_ips, cfg, &mut out.rejected) else {
         return out;
