@@ -9,13 +9,16 @@
 //!   the frontend, so the application only ever sees the ClusterIP.
 //!
 //! The packets then travel between the node and the backend with real addresses: no per-packet
-//! NAT, no conntrack entry. Not applied here (documented): Maglev tables and sessionAffinity
-//! (a random slot is used), and frontends with loadBalancerSourceRanges (left to the packet
-//! path, which checks the client address).
+//! NAT, no conntrack entry. sessionAffinity ClientIP applies with the socket's network
+//! namespace as the client (the source address is not chosen yet at connect time; the
+//! processes of one namespace share their addresses, so they share a backend as with
+//! kube-proxy). Not applied here (documented): Maglev tables (a random slot is used), and
+//! frontends with loadBalancerSourceRanges (left to the packet path, which checks the client
+//! address).
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
@@ -26,7 +29,7 @@ use svc_lb_common::{
 };
 
 use crate::{
-    lb,
+    affinity, lb,
     maps::{LB4_BACKENDS, LB4_REVNAT, LB4_SERVICES, LB4_SOCK_REVNAT, stat},
 };
 
@@ -53,6 +56,16 @@ fn reject(errno: i32) -> i32 {
 fn cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the context pointer of a cgroup sock_addr program.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The sessionAffinity "client" of a socket: its network namespace (cookie folded to 32 bits;
+/// shares `LB4_AFFINITY` with the client addresses of the packet path, a coincidental equal
+/// value only makes the two share a backend).
+#[inline(always)]
+fn affinity_client(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the context pointer of a cgroup sock_addr program (kernel >= 5.7).
+    let c = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    (c ^ (c >> 32)) as u32
 }
 
 /// connect4 / sendmsg4: a frontend destination becomes one of its backends.
@@ -87,21 +100,35 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
         // No (local, for traffic policy Local) backend: fail fast like kube-proxy's REJECT.
         return reject(ECONNREFUSED);
     }
-    // SAFETY: helper without arguments.
-    let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
-    let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
-        // The agent is midway through an update of this frontend.
-        stat(STAT_LOOKUP_MISS);
-        return reject(EHOSTUNREACH);
+    let client = affinity_client(ctx);
+    let remembered = if svc.affinity_timeout_s != 0 {
+        affinity::lookup(client, &svc)
+    } else {
+        None
     };
-    // SAFETY: pointer from a successful lookup.
-    let backend_id = unsafe { (*entry).backend_id };
-    let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
-        stat(STAT_LOOKUP_MISS);
-        return reject(EHOSTUNREACH);
+    let (backend_id, be) = match remembered {
+        Some(found) => found,
+        None => {
+            // SAFETY: helper without arguments.
+            let slot = slot_for_hash(unsafe { bpf_get_prandom_u32() }, svc.count);
+            let Some(entry) = LB4_SERVICES.get_ptr(key.with_slot(slot)) else {
+                // The agent is midway through an update of this frontend.
+                stat(STAT_LOOKUP_MISS);
+                return reject(EHOSTUNREACH);
+            };
+            // SAFETY: pointer from a successful lookup.
+            let backend_id = unsafe { (*entry).backend_id };
+            let Some(be) = LB4_BACKENDS.get_ptr(backend_id) else {
+                stat(STAT_LOOKUP_MISS);
+                return reject(EHOSTUNREACH);
+            };
+            // SAFETY: as above; copied out at once.
+            (backend_id, unsafe { *be })
+        }
     };
-    // SAFETY: as above; copied out at once.
-    let be = unsafe { *be };
+    if svc.affinity_timeout_s != 0 {
+        affinity::remember(client, svc.rev_nat_id, backend_id);
+    }
     let rkey = SockRevNatKeyV4 {
         cookie: cookie(ctx),
         addr: be.addr,

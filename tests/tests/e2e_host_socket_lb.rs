@@ -188,9 +188,31 @@ fn node_processes_reach_services_and_see_the_frontend_as_peer() {
     let out = cg.client(&topo.node, false, &["tcp", &vip]);
     assert!(!out.status.success(), "{:?}", lines(&out));
 
+    // sessionAffinity ClientIP: the node's processes share their client (the network
+    // namespace), so every new connection goes to the same backend.
+    let pods: Vec<_> = topo.pods.iter().collect();
+    dir.write(
+        "services.yaml",
+        &manifests::standard(&pods).replacen(
+            "  sessionAffinity: None\n",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n",
+            1,
+        ),
+    );
+    let sticky = wait_for(
+        "host connections to frontend-svc to stick to one backend",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            let got = answers(&cg, &topo.node, "tcp", &vip, "peer", 8);
+            got.iter().all(|b| *b == got[0]).then(|| got[0].clone())
+        },
+    );
+    let got = answers(&cg, &topo.node, "tcp", &vip, "peer", 20);
+    assert!(got.iter().all(|b| *b == sticky), "affinity broken: {got:?}");
+
     // No backends: connect fails at once with ECONNREFUSED (no SYN timeout).
     let slices = manifests::endpoint_slice("frontend-svc", &FRONTEND_PORTS, &[]);
-    let pods: Vec<_> = topo.pods.iter().collect();
     let others = manifests::standard(&pods).replace(
         &manifests::endpoint_slice("frontend-svc", &FRONTEND_PORTS, &pods),
         &slices,
