@@ -57,6 +57,9 @@ pub struct HealthChecks {
     addr: Ipv4Addr,
     /// (namespace, name) -> its running server.
     services: BTreeMap<(String, String), Instance>,
+    /// Services whose port could not be bound, with that port: warned about once, retried
+    /// on every sync.
+    failed: BTreeMap<(String, String), u16>,
     proxy_healthy: Arc<AtomicBool>,
 }
 
@@ -71,6 +74,7 @@ impl HealthChecks {
         Self {
             addr,
             services: BTreeMap::new(),
+            failed: BTreeMap::new(),
             // Until the first sync says otherwise: the counts are 0 then anyway.
             proxy_healthy: Arc::new(AtomicBool::new(true)),
         }
@@ -91,6 +95,8 @@ impl HealthChecks {
             }
             keep
         });
+        self.failed
+            .retain(|id, port| wanted.get(id).is_some_and(|c| c.port == *port));
         for (id, check) in wanted {
             if let Some(inst) = self.services.get(&id) {
                 inst.served
@@ -106,6 +112,7 @@ impl HealthChecks {
             });
             match self.open(check.port, served.clone()) {
                 Ok(task) => {
+                    self.failed.remove(&id);
                     info!(
                         service = %format!("{}/{}", check.namespace, check.name),
                         port = check.port,
@@ -121,11 +128,15 @@ impl HealthChecks {
                         },
                     );
                 }
-                Err(e) => warn!(
-                    service = %format!("{}/{}", check.namespace, check.name),
-                    port = check.port,
-                    "cannot serve health check: {e}"
-                ),
+                Err(e) => {
+                    if self.failed.insert(id, check.port) != Some(check.port) {
+                        warn!(
+                            service = %format!("{}/{}", check.namespace, check.name),
+                            port = check.port,
+                            "cannot serve health check (retried on every sync): {e}"
+                        );
+                    }
+                }
             }
         }
     }
