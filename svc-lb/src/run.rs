@@ -156,8 +156,6 @@ struct FileEntry {
     objects: FileObjects,
     /// Problems of that read (reported on every load, logged once by the caller).
     errors: Vec<Arc<ManifestError>>,
-    /// Where each of its objects is (for duplicates across files).
-    locations: HashMap<ObjectKey, Location>,
     /// `objects` are the last good read's: the file could not be read at `stamp`.
     stale: bool,
 }
@@ -169,9 +167,10 @@ pub struct ManifestCache {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileEntry>,
     last_fingerprint: Option<Fingerprint>,
-    /// How many files name each object, kept up to date as files are read, so that a load
-    /// knows without hashing every object whether any object is in two files.
-    key_files: HashMap<ObjectKey, u32>,
+    /// How many files name each object (by a hash of its key: a collision only costs a load
+    /// the slow duplicate check), kept up to date as files are read, so that a load knows
+    /// without hashing every object whether any object is in two files.
+    key_files: HashMap<u64, u32>,
     /// Objects named by more than one file.
     shared_keys: usize,
 }
@@ -237,7 +236,6 @@ impl ManifestCache {
                 stamp,
                 objects: now,
                 errors,
-                locations: loader.seen,
                 stale: false,
             },
         }
@@ -273,20 +271,39 @@ impl ManifestCache {
 
     /// Adds (or removes) the objects of `e` to the per-object file counts.
     fn count_keys(&mut self, e: &FileEntry, add: bool) {
-        for key in e.locations.keys() {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        let o = &e.objects;
+        let named = o
+            .services
+            .iter()
+            .map(|x| ("Service", &x.metadata))
+            .chain(
+                o.endpoint_slices
+                    .iter()
+                    .map(|x| ("EndpointSlice", &x.metadata)),
+            )
+            .chain(o.pods.iter().map(|x| ("Pod", &x.metadata)))
+            .chain(o.nodes.iter().map(|x| ("Node", &x.metadata)));
+        for (kind, meta) in named {
+            let Some(name) = meta.name.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let ns = meta.namespace.as_deref().unwrap_or_default();
+            let key = hasher.hash_one((kind, ns, name));
             if add {
-                let n = self.key_files.entry(key.clone()).or_insert(0);
+                let n = self.key_files.entry(key).or_insert(0);
                 *n += 1;
                 if *n == 2 {
                     self.shared_keys += 1;
                 }
-            } else if let Some(n) = self.key_files.get_mut(key) {
+            } else if let Some(n) = self.key_files.get_mut(&key) {
                 *n -= 1;
                 if *n == 1 {
                     self.shared_keys -= 1;
                 }
                 if *n == 0 {
-                    self.key_files.remove(key);
+                    self.key_files.remove(&key);
                 }
             }
         }
@@ -302,7 +319,28 @@ impl ManifestCache {
         }
         let mut out = Loaded::default();
         // Borrowed keys: this runs on every change, over every object of every file.
-        let mut seen: HashMap<(&str, &str, &str), &'s FileEntry> = HashMap::new();
+        let mut seen: HashMap<(&str, &str, &str), &'s Path> = HashMap::new();
+        // Where objects are is not kept (it would cost more memory than the objects' names):
+        // the files with a duplicate are parsed again to say where it is.
+        let mut locations: HashMap<&Path, HashMap<ObjectKey, Location>> = HashMap::new();
+        let mut locate = |file: &'s Path, key: &ObjectKey| -> Location {
+            let found = locations
+                .entry(file)
+                .or_insert_with(|| {
+                    let mut loader = Loader::default();
+                    loader.load_file(file);
+                    loader.seen
+                })
+                .get(key)
+                .cloned();
+            // Changed again since it was read: the next load reports it properly.
+            found.unwrap_or_else(|| Location {
+                file: file.to_path_buf(),
+                document: 0,
+                line: 0,
+                item: None,
+            })
+        };
         for stale in [false, true] {
             for (file, e) in self.files.iter().filter(|(_, e)| e.stale == stale) {
                 out.errors.extend(e.errors.iter().cloned());
@@ -314,22 +352,19 @@ impl ManifestCache {
                         return true;
                     };
                     let ns = meta.namespace.as_deref().unwrap_or_default();
-                    let Some(first) = seen.get(&(kind, ns, name)) else {
-                        seen.insert((kind, ns, name), e);
+                    let Some(first) = seen.get(&(kind, ns, name)).copied() else {
+                        seen.insert((kind, ns, name), file);
                         return true;
                     };
                     if !stale {
                         let key = (kind, ns.to_owned(), name.to_owned());
-                        if let (Some(at), Some(first)) =
-                            (e.locations.get(&key), first.locations.get(&key))
-                        {
-                            let ns = (kind != "Node").then_some(ns);
-                            out.errors.push(Arc::new(ManifestError::Duplicate {
-                                at: at.clone(),
-                                object: crate::k8s::describe(kind, ns, Some(name)),
-                                first: Box::new(first.clone()),
-                            }));
-                        }
+                        let (at, first) = (locate(file, &key), locate(first, &key));
+                        let ns = (kind != "Node").then_some(ns);
+                        out.errors.push(Arc::new(ManifestError::Duplicate {
+                            at,
+                            object: crate::k8s::describe(kind, ns, Some(name)),
+                            first: Box::new(first),
+                        }));
                     }
                     false
                 };
@@ -579,6 +614,7 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     info!(dir = %dir.display(), "watching manifests");
     let mut cache = ManifestCache::new(dir);
     let first = cache.load()?;
+    sync::release_free_memory();
     // Bound before the datapath is touched, so a taken address leaves the node as it was.
     let telemetry = crate::views::Telemetry::new();
     crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
@@ -598,6 +634,7 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     agent.read(first);
     // Plans against what is programmed, so a restarted agent adopts its predecessor's ids.
     agent.sync(Trigger::Startup)?;
+    sync::release_free_memory();
 
     let mut rescan = tokio::time::interval_at(Instant::now() + RESCAN, RESCAN);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);

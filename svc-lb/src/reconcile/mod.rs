@@ -138,6 +138,14 @@ impl Plan {
     }
 }
 
+/// A full plan's target before its writes are worked out.
+struct Planned {
+    target: MapState,
+    errors: Vec<PlanError>,
+    new_backend_ids: BTreeSet<u32>,
+    new_rev_ids: BTreeSet<RevNatId>,
+}
+
 type BackendIdent = (Ipv4Addr, u16, u8);
 
 /// A frontend as currently programmed (slot 0 with scope external).
@@ -673,8 +681,9 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Plans every frontend of `desired` and drains or removes the rest.
-    fn plan_full(mut self, desired: &DesiredState) -> Plan {
+    /// Plans every frontend of `desired` and drains or removes the rest; the writes are left
+    /// to `diff` against `self.current`.
+    fn planned_full(mut self, desired: &DesiredState) -> Planned {
         self.claim_rev_ids(desired.frontends.keys());
         for fe in desired.frontends.values() {
             self.add(fe);
@@ -690,16 +699,29 @@ impl<'a> Planner<'a> {
         }
         let current = self.current;
         self.drain_backends(current.backends.keys().copied());
-        let ops = diff(
+        Planned {
+            target: self.target,
+            errors: self.errors,
+            new_backend_ids: self.new_backend_ids,
+            new_rev_ids: self.new_rev_ids,
+        }
+    }
+
+    fn plan_full(self, desired: &DesiredState) -> Plan {
+        let current = self.current;
+        let p = self.planned_full(desired);
+        let mut ops = Vec::new();
+        diff(
             current,
-            &self.target,
-            &self.new_backend_ids,
-            &self.new_rev_ids,
+            &p.target,
+            &p.new_backend_ids,
+            &p.new_rev_ids,
+            &mut ops,
         );
         Plan {
-            target: self.target,
+            target: p.target,
             ops,
-            errors: self.errors,
+            errors: p.errors,
         }
     }
 
@@ -764,11 +786,13 @@ impl<'a> Planner<'a> {
             }
         }
         self.drain_backends(touched);
-        let ops = diff(
+        let mut ops = Vec::new();
+        diff(
             &before,
             &self.target,
             &self.new_backend_ids,
             &self.new_rev_ids,
+            &mut ops,
         );
         Plan {
             target: self.target,
@@ -805,8 +829,8 @@ fn diff(
     target: &MapState,
     new_backend_ids: &BTreeSet<u32>,
     new_rev_ids: &BTreeSet<RevNatId>,
-) -> Vec<Op> {
-    let mut ops = Vec::new();
+    ops: &mut impl OpSink,
+) {
     for (id, b) in &target.backends {
         if current.backends.get(id) != Some(b) {
             if new_backend_ids.contains(id) {
@@ -903,14 +927,62 @@ fn diff(
             ops.push(Op::DeleteMaglev(*id));
         }
     }
-    ops.extend(removed_rev.into_iter().map(Op::DeleteRevNat));
+    for id in removed_rev {
+        ops.push(Op::DeleteRevNat(id));
+    }
     for id in current.names.keys() {
         if !target.names.contains_key(id) {
             ops.push(Op::DeleteName(*id));
         }
     }
-    ops.extend(removed_be.into_iter().map(Op::DeleteBackend));
-    ops
+    for id in removed_be {
+        ops.push(Op::DeleteBackend(id));
+    }
+}
+
+/// Where `diff` puts the writes: a list (a [`Plan`]), or the maps directly.
+trait OpSink {
+    fn push(&mut self, op: Op);
+}
+
+impl OpSink for Vec<Op> {
+    fn push(&mut self, op: Op) {
+        Vec::push(self, op);
+    }
+}
+
+/// Applies each write as `diff` produces it, so a full sync never holds all of them (one per
+/// map entry: ~240k for 10k Services x 10 endpoints). Stops writing at the first failure and
+/// keeps counting, so the error can say how many writes the plan had.
+struct ApplySink<'m, M: LbMaps> {
+    maps: &'m mut M,
+    count: usize,
+    failed: Option<(usize, Op, MapsError)>,
+}
+
+impl<M: LbMaps> OpSink for ApplySink<'_, M> {
+    fn push(&mut self, op: Op) {
+        if self.failed.is_none()
+            && let Err(e) = self.maps.apply(&op)
+        {
+            self.failed = Some((self.count, op, e));
+        }
+        self.count += 1;
+    }
+}
+
+impl<M: LbMaps> ApplySink<'_, M> {
+    fn finish(self) -> Result<usize, ApplyError> {
+        match self.failed {
+            None => Ok(self.count),
+            Some((index, op, source)) => Err(ApplyError {
+                index,
+                total: self.count,
+                op: Box::new(op),
+                source,
+            }),
+        }
+    }
 }
 
 /// (rev-NAT id, backend id) of frontends that no longer use a backend which itself stays
@@ -1039,16 +1111,16 @@ pub fn reconcile(
     desired: &DesiredState,
     limits: Limits,
 ) -> Result<Outcome, ReconcileError> {
-    let (outcome, _) = reconcile_full(maps, desired, limits)?;
+    let (outcome, ..) = reconcile_full(maps, desired, limits)?;
     Ok(outcome)
 }
 
-/// [`reconcile`], also returning what the maps hold afterwards.
+/// [`reconcile`], also returning what the maps hold afterwards (and the plan's errors).
 fn reconcile_full(
     maps: &mut impl LbMaps,
     desired: &DesiredState,
     limits: Limits,
-) -> Result<(Outcome, Plan), ReconcileError> {
+) -> Result<(Outcome, MapState, Vec<PlanError>), ReconcileError> {
     let current = maps.dump().map_err(ReconcileError::Dump)?;
     let live = if drain::needs_flow_scan(desired, &current) {
         let (now_ns, flows) = maps.flows().map_err(ReconcileError::Dump)?;
@@ -1056,18 +1128,33 @@ fn reconcile_full(
     } else {
         Live::default()
     };
-    let plan = plan_draining(desired, &current, limits, &live);
-    // The dump can be large (every slot of every frontend); the plan's target replaces it.
-    drop(current);
-    apply(maps, &plan.ops)?;
-    let outcome = Outcome {
-        frontends: plan.frontend_count(),
-        backends: plan.target.backends.len(),
-        ops: plan.ops.len(),
-        errors: plan.errors.clone(),
-        draining: draining(&plan.target),
+    let p = Planner::full(&current, limits, &live).planned_full(desired);
+    let mut sink = ApplySink {
+        maps,
+        count: 0,
+        failed: None,
     };
-    Ok((outcome, plan))
+    diff(
+        &current,
+        &p.target,
+        &p.new_backend_ids,
+        &p.new_rev_ids,
+        &mut sink,
+    );
+    let ops = sink.finish()?;
+    let outcome = Outcome {
+        frontends: p
+            .target
+            .services
+            .keys()
+            .filter(|k| k.backend_slot == 0)
+            .count(),
+        backends: p.target.backends.len(),
+        ops,
+        errors: p.errors.clone(),
+        draining: draining(&p.target),
+    };
+    Ok((outcome, p.target, p.errors))
 }
 
 /// Removed TCP backends kept for their flows.

@@ -236,9 +236,9 @@ impl Reconciler {
     ) -> Result<Outcome, ReconcileError> {
         // Dropped first: a failure below leaves the maps in an unknown state.
         self.memory = None;
-        let (outcome, plan) = reconcile_full(maps, desired, self.limits)?;
-        self.errors = plan.errors.into_iter().map(|e| (e.frontend, e)).collect();
-        self.memory = Some(Memory::new(plan.target, self.limits));
+        let (outcome, target, errors) = reconcile_full(maps, desired, self.limits)?;
+        self.errors = errors.into_iter().map(|e| (e.frontend, e)).collect();
+        self.memory = Some(Memory::new(target, self.limits));
         Ok(outcome)
     }
 

@@ -185,6 +185,17 @@ impl MapSync {
     }
 }
 
+/// Hands freed heap pages back to the kernel. Startup parses every object through a generic
+/// value tree and plans every map entry at once; what that leaves freed is scattered over the
+/// heap, where the allocator keeps it (counted in the agent's RSS) unless asked to release it.
+pub(super) fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Waits until `deadline`, forever without one: the debounce/retry arm of both event loops.
 pub(super) async fn until(deadline: Option<Instant>) {
     match deadline {

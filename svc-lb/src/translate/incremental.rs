@@ -244,7 +244,9 @@ pub struct IncrementalTranslator {
     inputs: Inputs,
     per_service: BTreeMap<ServiceId, ServiceFrontends>,
     /// Frontend key -> (Service, index in its `frontends`) that ask for it; the first owns it.
-    claims: HashMap<FrontendKey, BTreeSet<(ServiceId, usize)>>,
+    /// A sorted `Vec`, not a `BTreeSet`: almost every key has one claimant, and a set
+    /// allocates a whole tree node for it (10k Services: ~6 MB instead of <1 MB).
+    claims: HashMap<FrontendKey, Vec<(ServiceId, usize)>>,
     state: DesiredState,
     rejected: Vec<Rejected>,
     /// Nothing translated yet: the first update translates everything.
@@ -328,7 +330,7 @@ impl IncrementalTranslator {
                 for (i, fe) in old.frontends.iter().enumerate() {
                     touched.insert(fe.key);
                     if let Some(c) = self.claims.get_mut(&fe.key) {
-                        c.remove(&(id.clone(), i));
+                        c.retain(|(owner, at)| !(owner == id && *at == i));
                         if c.is_empty() {
                             self.claims.remove(&fe.key);
                         }
@@ -357,10 +359,11 @@ impl IncrementalTranslator {
             );
             for (i, fe) in t.frontends.iter().enumerate() {
                 touched.insert(fe.key);
-                self.claims
-                    .entry(fe.key)
-                    .or_default()
-                    .insert((id.clone(), i));
+                let c = self.claims.entry(fe.key).or_default();
+                let claim = (id.clone(), i);
+                if let Err(at) = c.binary_search(&claim) {
+                    c.insert(at, claim);
+                }
             }
             self.per_service.insert(id.clone(), t);
         }
