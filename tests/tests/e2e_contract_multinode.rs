@@ -85,6 +85,21 @@ fn ip(addr: SocketAddr) -> Ipv4Addr {
     }
 }
 
+/// Waits (up to 20 s) until `agent`'s maps hold the frontend `addr`.
+fn wait_programmed(agent: &mut NodeAgent, addr: SocketAddrV4) {
+    wait_for(
+        &format!("{addr} to be programmed on {}", agent.node.name),
+        Duration::from_secs(20),
+        || {
+            agent.assert_running();
+            let out = agent.cli(&["debug", "services"]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&addr.to_string())
+                .then_some(())
+        },
+    );
+}
+
 /// A global datapath counter of `agent`'s node (`svc-lb debug stats -o json`).
 fn stat(agent: &NodeAgent, name: &str) -> u64 {
     let out = agent.cli(&["debug", "stats", "-o", "json"]);
@@ -158,8 +173,11 @@ fn external_traffic_policy_local_answers_only_on_the_node_with_endpoints() {
         assert_eq!(c.pod, "pod-b");
         assert_eq!(ip(c.seen_from), CLIENT_B_IP, "source not preserved");
     }
-    // Node A has none: dropped (a timeout, not a refusal and not a forward to node B).
+    // Node A has none: dropped (a timeout, not a refusal and not a forward to node B). Its
+    // agent may still be starting (then the node's own stack would refuse): wait until the
+    // frontend is programmed there.
     let on_a = SocketAddrV4::new(NODE_A_CLIENT_IP, 30103);
+    wait_programmed(&mut agents[0], on_a);
     let err = PeerConn::connect(&cluster.client_a, None, on_a, Duration::from_millis(700))
         .err()
         .expect("node-a must not answer without a local endpoint");
@@ -212,38 +230,58 @@ fn lb_service(endpoints: &[(Ipv4Addr, &str)]) -> String {
 
 const HC_PORT: u16 = 32104;
 
-/// `curl` from `ns`: (HTTP status, body), or None when the connection is refused.
-fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
+/// What `curl` got.
+#[derive(Debug)]
+enum Answer {
+    Http(u16, String),
+    /// Connection refused: nothing listens on the port.
+    Refused,
+    /// Anything else (a reset while a listener closes, a timeout under load): retried.
+    Failed(String),
+}
+
+/// `curl` from `ns`.
+fn curl(ns: &Netns, url: &str) -> Answer {
     let mut cmd = std::process::Command::new("curl");
     cmd.args(["-sS", "--max-time", "3", "-w", "\n%{http_code}", url]);
     ns.enter(&mut cmd);
     let out = cmd.output().expect("run curl (is it installed?)");
-    if !out.status.success() {
-        // 7 = could not connect (refused): the port is closed.
-        assert_eq!(
-            out.status.code(),
-            Some(7),
-            "curl {url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
+    match out.status.code() {
+        Some(0) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (body, code) = text.rsplit_once('\n').expect("status line from -w");
+            Answer::Http(code.parse().expect("status code"), body.to_string())
+        }
+        // 7: could not connect.
+        Some(7) => Answer::Refused,
+        _ => Answer::Failed(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').expect("status line from -w");
-    Some((code.parse().expect("status code"), body.to_string()))
 }
 
 /// Polls `curl` until `want` holds for its answer (agents sync on file changes within ~1 s).
-fn wait_curl(
-    ns: &Netns,
-    url: &str,
-    what: &str,
-    want: impl Fn(&Option<(u16, String)>) -> bool,
-) -> Option<(u16, String)> {
+fn wait_curl(ns: &Netns, url: &str, what: &str, want: impl Fn(&Answer) -> bool) -> Answer {
     wait_for(what, Duration::from_secs(20), || {
         let got = curl(ns, url);
         want(&got).then_some(got)
     })
+}
+
+/// The status and body of an HTTP answer from `url`, waiting (up to 20 s) for one for which
+/// `want(status)` holds.
+fn wait_http(ns: &Netns, url: &str, what: &str, want: impl Fn(u16) -> bool) -> (u16, String) {
+    match wait_curl(
+        ns,
+        url,
+        what,
+        |a| matches!(a, Answer::Http(c, _) if want(*c)),
+    ) {
+        Answer::Http(code, body) => (code, body),
+        other => unreachable!("{other:?}"),
+    }
 }
 
 #[test]
@@ -259,47 +297,31 @@ fn health_check_node_port_reports_local_endpoints_per_node() {
     };
 
     // Node B has pod-b: 200 with one local endpoint; node A has none: 503 with zero.
-    let (code, body) = wait_curl(&cluster.client_b, &url_b, "node-b health check", |r| {
-        r.is_some()
-    })
-    .unwrap();
+    let (code, body) = wait_http(&cluster.client_b, &url_b, "node-b health check", |_| true);
     assert_eq!(code, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["service"]["namespace"], "default");
     assert_eq!(v["service"]["name"], "lb");
     assert_eq!(v["localEndpoints"], 1);
     assert_eq!(v["serviceProxyHealthy"], true);
-    let (code, body) = wait_curl(&cluster.client_a, &url_a, "node-a health check", |r| {
-        r.is_some()
-    })
-    .unwrap();
+    let (code, body) = wait_http(&cluster.client_a, &url_a, "node-a health check", |_| true);
     assert_eq!(code, 503, "{body}");
     assert_eq!(json(&body)["localEndpoints"], 0);
 
     // pod-a becomes an endpoint: node A turns healthy.
     let mut docs = vec![cluster.node_manifests(), lb_service(&[POD_A, POD_B])];
     dir.write("cluster.yaml", &manifests::join(&docs));
-    let (_, body) = wait_curl(&cluster.client_a, &url_a, "node-a to report pod-a", |r| {
-        matches!(r, Some((200, _)))
-    })
-    .unwrap();
+    let (_, body) = wait_http(&cluster.client_a, &url_a, "node-a to report pod-a", |c| {
+        c == 200
+    });
     assert_eq!(json(&body)["localEndpoints"], 1);
 
     // The Service goes away: both nodes close the port.
     docs.truncate(1);
     dir.write("cluster.yaml", &manifests::join(&docs));
-    wait_curl(
-        &cluster.client_a,
-        &url_a,
-        "node-a to close",
-        Option::is_none,
-    );
-    wait_curl(
-        &cluster.client_b,
-        &url_b,
-        "node-b to close",
-        Option::is_none,
-    );
+    let refused = |a: &Answer| matches!(a, Answer::Refused);
+    wait_curl(&cluster.client_a, &url_a, "node-a to close", refused);
+    wait_curl(&cluster.client_b, &url_b, "node-b to close", refused);
     agents.iter_mut().for_each(NodeAgent::assert_running);
 }
 
