@@ -262,12 +262,26 @@ fn curl(ns: &Netns, url: &str) -> Answer {
     }
 }
 
-/// Polls `curl` until `want` holds for its answer (agents sync on file changes within ~1 s).
+/// Polls `curl` (up to 20 s) until `want` holds for its answer (agents sync on file changes
+/// within ~1 s); a timeout names the last answer.
 fn wait_curl(ns: &Netns, url: &str, what: &str, want: impl Fn(&Answer) -> bool) -> Answer {
-    wait_for(what, Duration::from_secs(20), || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
         let got = curl(ns, url);
-        want(&got).then_some(got)
-    })
+        if want(&got) {
+            return got;
+        }
+        let last = match &got {
+            Answer::Http(code, body) => format!("HTTP {code}: {body}"),
+            Answer::Refused => "connection refused".into(),
+            Answer::Failed(e) => e.clone(),
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 20 s: {what}; last answer from {url}: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The status and body of an HTTP answer from `url`, waiting (up to 20 s) for one for which
