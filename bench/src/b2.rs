@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, MapData};
 use svc_lb_common::{BackendV4, ServiceEntry, ServiceKeyV4, maps};
 use svc_lb_tests::netns::{NODE_IP, Netns, Topology};
 
@@ -251,13 +252,26 @@ fn program(mode: Mode, topo: &Topology, sc: &Scenario, svc_lb: &Path) -> Result<
                         agent.log_tail()
                     )));
                 }
-                // The agent creates the pins one by one: retry until both open.
+                // The agent creates the pins one by one: retry until both open. The last
+                // Service is a cheap first sign; then every frontend must have its backend
+                // (traffic to one still missing would fail as "network unreachable").
                 if let (Ok(s), Ok(b)) = (
                     open_hash::<ServiceKeyV4, ServiceEntry>(&pins.0, maps::SERVICES_MAP),
                     open_hash::<u32, BackendV4>(&pins.0, maps::BACKENDS_MAP),
                 ) && programmed_backends(&s, &b, &last).len() == 1
                 {
-                    break;
+                    let ready = programmed_frontends(&s);
+                    if ready == n {
+                        break;
+                    }
+                    if Instant::now() + Duration::from_millis(200) > deadline {
+                        return Err(BenchError::Check(format!(
+                            "agent programmed {ready} of {n} Services; log:\n{}",
+                            agent.log_tail()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -270,6 +284,15 @@ fn program(mode: Mode, topo: &Topology, sc: &Scenario, svc_lb: &Path) -> Result<
         _pins,
         _scratch: scratch,
     })
+}
+
+/// Frontends (slot 0 entries) that have at least one backend slot.
+fn programmed_frontends(services: &HashMap<MapData, ServiceKeyV4, ServiceEntry>) -> usize {
+    services
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, e)| k.backend_slot == 0 && e.count > 0)
+        .count()
 }
 
 pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Measured> {
