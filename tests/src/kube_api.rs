@@ -11,11 +11,15 @@
 //! - `labelSelector` (`k`, `!k`, `k=v`, `k!=v`) and `fieldSelector` (`metadata.name=`,
 //!   `metadata.namespace=`) filter lists and watches; an object that stops (starts) matching a
 //!   watch's selector is sent as DELETED (ADDED);
+//! - `limit` and `continue` page lists: every page of one list comes from the snapshot at the
+//!   first page's resourceVersion (the token carries it and the next key, in the API server's
+//!   format); a token whose snapshot was compacted gets a 410 `Expired` Status;
 //! - bearer-token authentication (401 Status otherwise).
 //!
 //! Controls for tests: [`FakeApi::drop_watches`] (connections cut mid-stream),
 //! [`FakeApi::expire_watches`] (410 on every open watch and compaction, forcing a re-list),
-//! [`FakeApi::bookmark`], and [`FakeApi::requests`] (every request, for asserting what the
+//! [`FakeApi::bookmark`], [`FakeApi::expire_next_continues`] (410 on the next paged list
+//! continuations), and [`FakeApi::requests`] (every request, for asserting what the
 //! client called). The listener is created by the caller (e.g. inside a network namespace).
 
 use std::{
@@ -124,6 +128,10 @@ struct State {
     bookmark_gen: u64,
     bookmarks_sent: usize,
     requests: Vec<Request>,
+    /// Continue requests still to be answered 410 Expired ([`FakeApi::expire_next_continues`]).
+    expire_continues: usize,
+    /// Continue requests answered 410 Expired so far.
+    continues_expired: usize,
 }
 
 struct Shared {
@@ -275,6 +283,18 @@ impl FakeApi {
         let mut st = self.shared.lock();
         st.compacted = st.rv;
         drop(st);
+    }
+
+    /// The next `n` list requests that carry a `continue` token find their snapshot compacted
+    /// (410 Expired), as when etcd compacts between two pages of a list: clients must start
+    /// the list again.
+    pub fn expire_next_continues(&self, n: usize) {
+        self.shared.lock().expire_continues += n;
+    }
+
+    /// List requests answered 410 Expired because of their continue token, so far.
+    pub fn continues_expired(&self) -> usize {
+        self.shared.lock().continues_expired
     }
 
     /// Sends a BOOKMARK with the current resourceVersion on every open watch that asked for
@@ -436,8 +456,10 @@ fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> io::Result<()> {
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        410 => "Gone",
         _ => "Error",
     };
     write!(
@@ -510,30 +532,158 @@ fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
         if req.is_watch() {
             return watch(shared, conn, res, &req.query);
         }
-        let st = shared.lock();
-        let items: Vec<Value> = st
-            .objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == res && matches(&req.query, o))
-            .map(|(_, o)| {
-                let mut o = o.clone();
-                // List items come without kind/apiVersion from the real server too.
-                if let Some(m) = o.as_object_mut() {
-                    m.remove("kind");
-                    m.remove("apiVersion");
-                }
-                o
-            })
-            .collect();
-        let body = json!({
-            "kind": format!("{}List", res.kind()),
-            "apiVersion": res.api_version(),
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": items,
-        });
+        let mut st = shared.lock();
+        let (code, body) = match list(&mut st, res, &req.query) {
+            Ok(body) => (200, body),
+            Err(status) => (status["code"].as_u64().unwrap_or(500) as u16, status),
+        };
         drop(st);
-        respond(&mut conn, 200, &body)?;
+        respond(&mut conn, code, &body)?;
     }
+}
+
+/// The real server's message for a continue token whose snapshot was compacted.
+const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a \
+    consistent list result. You can start a new list without the continue parameter, or use \
+    the continue token in this response to retrieve the remainder of the results. Continuing \
+    with the provided token results in an inconsistent list - objects that were created, \
+    modified, or deleted between the time the first chunk was returned and now may show up in \
+    the list.";
+
+/// One list request, paged like the API server: with `limit`, a page of at most that many
+/// items (in key order) and a `continue` token carrying the snapshot's resourceVersion and the
+/// next key; pages after the first come from that same snapshot (rebuilt from history), so a
+/// paged list is consistent. A token whose resourceVersion was compacted gets 410 Expired.
+fn list(st: &mut State, res: Res, q: &BTreeMap<String, String>) -> Result<Value, Value> {
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let (rv, start, objects) = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => (st.rv, None, st.objects.clone()),
+        Some(token) => {
+            let (rv, start) = decode_continue(token).ok_or_else(|| {
+                status(
+                    400,
+                    "BadRequest",
+                    &format!("continue key is not valid: {token}"),
+                )
+            })?;
+            if st.expire_continues > 0 || rv < st.compacted || rv > st.rv {
+                st.expire_continues = st.expire_continues.saturating_sub(1);
+                st.continues_expired += 1;
+                return Err(status(410, "Expired", CONTINUE_EXPIRED));
+            }
+            (rv, Some(start), snapshot(st, rv))
+        }
+    };
+    let mut items = objects
+        .iter()
+        .filter(|((r, _, _), o)| *r == res && matches(q, o))
+        .filter(|((_, ns, name), _)| start.as_ref().is_none_or(|s| object_key(ns, name) >= *s));
+    let mut page = Vec::new();
+    let mut next = None;
+    for ((_, ns, name), o) in items.by_ref() {
+        if limit > 0 && page.len() == limit {
+            next = Some(object_key(ns, name));
+            break;
+        }
+        let mut o = o.clone();
+        // List items come without kind/apiVersion from the real server too.
+        if let Some(m) = o.as_object_mut() {
+            m.remove("kind");
+            m.remove("apiVersion");
+        }
+        page.push(o);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(next) = next {
+        metadata["continue"] = json!(encode_continue(rv, &next));
+        // Like the API server: how many items the rest of the list holds.
+        metadata["remainingItemCount"] = json!(items.count() + 1);
+    }
+    Ok(json!({
+        "kind": format!("{}List", res.kind()),
+        "apiVersion": res.api_version(),
+        "metadata": metadata,
+        "items": page,
+    }))
+}
+
+/// Every object as it was at resourceVersion `rv`, replayed from history (the fake server
+/// keeps all of it; `compacted` only says which versions clients may still ask for).
+fn snapshot(st: &State, rv: u64) -> BTreeMap<Key, Value> {
+    let mut objects = BTreeMap::new();
+    for c in st.history.iter().take_while(|c| c.rv <= rv) {
+        match (&c.new, &c.old) {
+            (Some(o), _) => {
+                objects.insert(key_of(c.res, o), o.clone());
+            }
+            (None, Some(o)) => {
+                objects.remove(&key_of(c.res, o));
+            }
+            (None, None) => {}
+        }
+    }
+    objects
+}
+
+/// The storage key the API server pages by (`<namespace>/<name>`, or `<name>`).
+fn object_key(ns: &str, name: &str) -> String {
+    if ns.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{ns}/{name}")
+    }
+}
+
+/// A continue token in the API server's format: base64 of
+/// `{"v":"meta.k8s.io/v1","rv":<rv>,"start":"<key>\u0000"}`.
+fn encode_continue(rv: u64, start: &str) -> String {
+    let text = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{start}\u{0}")});
+    base64(text.to_string().as_bytes())
+}
+
+fn decode_continue(token: &str) -> Option<(u64, String)> {
+    let v: Value = serde_json::from_slice(&unbase64(token)?).ok()?;
+    if v["v"] != "meta.k8s.io/v1" {
+        return None;
+    }
+    let start = v["start"].as_str()?.strip_suffix('\u{0}')?.to_owned();
+    Some((v["rv"].as_u64()?, start))
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (continue tokens, kubeconfig `*-data` fields).
+pub fn base64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for &ch in text {
+        acc = acc << 6 | B64.iter().position(|&b| b == ch)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
 }
 
 fn chunk(conn: &mut TcpStream, v: &Value) -> io::Result<()> {
@@ -644,5 +794,84 @@ mod tests {
         assert!(fields_match("metadata.name=a", &o));
         assert!(!fields_match("metadata.name=b", &o));
         assert_eq!(decode("%21a.b%2Fc%3Dd"), "!a.b/c=d");
+    }
+
+    #[test]
+    fn base64_round_trip() {
+        for s in ["", "a", "ab", "abc", "abcd", "{\"rv\":1}\u{0}"] {
+            assert_eq!(unbase64(&base64(s.as_bytes())).unwrap(), s.as_bytes());
+        }
+        assert_eq!(base64(b"svc-lb"), "c3ZjLWxi");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+
+    fn svc(name: &str) -> Value {
+        json!({"kind": "Service", "metadata": {"name": name, "namespace": "default"}})
+    }
+
+    fn names(list: &Value) -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn page(api: &FakeApi, query: &[(&str, &str)]) -> Result<Value, Value> {
+        let q = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        list(&mut api.shared.lock(), Res::Services, &q)
+    }
+
+    #[test]
+    fn paged_lists_are_consistent_snapshots_until_compacted() {
+        let api = FakeApi::new();
+        for n in ["a", "b", "c", "d", "e"] {
+            api.apply(svc(n));
+        }
+        let rv = api.resource_version().to_string();
+        let p1 = page(&api, &[("limit", "2")]).unwrap();
+        assert_eq!(names(&p1), ["a", "b"]);
+        assert_eq!(p1["metadata"]["resourceVersion"], rv.as_str());
+        assert_eq!(p1["metadata"]["remainingItemCount"], 3);
+        let token = p1["metadata"]["continue"].as_str().unwrap().to_owned();
+
+        // Changes after the first page are not seen by the rest of that list.
+        api.apply(svc("bb"));
+        api.delete("Service", Some("default"), "d");
+        let p2 = page(&api, &[("limit", "2"), ("continue", &token)]).unwrap();
+        assert_eq!(names(&p2), ["c", "d"]);
+        assert_eq!(p2["metadata"]["resourceVersion"], rv.as_str());
+        let last = p2["metadata"]["continue"].as_str().unwrap().to_owned();
+        let p3 = page(&api, &[("limit", "2"), ("continue", &last)]).unwrap();
+        assert_eq!(names(&p3), ["e"]);
+        assert!(p3["metadata"].get("continue").is_none());
+
+        // A new list sees the changes; no limit = everything.
+        assert_eq!(names(&page(&api, &[]).unwrap()), ["a", "b", "bb", "c", "e"]);
+
+        // Compaction past the snapshot: 410 Expired, like etcd compaction between pages.
+        api.compact();
+        let err = page(&api, &[("limit", "2"), ("continue", &last)]).unwrap_err();
+        assert_eq!(
+            (err["code"].as_u64(), err["reason"].as_str()),
+            (Some(410), Some("Expired"))
+        );
+        let err = page(&api, &[("continue", "bm90IGEgdG9rZW4=")]).unwrap_err();
+        assert_eq!(err["code"], 400);
+
+        // The test control expires the next continue even without compaction.
+        let p1 = page(&api, &[("limit", "4")]).unwrap();
+        let token = p1["metadata"]["continue"].as_str().unwrap().to_owned();
+        api.expire_next_continues(1);
+        assert_eq!(
+            page(&api, &[("continue", &token)]).unwrap_err()["code"],
+            410
+        );
+        assert_eq!(names(&page(&api, &[("continue", &token)]).unwrap()), ["e"]);
+        assert_eq!(api.continues_expired(), 2);
     }
 }
