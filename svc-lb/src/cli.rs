@@ -104,6 +104,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_socket_lb: bool,
 
+    /// XDP fast path for NodePort/externalIP/LoadBalancer traffic: `off`, `generic` (SKB mode,
+    /// any interface) or `native` (in the driver; fails, naming the interface, when the driver
+    /// has no XDP support). Attached to the same interfaces as TC; `off` removes the XDP links a
+    /// previous agent attached. See docs/kube-proxy-replacement.md for which mode to use.
+    #[arg(long, default_value = "off", value_name = "MODE")]
+    pub xdp: crate::dataplane::XdpMode,
+
     #[command(flatten)]
     pub pin: PinArgs,
 
@@ -427,6 +434,25 @@ mod tests {
             run.socket_lb_cgroup(),
             Some(std::path::Path::new("/sys/fs/cgroup"))
         );
+    }
+
+    #[test]
+    fn xdp_flag() {
+        use crate::dataplane::XdpMode;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["svc-lb", "run", "--iface", "eth0"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Run(run) => run.xdp,
+                _ => panic!("not run"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), XdpMode::Off);
+        assert_eq!(parse(&["--xdp", "off"]).unwrap(), XdpMode::Off);
+        assert_eq!(parse(&["--xdp", "generic"]).unwrap(), XdpMode::Generic);
+        assert_eq!(parse(&["--xdp", "native"]).unwrap(), XdpMode::Native);
+        let err = parse(&["--xdp", "driver"]).unwrap_err().to_string();
+        assert!(err.contains("generic") && err.contains("native"), "{err}");
     }
 
     #[test]

@@ -538,12 +538,13 @@ fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
     if let Some(cgroup) = args.socket_lb_cgroup() {
         crate::dataplane::check_cgroup(cgroup)?;
     }
-    let dataplane = Dataplane::load_with_capacity(
+    let dataplane = Dataplane::load_with_options(
         &DataplaneConfig {
             pin_dir: args.pin.pin_dir.clone(),
             ifaces: args.ifaces.clone(),
         },
         &(&args.capacity).into(),
+        args.xdp,
     )?;
     dataplane.set_socket_lb(args.socket_lb_cgroup())?;
     let maps = BpfLbMaps::open(&args.pin.pin_dir)?;

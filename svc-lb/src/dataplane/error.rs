@@ -55,6 +55,23 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error(
+        "attaching svc_lb_xdp in {mode} mode to interface {iface} (native XDP needs driver support for this interface; --xdp generic works on every interface)"
+    )]
+    XdpAttach {
+        iface: String,
+        mode: super::xdp::XdpMode,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "XDP attachment on interface {iface} is not a bpf_link and could not be pinned (needs kernel >= 5.9)"
+    )]
+    XdpLink {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("pinning link at {path}")]
     PinLink {
         path: PathBuf,

@@ -16,6 +16,7 @@ mod socklb;
 mod sys;
 mod sysctl;
 mod watch;
+mod xdp;
 
 use std::{
     path::{Path, PathBuf},
@@ -30,12 +31,14 @@ use crate::capacity::MapCapacity;
 
 pub use error::DataplaneError;
 pub use socklb::{SOCK_PROGS, check_cgroup};
+pub use xdp::XdpMode;
 
 /// Name of the TC ingress program in the eBPF object.
 pub const TC_INGRESS_PROG: &str = "svc_lb_tc_ingress";
-/// Name of the optional XDP DNAT program (NodePort/ExternalIP/LoadBalancer frontends). It is in
-/// the object but not attached by default: XDP cannot see CHECKSUM_PARTIAL packets from local
-/// veth peers and would corrupt their L4 checksums.
+/// Name of the optional XDP DNAT program (NodePort/ExternalIP/LoadBalancer frontends), attached
+/// only with `svc-lb run --xdp generic|native`: XDP cannot see CHECKSUM_PARTIAL packets from
+/// local veth peers and would corrupt their L4 checksums, so it is meant for interfaces whose
+/// frames come off the wire.
 pub const XDP_PROG: &str = "svc_lb_xdp";
 /// Sub-directory of the pin dir holding one pinned link per attached interface.
 pub const LINKS_DIR: &str = "links";
@@ -110,6 +113,17 @@ impl Dataplane {
         cfg: &DataplaneConfig,
         capacity: &MapCapacity,
     ) -> Result<Dataplane, DataplaneError> {
+        Self::load_with_options(cfg, capacity, XdpMode::Off)
+    }
+
+    /// [`Dataplane::load_with_capacity`] that also attaches `svc_lb_xdp` in `xdp` mode to every
+    /// interface that gets the TC program (now and when they appear later), with pinned links
+    /// under `links/`. With [`XdpMode::Off`], XDP links a previous agent pinned are removed.
+    pub fn load_with_options(
+        cfg: &DataplaneConfig,
+        capacity: &MapCapacity,
+        xdp_mode: XdpMode,
+    ) -> Result<Dataplane, DataplaneError> {
         let sel = pattern::IfaceSelector::parse(&cfg.ifaces)?;
         // Subscribed before the dump, so a link created in between is seen (twice at worst).
         let events = netlink::NlSocket::subscribe_links().map_err(DataplaneError::Netlink)?;
@@ -147,18 +161,29 @@ impl Dataplane {
             program: TC_INGRESS_PROG,
             source,
         })?;
+        if xdp_mode != XdpMode::Off {
+            xdp::load(&mut ebpf)?;
+        }
 
         let ebpf = Arc::new(Mutex::new(ebpf));
         let mut attacher = watch::Attacher::new(
             watch::TcLinks {
                 ebpf: ebpf.clone(),
                 links_dir: links_dir.clone(),
+                xdp: xdp_mode,
             },
             sel,
         );
         attacher.attach_initial(&links)?;
         let attached = attacher.attached();
         links::remove_stale(&links_dir, &attached)?;
+        // With --xdp off nothing is kept: the previous agent's XDP links go away here.
+        let keep_xdp: &[String] = if xdp_mode == XdpMode::Off {
+            &[]
+        } else {
+            &attached
+        };
+        xdp::remove_stale(&links_dir, keep_xdp)?;
         sysctl::configure(&attached)?;
         let watcher = watch::LinkWatcher::start(attacher, events)?;
 
@@ -166,6 +191,7 @@ impl Dataplane {
             pin_dir = %cfg.pin_dir.display(),
             ifaces = ?cfg.ifaces,
             ?attached,
+            xdp = %xdp_mode,
             "dataplane loaded"
         );
         Ok(Dataplane {

@@ -19,6 +19,7 @@ use super::{
     netlink::{self, LinkEvent, NlSocket},
     pattern::IfaceSelector,
     sysctl,
+    xdp::{self, XdpMode},
 };
 
 /// What the [`Attacher`] does to an interface (a trait so the event logic is unit-tested
@@ -30,10 +31,13 @@ pub trait LinkOps {
     fn detach(&mut self, name: &str) -> Result<(), DataplaneError>;
 }
 
-/// The real operations: pinned TCX links under `links_dir` and the interface sysctls.
+/// The real operations: pinned TCX links under `links_dir`, the optional pinned XDP links
+/// (same interfaces, so a pod veth that appears later gets both) and the interface sysctls.
 pub struct TcLinks {
     pub ebpf: Arc<Mutex<Ebpf>>,
     pub links_dir: PathBuf,
+    /// `Off`: no XDP link (an old one is removed when the interface is attached).
+    pub xdp: XdpMode,
 }
 
 impl LinkOps for TcLinks {
@@ -49,12 +53,18 @@ impl LinkOps for TcLinks {
                     source,
                 })?;
             links::attach_pinned(prog, name, &self.links_dir)?;
+            if self.xdp != XdpMode::Off {
+                xdp::attach_pinned(xdp::program(&mut ebpf)?, name, self.xdp, &self.links_dir)?;
+            }
         }
         sysctl::configure_iface(name)
     }
 
     fn detach(&mut self, name: &str) -> Result<(), DataplaneError> {
-        links::remove_link(&self.links_dir, name)
+        // Both, even when XDP is off now: a previous agent may have left an XDP pin.
+        let tc = links::remove_link(&self.links_dir, name);
+        xdp::remove_link(&self.links_dir, name)?;
+        tc
     }
 }
 

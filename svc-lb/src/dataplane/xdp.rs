@@ -1,0 +1,232 @@
+//! Optional XDP fast path (`svc-lb run --xdp generic|native`): `svc_lb_xdp` is attached to the
+//! same interfaces as the TC program, with one pinned link per interface at
+//! `<pin_dir>/links/<iface>-xdp-<mode>`. Like the TC links, a pinned link keeps the program
+//! attached when the agent exits; the next agent swaps its program into the link, or removes the
+//! link when it runs with `--xdp off`, and `svc-lb uninstall` removes every pin.
+//!
+//! The mode is part of the pin name because an XDP link's mode is fixed at creation and the
+//! kernel refuses generic and native XDP on one interface at the same time: a mode change
+//! must detach the old link before attaching the new one.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
+    sys::SyscallError,
+};
+use tracing::{info, warn};
+
+use super::{DataplaneError, XDP_PROG, links};
+
+/// Where `svc_lb_xdp` runs on the selected interfaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Not attached (TC alone does all the NAT); removes links a previous agent attached.
+    #[default]
+    Off,
+    /// SKB mode: runs in the kernel stack right after the driver, on any interface.
+    Generic,
+    /// Driver mode: runs inside the NIC driver before an skb exists. Attaching fails (naming
+    /// the interface) when the driver has no XDP support.
+    Native,
+}
+
+impl XdpMode {
+    /// The pin name suffix, also used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Off => "off",
+            XdpMode::Generic => "generic",
+            XdpMode::Native => "native",
+        }
+    }
+
+    fn aya_mode(self) -> Option<aya::programs::XdpMode> {
+        match self {
+            XdpMode::Off => None,
+            XdpMode::Generic => Some(aya::programs::XdpMode::Skb),
+            XdpMode::Native => Some(aya::programs::XdpMode::Driver),
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const ATTACHED_MODES: [XdpMode; 2] = [XdpMode::Generic, XdpMode::Native];
+
+fn pin_path(links_dir: &Path, iface: &str, mode: XdpMode) -> PathBuf {
+    links_dir.join(format!("{iface}-xdp-{mode}"))
+}
+
+/// The interface of an XDP link pin name (`None` for TC or socket-LB pins).
+fn pin_iface(name: &str) -> Option<&str> {
+    ATTACHED_MODES
+        .iter()
+        .find_map(|m| name.strip_suffix(&format!("-xdp-{m}")))
+}
+
+/// Attaches `prog` (loaded) to `iface` in `mode` with a pinned link. A previous agent's link of
+/// the same mode gets the new program atomically (BPF_LINK_UPDATE, no gap); a link of the other
+/// mode is detached first, because the kernel allows only one XDP mode per interface.
+pub fn attach_pinned(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: XdpMode,
+    links_dir: &Path,
+) -> Result<(), DataplaneError> {
+    let Some(aya_mode) = mode.aya_mode() else {
+        return remove_link(links_dir, iface);
+    };
+    for other in ATTACHED_MODES.iter().filter(|m| **m != mode) {
+        links::remove_pin(&pin_path(links_dir, iface, *other))?;
+    }
+    let pin = pin_path(links_dir, iface, mode);
+    match PinnedLink::from_pin(&pin) {
+        Ok(old) => match replace_in_link(prog, old) {
+            Ok(()) => {
+                info!(iface, mode = %mode, pin = %pin.display(), "replaced program in existing pinned XDP link");
+                return Ok(());
+            }
+            Err(e) => {
+                // E.g. the interface was recreated: the old link is dead. Detach it first,
+                // the kernel would refuse a second XDP link on a live interface anyway.
+                warn!(iface, error = %e, "previous pinned XDP link unusable, attaching a new one");
+                links::remove_pin(&pin)?;
+            }
+        },
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(iface, error = %e, "cannot open previous pinned XDP link, attaching a new one");
+            links::remove_pin(&pin)?;
+        }
+    }
+
+    let attach_err = |source| DataplaneError::XdpAttach {
+        iface: iface.to_string(),
+        mode,
+        source,
+    };
+    let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    // aya falls back to a netlink attach when bpf_link_create fails with EINVAL (old
+    // kernels); such an attachment has no link object to pin, so it would vanish with the agent.
+    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::XdpLink {
+        iface: iface.to_string(),
+        source,
+    })?;
+    fd_link
+        .pin(&pin)
+        .map_err(|source| DataplaneError::PinLink {
+            path: pin.clone(),
+            source,
+        })?;
+    info!(iface, mode = %mode, pin = %pin.display(), "attached svc_lb_xdp (pinned XDP link)");
+    Ok(())
+}
+
+fn replace_in_link(prog: &mut Xdp, old: PinnedLink) -> Result<(), String> {
+    let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The pin keeps referring to the updated kernel link; drop only our fd so unloading the
+    // program object does not detach it.
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// Detaches and unpins the XDP link of `iface`, whatever its mode (no pin is not an error).
+pub fn remove_link(links_dir: &Path, iface: &str) -> Result<(), DataplaneError> {
+    for mode in ATTACHED_MODES {
+        links::remove_pin(&pin_path(links_dir, iface, mode))?;
+    }
+    Ok(())
+}
+
+/// Detaches and unpins XDP links of interfaces not in `keep` (all of them with `--xdp off`).
+pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneError> {
+    let entries = match std::fs::read_dir(links_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(DataplaneError::ReadDir {
+                path: links_dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    for entry in entries {
+        let entry = entry.map_err(|source| DataplaneError::ReadDir {
+            path: links_dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(iface) = pin_iface(&name) else {
+            continue;
+        };
+        if keep.iter().any(|k| k == iface) {
+            continue;
+        }
+        links::remove_pin(&entry.path())?;
+        info!(iface, pin = %name, "detached pinned XDP link");
+    }
+    Ok(())
+}
+
+/// Loads `svc_lb_xdp` in `ebpf` (before any attach).
+pub fn load(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
+    program(ebpf)?
+        .load()
+        .map_err(|source| DataplaneError::Program {
+            program: XDP_PROG,
+            source,
+        })
+}
+
+pub fn program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    ebpf.program_mut(XDP_PROG)
+        .ok_or(DataplaneError::ProgramNotFound(XDP_PROG))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: XDP_PROG,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_to_iface() {
+        let dir = Path::new("/sys/fs/bpf/x/links");
+        for mode in ATTACHED_MODES {
+            let p = pin_path(dir, "n-c", mode);
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert_eq!(pin_iface(&name), Some("n-c"), "{name}");
+        }
+        assert_eq!(pin_iface("n-c-tc-ingress"), None);
+        assert_eq!(pin_iface("cgroup-connect4"), None);
+        assert_eq!(
+            pin_path(dir, "eth0", XdpMode::Generic),
+            PathBuf::from("/sys/fs/bpf/x/links/eth0-xdp-generic")
+        );
+    }
+
+    #[test]
+    fn remove_stale_on_missing_dir_is_ok() {
+        remove_stale(Path::new("/proc/self/no-such-links-dir"), &[]).unwrap();
+    }
+}
