@@ -325,11 +325,19 @@ impl IncrementalTranslator {
             all, "re-translating the changed Services"
         );
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        // Whether the rejected list can differ: a changed Service had or has problems, or a
+        // touched key is (or was) contested. Otherwise it is not collected again (that walks
+        // every Service, on every change).
+        let has_problems =
+            |t: &ServiceFrontends| !t.rejected.is_empty() || !t.slice_rejected.is_empty();
+        let mut recollect = all;
         for id in &dirty {
             if let Some(old) = self.per_service.remove(id) {
+                recollect |= has_problems(&old);
                 for (i, fe) in old.frontends.iter().enumerate() {
                     touched.insert(fe.key);
                     if let Some(c) = self.claims.get_mut(&fe.key) {
+                        recollect |= c.len() > 1;
                         c.retain(|(owner, at)| !(owner == id && *at == i));
                         if c.is_empty() {
                             self.claims.remove(&fe.key);
@@ -365,9 +373,13 @@ impl IncrementalTranslator {
                     c.insert(at, claim);
                 }
             }
+            recollect |= has_problems(&t);
             self.per_service.insert(id.clone(), t);
         }
         let mut changed = BTreeSet::new();
+        let touched_contested = touched
+            .iter()
+            .any(|k| self.claims.get(k).is_some_and(|c| c.len() > 1));
         for key in touched {
             let owner = self
                 .claims
@@ -382,7 +394,10 @@ impl IncrementalTranslator {
                 changed.insert(key);
             }
         }
-        self.rejected = self.collect_rejected();
+        recollect |= touched_contested;
+        if recollect {
+            self.rejected = self.collect_rejected();
+        }
         changed
     }
 
