@@ -115,6 +115,12 @@ impl<'t> AgentProcess<'t> {
         self.spawn();
     }
 
+    /// The `svc-lb run` arguments of the next [`AgentProcess::restart`] (tests that change a
+    /// flag across a restart, keeping the pin directory).
+    pub fn args_mut(&mut self) -> &mut Vec<OsString> {
+        &mut self.args
+    }
+
     /// Graceful stop: SIGTERM, up to 5 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
