@@ -1,5 +1,5 @@
 //! A fake Kubernetes API server for tests: the list and watch protocol of the real one for
-//! `services`, `endpointslices` (discovery.k8s.io/v1) and `nodes`, over plain HTTP/1.1.
+//! `services`, `endpointslices` (discovery.k8s.io/v1) and `nodes`, over HTTP/1.1 or HTTPS.
 //!
 //! What it does like the real server:
 //! - one resourceVersion counter shared by all objects (like etcd); lists return it in
@@ -14,7 +14,8 @@
 //! - `limit` and `continue` page lists: every page of one list comes from the snapshot at the
 //!   first page's resourceVersion (the token carries it and the next key, in the API server's
 //!   format); a token whose snapshot was compacted gets a 410 `Expired` Status;
-//! - bearer-token authentication (401 Status otherwise).
+//! - bearer-token authentication (401 Status otherwise), over plain HTTP or HTTPS
+//!   ([`FakeApi::serve_tls`] with a [`Pki`] made for the test).
 //!
 //! Controls for tests: [`FakeApi::drop_watches`] (connections cut mid-stream),
 //! [`FakeApi::expire_watches`] (410 on every open watch and compaction, forcing a re-list),
@@ -24,8 +25,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufRead, BufReader, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
@@ -35,6 +36,10 @@ use std::{
     time::Duration,
 };
 
+use rustls::{
+    ServerConfig, ServerConnection, StreamOwned,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
 use serde_json::{Value, json};
 
 /// The bearer token the fake server accepts (written into generated kubeconfigs).
@@ -177,6 +182,15 @@ impl FakeApi {
 
     /// Serves on `listener` (one thread per connection) until the FakeApi is dropped.
     pub fn serve(&self, listener: TcpListener) {
+        self.serve_with(listener, None);
+    }
+
+    /// Serves HTTPS on `listener` with `pki`'s server certificate, like a real API server.
+    pub fn serve_tls(&self, listener: TcpListener, pki: &Pki) {
+        self.serve_with(listener, Some(pki.server_config()));
+    }
+
+    fn serve_with(&self, listener: TcpListener, tls: Option<Arc<ServerConfig>>) {
         let addr = listener.local_addr().expect("listener address");
         *self.addr.lock().unwrap() = Some(addr);
         listener
@@ -188,9 +202,19 @@ impl FakeApi {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let shared = shared.clone();
+                        let tls = tls.clone();
                         thread::spawn(move || {
                             let _ = conn.set_nonblocking(false);
-                            let _ = handle_conn(&shared, conn);
+                            let _ = match tls {
+                                None => handle_conn(&shared, conn),
+                                Some(config) => ServerConnection::new(config)
+                                    .map_err(io::Error::other)
+                                    // The handshake runs on the first read; a client that
+                                    // rejects the certificate just ends the connection.
+                                    .and_then(|tls| {
+                                        handle_conn(&shared, StreamOwned::new(tls, conn))
+                                    }),
+                            };
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -347,6 +371,111 @@ impl FakeApi {
     }
 }
 
+/// A test CA and an API server certificate it signed (ECDSA P-256, made fresh per test), for
+/// [`FakeApi::serve_tls`] and kubeconfigs' `certificate-authority-data`.
+pub struct Pki {
+    /// The CA certificate, PEM (what a kubeconfig or a service account's ca.crt holds).
+    pub ca_pem: String,
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Pki {
+    /// A CA and a server certificate for `ip` plus the names a cluster's API server
+    /// certificate carries (kube checks the address the client dials against these).
+    pub fn new(ip: IpAddr) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "svc-lb test kubernetes CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca.self_signed(&ca_key).expect("self-sign CA");
+        let key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(vec![
+            "kubernetes".to_string(),
+            "kubernetes.default.svc".to_string(),
+            "localhost".to_string(),
+        ])
+        .expect("server params");
+        params.subject_alt_names.push(SanType::IpAddress(ip));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &ca, &ca_key)
+            .expect("sign server cert");
+        Pki {
+            ca_pem: ca.pem(),
+            cert: cert.der().clone(),
+            key: key.serialize_der(),
+        }
+    }
+
+    fn server_config(&self) -> Arc<ServerConfig> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()));
+        // An explicit provider: no process-wide default needs installing.
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![self.cert.clone()], key)
+                .expect("server certificate");
+        Arc::new(config)
+    }
+}
+
+/// One context of a kubeconfig written by [`write_kubeconfig_contexts`]: its own cluster
+/// (server, CA) and user (bearer token).
+pub struct KubeContext<'a> {
+    pub name: &'a str,
+    pub server: &'a str,
+    /// `certificate-authority-data` (PEM, written base64-encoded); None for http servers.
+    pub ca_pem: Option<&'a str>,
+    pub token: &'a str,
+}
+
+/// Writes a kubeconfig with `contexts` (the first is the current-context), each with its own
+/// cluster and user, as `kubectl config` writes them.
+pub fn write_kubeconfig_contexts(path: &Path, contexts: &[KubeContext<'_>]) -> PathBuf {
+    let (mut clusters, mut ctxs, mut users) = (String::new(), String::new(), String::new());
+    for c in contexts {
+        clusters.push_str(&format!("- name: {}\n  cluster:\n", c.name));
+        if let Some(ca) = c.ca_pem {
+            clusters.push_str(&format!(
+                "    certificate-authority-data: {}\n",
+                base64(ca.as_bytes())
+            ));
+        }
+        clusters.push_str(&format!("    server: {}\n", c.server));
+        ctxs.push_str(&format!(
+            "- name: {0}\n  context:\n    cluster: {0}\n    user: {0}-user\n",
+            c.name
+        ));
+        users.push_str(&format!(
+            "- name: {}-user\n  user:\n    token: {}\n",
+            c.name, c.token
+        ));
+    }
+    let current = contexts.first().map_or("", |c| c.name);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\npreferences: {{}}\ncurrent-context: {current}\n\
+         clusters:\n{clusters}contexts:\n{ctxs}users:\n{users}"
+    );
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path.to_path_buf()
+}
+
 impl Drop for FakeApi {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -452,7 +581,25 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> io::Result<()> {
+/// A client connection: plain TCP or TLS over it.
+trait Conn: Read + Write {
+    /// Cuts the connection mid-stream (no TLS close_notify, no final chunk).
+    fn cut(&mut self);
+}
+
+impl Conn for TcpStream {
+    fn cut(&mut self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Conn for StreamOwned<ServerConnection, TcpStream> {
+    fn cut(&mut self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+fn respond(conn: &mut impl Write, code: u16, body: &Value) -> io::Result<()> {
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
@@ -471,9 +618,9 @@ fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> io::Result<()> {
     conn.flush()
 }
 
-fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
+fn handle_conn(shared: &Shared, conn: impl Conn) -> io::Result<()> {
+    // Requests are read through the buffer, answers written to the stream under it.
+    let mut reader = BufReader::new(conn);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
@@ -514,12 +661,16 @@ fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
         };
         shared.lock().requests.push(req.clone());
         if auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
-            respond(&mut conn, 401, &status(401, "Unauthorized", "Unauthorized"))?;
+            respond(
+                reader.get_mut(),
+                401,
+                &status(401, "Unauthorized", "Unauthorized"),
+            )?;
             continue;
         }
         let Some(res) = req.res.filter(|_| method == "GET") else {
             respond(
-                &mut conn,
+                reader.get_mut(),
                 404,
                 &status(
                     404,
@@ -530,7 +681,7 @@ fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
             continue;
         };
         if req.is_watch() {
-            return watch(shared, conn, res, &req.query);
+            return watch(shared, reader.into_inner(), res, &req.query);
         }
         let mut st = shared.lock();
         let (code, body) = match list(&mut st, res, &req.query) {
@@ -538,7 +689,7 @@ fn handle_conn(shared: &Shared, conn: TcpStream) -> io::Result<()> {
             Err(status) => (status["code"].as_u64().unwrap_or(500) as u16, status),
         };
         drop(st);
-        respond(&mut conn, code, &body)?;
+        respond(reader.get_mut(), code, &body)?;
     }
 }
 
@@ -686,7 +837,7 @@ fn unbase64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn chunk(conn: &mut TcpStream, v: &Value) -> io::Result<()> {
+fn chunk(conn: &mut impl Write, v: &Value) -> io::Result<()> {
     let line = format!("{v}\n");
     write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
     conn.flush()
@@ -694,7 +845,7 @@ fn chunk(conn: &mut TcpStream, v: &Value) -> io::Result<()> {
 
 fn watch(
     shared: &Shared,
-    mut conn: TcpStream,
+    mut conn: impl Conn,
     res: Res,
     q: &BTreeMap<String, String>,
 ) -> io::Result<()> {
@@ -725,7 +876,8 @@ fn watch(
         if shared.stop.load(Ordering::Relaxed) || st.drop_gen != drop_gen {
             drop(st);
             // Cut mid-stream: no terminating chunk.
-            return conn.shutdown(Shutdown::Both);
+            conn.cut();
+            return Ok(());
         }
         if st.expire_gen != expire_gen {
             drop(st);

@@ -1,14 +1,25 @@
 //! End to end: how the real agent connects to the API server (run as root, real agent in a
-//! node namespace, fake API server in that namespace). Paged lists: more than one page (kube's
-//! watcher asks for 500 items a page and follows `metadata.continue`) and a continue token that
-//! expires mid-list (the agent lists again and converges).
+//! node namespace, fake API server in that namespace).
+//! - Paged lists: more than one page (kube's watcher asks for 500 items a page and follows
+//!   `metadata.continue`) and a continue token that expires mid-list (the agent lists again
+//!   and converges).
+//! - HTTPS with a bearer token like a real cluster: a kubeconfig with
+//!   `certificate-authority-data` + `token`, `--context` choosing among two contexts, and a
+//!   wrong CA (clear TLS error, retries, no crash; a fixed kubeconfig then works).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    ffi::OsString,
+    net::{Ipv4Addr, TcpListener},
+    path::PathBuf,
+    thread,
+    time::Duration,
+};
 
 use serde_json::Value;
 use svc_lb_tests::{
-    kube_agent::{KubeAgent, NODE_NAME, serve_in_node},
-    kube_api::{FakeApi, Res},
+    agent::AgentProcess,
+    kube_agent::{API_ADDR, KubeAgent, NODE_NAME, serve_in_node},
+    kube_api::{FakeApi, KubeContext, Pki, Res, TOKEN, write_kubeconfig_contexts},
     kube_objects::{Endpoint, endpoint_slice, node, service},
     manifests::FRONTEND_PORTS,
     netns::{NODE_IP, Topology},
@@ -52,7 +63,7 @@ fn add_service(api: &FakeApi, i: usize, pod: Ipv4Addr) {
 
 /// Frontends the agent programmed that have at least one backend (from the pinned maps); 0
 /// before the agent pinned its maps.
-fn programmed(agent: &KubeAgent<'_>) -> usize {
+fn programmed(agent: &AgentProcess<'_>) -> usize {
     let out = agent.cli(&["debug", "services", "-o", "json"]);
     if !out.status.success() {
         return 0;
@@ -63,7 +74,7 @@ fn programmed(agent: &KubeAgent<'_>) -> usize {
         .count()
 }
 
-fn wait_programmed(agent: &mut KubeAgent<'_>, want: usize) {
+fn wait_programmed(agent: &mut AgentProcess<'_>, want: usize) {
     wait_for(
         &format!("{want} Services with backends in the maps"),
         Duration::from_secs(30),
@@ -126,4 +137,128 @@ fn continue_token_expired_mid_list_relists_and_converges() {
     add_service(&api, SERVICES, topo.pod("pod-a").ip);
     wait_programmed(&mut agent, SERVICES + 1);
     agent.assert_running();
+}
+
+/// Serves `api` over HTTPS at [`API_ADDR`] in the node namespace, with a certificate for
+/// 127.0.0.1 from a new test CA (returned).
+fn serve_tls_in_node(topo: &Topology, api: &FakeApi) -> Pki {
+    let pki = Pki::new(Ipv4Addr::LOCALHOST.into());
+    let listener = topo
+        .node
+        .in_ns(|| TcpListener::bind(API_ADDR))
+        .unwrap_or_else(|e| panic!("bind {API_ADDR} in the node netns: {e}"));
+    api.serve_tls(listener, &pki);
+    pki
+}
+
+fn https() -> String {
+    format!("https://{API_ADDR}")
+}
+
+/// `svc-lb run --kubeconfig <kc> --node-name node-1 --node-ip 10.244.1.1 <extra>`.
+fn start_agent<'t>(topo: &'t Topology, kubeconfig: &PathBuf, extra: &[&str]) -> AgentProcess<'t> {
+    let mut args: Vec<OsString> = vec![
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+        "--node-ip".into(),
+        "10.244.1.1".into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    AgentProcess::start(topo, args)
+}
+
+#[test]
+fn https_with_ca_data_and_token_and_context_choice() {
+    let topo = Topology::new(1);
+    let api = bulk_cluster(&topo, 3);
+    let pki = serve_tls_in_node(&topo, &api);
+    let other = Pki::new(Ipv4Addr::LOCALHOST.into());
+    let server = https();
+    // The current context trusts another CA and has a wrong token; --context picks the good one.
+    let kc = write_kubeconfig_contexts(
+        &topo.dir.join("kubeconfig"),
+        &[
+            KubeContext {
+                name: "staging",
+                server: &server,
+                ca_pem: Some(&other.ca_pem),
+                token: "not-the-token",
+            },
+            KubeContext {
+                name: "prod",
+                server: &server,
+                ca_pem: Some(&pki.ca_pem),
+                token: TOKEN,
+            },
+        ],
+    );
+    let mut agent = start_agent(&topo, &kc, &["--context", "prod"]);
+    wait_programmed(&mut agent, 3);
+    let log = agent.log_text();
+    assert!(log.contains("server=https://127.0.0.1:6443/"), "{log}");
+    // Every request was authenticated (the server answers 401 otherwise, nothing would list).
+    assert!(api.lists(Res::Services) >= 1);
+    add_service(&api, 3, topo.pod("pod-a").ip);
+    wait_programmed(&mut agent, 4);
+}
+
+#[test]
+fn wrong_ca_is_a_clear_tls_error_retried_until_a_fixed_kubeconfig() {
+    let topo = Topology::new(1);
+    let api = bulk_cluster(&topo, 3);
+    let pki = serve_tls_in_node(&topo, &api);
+    let wrong = Pki::new(Ipv4Addr::LOCALHOST.into());
+    let server = https();
+    let path = topo.dir.join("kubeconfig");
+    let context = |ca: &str| {
+        write_kubeconfig_contexts(
+            &path,
+            &[KubeContext {
+                name: "cluster",
+                server: &server,
+                ca_pem: Some(ca),
+                token: TOKEN,
+            }],
+        )
+    };
+    let kc = context(&wrong.ca_pem);
+    let mut agent = start_agent(&topo, &kc, &[]);
+    let tls_error = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("invalid peer certificate"))
+            .count()
+    };
+    wait_for(
+        "a TLS certificate error in the agent log",
+        Duration::from_secs(15),
+        || {
+            agent.assert_running();
+            (tls_error(&agent.log_text()) > 0).then_some(())
+        },
+    );
+    // It keeps retrying (with backoff, logged again at debug) and does not exit.
+    let attempts = |log: &str| log.matches("invalid peer certificate").count();
+    let (before, tried) = (api.requests().len(), attempts(&agent.log_text()));
+    thread::sleep(Duration::from_secs(3));
+    agent.assert_running();
+    assert!(attempts(&agent.log_text()) > tried, "no retry in 3 s");
+    assert_eq!(api.requests().len(), before, "no request gets past TLS");
+    assert_eq!(programmed(&agent), 0);
+    // Both CAs have the same name, so rustls reports the signature (BadSignature); every
+    // watcher says so.
+    let log = agent.log_text();
+    for res in ["services", "endpointslices", "nodes"] {
+        assert!(
+            log.lines().any(|l| l.contains("invalid peer certificate")
+                && l.contains(&format!("resource=\"{res}\""))),
+            "{res}: {log}"
+        );
+    }
+
+    // The fixed kubeconfig (right CA) works after a restart.
+    context(&pki.ca_pem);
+    agent.restart();
+    wait_programmed(&mut agent, 3);
 }
