@@ -150,24 +150,27 @@ impl ClusterWatch {
     /// A snapshot of the stores, without what svc-lb ignores. Only meaningful after
     /// [`Self::wait_synced`].
     pub fn objects(&self) -> Objects {
-        self.shared().to_objects()
+        let mut o = self.shared().to_objects();
+        o.services.sort_by(|a, b| key(a).cmp(&key(b)));
+        o.endpoint_slices.sort_by(|a, b| key(a).cmp(&key(b)));
+        o
     }
 
-    /// [`Self::objects`] sharing the stores' objects instead of copying them: what the agent
-    /// takes after every change (an unchanged object keeps its allocation, which is how the
-    /// translator recognises it cheaply).
+    /// [`Self::objects`] sharing the stores' objects instead of copying them, in no particular
+    /// order: what the agent takes after every change (an unchanged object keeps its
+    /// allocation, which is how the translator recognises it cheaply; the translation does not
+    /// depend on the order, so 20k objects are not sorted on every event).
     pub fn shared(&self) -> SharedObjects {
         let own = |labels: &std::collections::BTreeMap<String, String>| {
             !labels.contains_key(SERVICE_PROXY_NAME_LABEL)
         };
-        let mut services: Vec<Arc<Service>> = self
+        let services: Vec<Arc<Service>> = self
             .services
             .state()
             .into_iter()
             .filter(|s| own(s.labels()))
             .collect();
-        services.sort_by(|a, b| key(&**a).cmp(&key(&**b)));
-        let mut endpoint_slices: Vec<Arc<EndpointSlice>> = self
+        let endpoint_slices: Vec<Arc<EndpointSlice>> = self
             .slices
             .state()
             .into_iter()
@@ -179,7 +182,6 @@ impl ClusterWatch {
                     && s.address_type == "IPv4"
             })
             .collect();
-        endpoint_slices.sort_by(|a, b| key(&**a).cmp(&key(&**b)));
         let nodes = self
             .nodes
             .state()
