@@ -21,7 +21,8 @@ use svc_lb_tests::{
     wait_for,
 };
 
-/// iproute2's `IFLA_XDP_ATTACHED` value for generic (SKB mode) XDP.
+/// iproute2's `IFLA_XDP_ATTACHED` values for driver (native) and generic (SKB mode) XDP.
+const XDP_ATTACHED_DRV: u64 = 1;
 const XDP_ATTACHED_SKB: u64 = 2;
 
 fn nodeport() -> SocketAddr {
@@ -49,11 +50,25 @@ fn xdp_prog(ns: &Netns, iface: &str) -> Option<(u64, u64, String)> {
 /// Asserts every node interface has `svc_lb_xdp` in generic mode and its pin, and no other XDP
 /// pin; returns the program id per interface.
 fn assert_generic_everywhere(topo: &Topology, pin_dir: &Path) -> BTreeMap<String, u64> {
+    assert_mode_everywhere(topo, pin_dir, "generic")
+}
+
+/// [`assert_generic_everywhere`] for `mode_name` ("generic" or "native").
+fn assert_mode_everywhere(
+    topo: &Topology,
+    pin_dir: &Path,
+    mode_name: &str,
+) -> BTreeMap<String, u64> {
+    let want_mode = if mode_name == "native" {
+        XDP_ATTACHED_DRV
+    } else {
+        XDP_ATTACHED_SKB
+    };
     let mut ids = BTreeMap::new();
     for iface in topo.node_ifaces() {
         let (mode, id, name) =
             xdp_prog(&topo.node, &iface).unwrap_or_else(|| panic!("no XDP program on {iface}"));
-        assert_eq!(mode, XDP_ATTACHED_SKB, "{iface}: not generic XDP");
+        assert_eq!(mode, want_mode, "{iface}: not {mode_name} XDP");
         assert_eq!(name, "svc_lb_xdp", "{iface}: wrong program");
         ids.insert(iface, id);
     }
@@ -62,7 +77,7 @@ fn assert_generic_everywhere(topo: &Topology, pin_dir: &Path) -> BTreeMap<String
     let mut want: Vec<String> = topo
         .node_ifaces()
         .iter()
-        .map(|i| format!("{i}-xdp-generic"))
+        .map(|i| format!("{i}-xdp-{mode_name}"))
         .collect();
     want.sort();
     assert_eq!(pins, want, "exactly one pinned XDP link per interface");
@@ -136,6 +151,14 @@ impl Drop for Tcpdump {
     }
 }
 
+fn set_xdp_arg(agent: &mut AgentGuard<'_>, from: &str, to: &str) {
+    for arg in agent.args_mut().iter_mut() {
+        if arg == from {
+            *arg = OsString::from(to);
+        }
+    }
+}
+
 fn nodeport_answers(topo: &Topology) -> String {
     client::http_get(&topo.client, nodeport())
         .unwrap_or_else(|e| panic!("client -> NodePort {}: {e}", nodeport()))
@@ -185,12 +208,26 @@ fn generic_xdp_dnats_nodeport_survives_restart_and_is_removed() {
     assert_eq!(assert_generic_everywhere(&topo, &agent.pin_dir), new_ids);
     assert!(nodeport_answers(&topo).contains("pod-"));
 
+    // A mode change detaches the generic links before attaching native ones (the kernel allows
+    // one XDP mode per interface). veth implements native XDP for frames its peer sends.
+    set_xdp_arg(&mut agent, "generic", "native");
+    agent.restart();
+    wait_for(
+        "native XDP on every interface",
+        Duration::from_secs(20),
+        || {
+            agent.assert_running();
+            topo.node_ifaces()
+                .iter()
+                .all(|i| matches!(xdp_prog(&topo.node, i), Some((XDP_ATTACHED_DRV, _, _))))
+                .then_some(())
+        },
+    );
+    assert_mode_everywhere(&topo, &agent.pin_dir, "native");
+    assert!(nodeport_answers(&topo).contains("pod-"));
+
     // `--xdp off` on the next start removes the links; TC alone keeps the NodePort working.
-    for arg in agent.args_mut().iter_mut() {
-        if arg == "generic" {
-            *arg = OsString::from("off");
-        }
-    }
+    set_xdp_arg(&mut agent, "native", "off");
     agent.restart();
     wait_for(
         "XDP removed from every interface by --xdp off",
@@ -211,11 +248,7 @@ fn generic_xdp_dnats_nodeport_survives_restart_and_is_removed() {
     );
 
     // Back to generic, then uninstall: nothing XDP is left on any interface.
-    for arg in agent.args_mut().iter_mut() {
-        if arg == "off" {
-            *arg = OsString::from("generic");
-        }
-    }
+    set_xdp_arg(&mut agent, "off", "generic");
     agent.restart();
     wait_for("XDP attached again", Duration::from_secs(20), || {
         agent.assert_running();
