@@ -36,13 +36,14 @@ pub trait LinkOps {
 pub struct TcLinks {
     pub ebpf: Arc<Mutex<Ebpf>>,
     pub links_dir: PathBuf,
-    /// `Off`: no XDP link (an old one is removed when the interface is attached).
+    /// `Off`: no XDP link (`Dataplane::load` already removed every XDP pin a previous agent
+    /// left).
     pub xdp: XdpMode,
 }
 
 impl LinkOps for TcLinks {
     fn attach(&mut self, name: &str) -> Result<(), DataplaneError> {
-        {
+        let xdp = {
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(TC_INGRESS_PROG)
@@ -53,11 +54,16 @@ impl LinkOps for TcLinks {
                     source,
                 })?;
             links::attach_pinned(prog, name, &self.links_dir)?;
-            if self.xdp != XdpMode::Off {
-                xdp::attach_pinned(xdp::program(&mut ebpf)?, name, self.xdp, &self.links_dir)?;
+            if self.xdp == XdpMode::Off {
+                Ok(())
+            } else {
+                xdp::program(&mut ebpf)
+                    .and_then(|p| xdp::attach_pinned(p, name, self.xdp, &self.links_dir))
             }
-        }
-        sysctl::configure_iface(name)
+        };
+        // The TC link is pinned even if XDP failed: its reverse NAT needs the sysctls.
+        let sysctl = sysctl::configure_iface(name);
+        xdp.and(sysctl)
     }
 
     fn detach(&mut self, name: &str) -> Result<(), DataplaneError> {
@@ -109,9 +115,15 @@ impl<O: LinkOps> Attacher<O> {
 
     fn attach(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
         let result = self.ops.attach(name);
-        // Recorded even when only the sysctls failed: the link is pinned and must be
-        // forgotten when the interface goes.
-        if result.is_ok() || matches!(result, Err(DataplaneError::Sysctl { .. })) {
+        // Recorded even when only the sysctls or the optional XDP attach failed (native XDP on
+        // a driver without it): the TC link is pinned and serves the interface, and its pin
+        // must be forgotten when the interface goes. Retrying would not make a driver
+        // support XDP.
+        let tc_attached = matches!(
+            result,
+            Ok(()) | Err(DataplaneError::Sysctl { .. } | DataplaneError::XdpAttach { .. })
+        );
+        if tc_attached {
             self.attached.insert(name.to_string(), index);
         }
         result
@@ -291,6 +303,8 @@ mod tests {
     struct Fake {
         calls: Vec<String>,
         fail: Vec<String>,
+        /// TC attaches, XDP fails (native mode on a driver without XDP).
+        xdp_fail: Vec<String>,
     }
 
     impl LinkOps for Fake {
@@ -298,6 +312,13 @@ mod tests {
             self.calls.push(format!("attach {name}"));
             if self.fail.iter().any(|f| f == name) {
                 return Err(DataplaneError::NoSuchInterface(name.into()));
+            }
+            if self.xdp_fail.iter().any(|f| f == name) {
+                return Err(DataplaneError::XdpAttach {
+                    iface: name.into(),
+                    mode: XdpMode::Native,
+                    source: aya::programs::ProgramError::NotLoaded,
+                });
             }
             Ok(())
         }
@@ -383,6 +404,18 @@ mod tests {
         a.handle(new(1, "lxc1"));
         assert_eq!(calls(&mut a), ["attach lxc1", "attach lxc1"]);
         assert_eq!(a.attached(), ["lxc1"]);
+    }
+
+    #[test]
+    fn a_failed_xdp_attach_keeps_the_tc_link_recorded() {
+        let mut a = attacher(&["lxc*"]);
+        a.ops.xdp_fail.push("lxc1".into());
+        a.handle(new(1, "lxc1"));
+        assert_eq!(a.attached(), ["lxc1"]);
+        a.handle(new(1, "lxc1"));
+        a.handle(del(1, "lxc1"));
+        assert_eq!(calls(&mut a), ["attach lxc1", "detach lxc1"]);
+        assert!(a.attached().is_empty());
     }
 
     #[test]
