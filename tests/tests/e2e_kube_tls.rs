@@ -6,18 +6,24 @@
 //! - HTTPS with a bearer token like a real cluster: a kubeconfig with
 //!   `certificate-authority-data` + `token`, `--context` choosing among two contexts, and a
 //!   wrong CA (clear TLS error, retries, no crash; a fixed kubeconfig then works).
+//! - In-cluster: no kubeconfig, `KUBERNETES_SERVICE_HOST/PORT` and the service account files at
+//!   /var/run/secrets/kubernetes.io/serviceaccount, which only the agent sees (a tmpfs in its
+//!   own private mount namespace, gone with the process).
 
 use std::{
     ffi::OsString,
+    fs,
     net::{Ipv4Addr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use svc_lb_tests::{
     agent::AgentProcess,
+    bin_path, ensure_bpffs,
     kube_agent::{API_ADDR, KubeAgent, NODE_NAME, serve_in_node},
     kube_api::{FakeApi, KubeContext, Pki, Res, TOKEN, write_kubeconfig_contexts},
     kube_objects::{Endpoint, endpoint_slice, node, service},
@@ -64,7 +70,10 @@ fn add_service(api: &FakeApi, i: usize, pod: Ipv4Addr) {
 /// Frontends the agent programmed that have at least one backend (from the pinned maps); 0
 /// before the agent pinned its maps.
 fn programmed(agent: &AgentProcess<'_>) -> usize {
-    let out = agent.cli(&["debug", "services", "-o", "json"]);
+    count_programmed(agent.cli(&["debug", "services", "-o", "json"]))
+}
+
+fn count_programmed(out: Output) -> usize {
     if !out.status.success() {
         return 0;
     }
@@ -261,4 +270,172 @@ fn wrong_ca_is_a_clear_tls_error_retried_until_a_fixed_kubeconfig() {
     context(&pki.ca_pem);
     agent.restart();
     wait_programmed(&mut agent, 3);
+}
+
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Runs in the agent's new private mount namespace (util-linux `unshare`) before exec'ing the
+/// agent: a scratch tmpfs on /run (so the mount point is not created on the host), then the
+/// service account tmpfs, read-only like the kubelet's projected volume.
+const IN_POD: &str = r#"staging=$1; shift
+mount -t tmpfs -o mode=755,size=1m svc-lb-test-run /run
+mkdir -p /var/run/secrets/kubernetes.io/serviceaccount
+mount -t tmpfs -o mode=755,size=1m svc-lb-test-sa /var/run/secrets/kubernetes.io/serviceaccount
+cp "$staging/token" "$staging/ca.crt" "$staging/namespace" /var/run/secrets/kubernetes.io/serviceaccount/
+mount -o remount,ro /var/run/secrets/kubernetes.io/serviceaccount
+exec "$@""#;
+
+/// The agent as a pod runs it: no kubeconfig anywhere (empty HOME, no KUBECONFIG), the
+/// in-cluster environment variables, and the service account files in its own mount
+/// namespace. Drop stops it and uninstalls its pins; the mount namespace dies with it.
+struct PodAgent<'t> {
+    topo: &'t Topology,
+    bin: PathBuf,
+    pin_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl<'t> PodAgent<'t> {
+    fn start(topo: &'t Topology, token: &str, ca_pem: &str) -> PodAgent<'t> {
+        ensure_bpffs();
+        let staging = topo.dir.join("serviceaccount");
+        let home = topo.dir.join("home");
+        for d in [&staging, &home] {
+            fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
+        }
+        for (file, text) in [
+            ("token", token),
+            ("ca.crt", ca_pem),
+            ("namespace", "kube-system"),
+        ] {
+            fs::write(staging.join(file), text).expect("write service account file");
+        }
+        let bin = bin_path("svc-lb", "SVC_LB_BIN");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+        let log = topo.dir.join("agent.log");
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-eu",
+            "-c",
+        ])
+        .arg(IN_POD)
+        .arg("sh")
+        .arg(&staging)
+        .arg(&bin)
+        .args(["run", "--node-name", NODE_NAME, "--node-ip", "10.244.1.1"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .arg("--no-socket-lb");
+        for iface in topo.node_ifaces() {
+            cmd.args(["--iface", &iface]);
+        }
+        let (host, port) = API_ADDR.split_once(':').unwrap();
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("KUBERNETES_SERVICE_HOST", host)
+            .env("KUBERNETES_SERVICE_PORT", port)
+            .env("RUST_LOG", "info,svc_lb=debug");
+        topo.node.enter(&mut cmd);
+        let out = fs::File::create(&log).expect("agent log");
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out);
+        let child = cmd.spawn().expect("spawn unshare (util-linux)");
+        PodAgent {
+            topo,
+            bin,
+            pin_dir,
+            log,
+            child: Some(child),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            panic!("agent exited ({status}); log:\n{}", self.log_text());
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--pin-dir").arg(&self.pin_dir);
+        self.topo.node.enter(&mut cmd);
+        cmd.output().expect("run svc-lb")
+    }
+}
+
+impl Drop for PodAgent<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid (the agent: unshare and sh exec into it).
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.pin_dir.exists() {
+            let _ = self.cli(&["uninstall"]);
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        if thread::panicking() {
+            eprintln!("---- in-cluster agent log ----\n{}", self.log_text());
+        }
+    }
+}
+
+#[test]
+fn in_cluster_service_account_without_kubeconfig() {
+    let host_had_sa = Path::new(SA_DIR).exists();
+    let topo = Topology::new(1);
+    let api = bulk_cluster(&topo, 3);
+    let pki = serve_tls_in_node(&topo, &api);
+    {
+        let mut agent = PodAgent::start(&topo, TOKEN, &pki.ca_pem);
+        wait_for(
+            "3 Services with backends (in-cluster config)",
+            Duration::from_secs(30),
+            || {
+                agent.assert_running();
+                (count_programmed(agent.cli(&["debug", "services", "-o", "json"])) == 3)
+                    .then_some(())
+            },
+        );
+        let log = agent.log_text();
+        assert!(
+            log.contains("server=https://127.0.0.1:6443/")
+                && log.contains("config=in-cluster service account"),
+            "{log}"
+        );
+        // The token came from the mounted file (the server answers 401 to anything else).
+        let authed = api.requests().len();
+        assert!(authed >= 3, "{authed} requests");
+        // The service account mount is the agent's alone.
+        if !host_had_sa {
+            assert!(!Path::new(SA_DIR).exists(), "{SA_DIR} leaked to the host");
+        }
+        add_service(&api, 3, topo.pod("pod-a").ip);
+        wait_for("the 4th Service", Duration::from_secs(15), || {
+            agent.assert_running();
+            (count_programmed(agent.cli(&["debug", "services", "-o", "json"])) == 4).then_some(())
+        });
+    }
+    if !host_had_sa {
+        assert!(!Path::new(SA_DIR).exists());
+    }
 }
