@@ -160,9 +160,13 @@ impl<O: LinkOps> Attacher<O> {
             // Same name, new ifindex: deleted and recreated (the delete event was missed).
             self.forget(name, "interface recreated");
         }
-        if let Err(e) = self.attach(index, name) {
+        match self.attach(index, name) {
+            Ok(()) => {}
+            Err(e @ DataplaneError::XdpAttach { .. }) => {
+                warn!(iface = name, error = %e, "new interface served by TC only: XDP not attached");
+            }
             // Typically the link went away again already; its delete event follows.
-            warn!(iface = name, error = %e, "could not attach to new interface");
+            Err(e) => warn!(iface = name, error = %e, "could not attach to new interface"),
         }
     }
 
