@@ -5,7 +5,8 @@
 //!   and converges).
 //! - HTTPS with a bearer token like a real cluster: a kubeconfig with
 //!   `certificate-authority-data` + `token`, `--context` choosing among two contexts, and a
-//!   wrong CA (clear TLS error, retries, no crash; a fixed kubeconfig then works).
+//!   wrong CA (clear TLS error, retries, no crash; a fixed kubeconfig then works), a wrong
+//!   token (401 logged, retried).
 //! - In-cluster: no kubeconfig, `KUBERNETES_SERVICE_HOST/PORT` and the service account files at
 //!   /var/run/secrets/kubernetes.io/serviceaccount, which only the agent sees (a tmpfs in its
 //!   own private mount namespace, gone with the process).
@@ -438,4 +439,43 @@ fn in_cluster_service_account_without_kubeconfig() {
     if !host_had_sa {
         assert!(!Path::new(SA_DIR).exists());
     }
+}
+
+#[test]
+fn wrong_token_is_a_logged_401_retried_without_exiting() {
+    let topo = Topology::new(1);
+    let api = bulk_cluster(&topo, 3);
+    let pki = serve_tls_in_node(&topo, &api);
+    let server = https();
+    let kc = write_kubeconfig_contexts(
+        &topo.dir.join("kubeconfig"),
+        &[KubeContext {
+            name: "cluster",
+            server: &server,
+            ca_pem: Some(&pki.ca_pem),
+            token: "expired-token",
+        }],
+    );
+    let mut agent = start_agent(&topo, &kc, &[]);
+    let unauthorized = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("Unauthorized") && l.contains("code: 401"))
+            .count()
+    };
+    wait_for(
+        "401 Unauthorized in the agent log",
+        Duration::from_secs(15),
+        || {
+            agent.assert_running();
+            (unauthorized(&agent.log_text()) > 0).then_some(())
+        },
+    );
+    // TLS worked (the requests reached the server), authentication did not; it retries.
+    let lists = api.lists(Res::Services);
+    assert!(lists >= 1);
+    wait_for("a retried list", Duration::from_secs(10), || {
+        agent.assert_running();
+        (api.lists(Res::Services) > lists).then_some(())
+    });
+    assert_eq!(programmed(&agent), 0);
 }
