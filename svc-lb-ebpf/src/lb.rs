@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
     maps::lpm_trie::Key,
 };
-use aya_log_ebpf::info;
+use aya_log_ebpf::debug;
 use svc_lb_common::{
     BackendV4, CT_DIR_FORWARD, CT_F_SNAT, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL,
     SRC_RANGE_FIXED_BITS, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT,
@@ -261,9 +261,10 @@ fn choose<C: EbpfContext>(
     if svc.affinity_timeout_s != 0 {
         affinity::remember(p.saddr, svc.rev_nat_id, backend_id);
     }
-    // Only the first SYN of a connection is logged: rare enough to never cost per packet.
+    // Only the first SYN of a connection is logged, at debug level: the agent sets the kernel-side
+    // level at load, so at its default filter the record is never written.
     if p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        info!(
+        debug!(
             ctx,
             "new flow {:i}:{} -> {:i}:{} => backend {} {:i}:{}",
             u32::from_be(p.saddr),

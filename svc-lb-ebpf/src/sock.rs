@@ -21,7 +21,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use aya_log_ebpf::info;
+use aya_log_ebpf::debug;
 use svc_lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, STAT_LOOKUP_MISS, SVC_F_CLUSTER_IP,
     SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceKeyV4,
@@ -150,7 +150,7 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
         (*sa).user_port = u32::from(be.port);
     }
     if proto == IPPROTO_TCP {
-        info!(
+        debug!(
             ctx,
             "socket connect {:i}:{} => backend {} {:i}:{}",
             u32::from_be(addr),

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use aya_log_ebpf::info;
+use aya_log_ebpf::debug;
 use svc_lb_common::{
     CT_DIR_REPLY, CT_F_SNAT, IPPROTO_TCP, STAT_DNAT, STAT_NO_BACKEND, STAT_NO_BACKEND_DROP,
     STAT_NO_LOCAL_DROP, STAT_PACKETS, STAT_PASS_UNPARSED, STAT_REVNAT, STAT_SRC_RANGE_DROP,
@@ -108,7 +108,7 @@ fn no_backend(ctx: &TcContext, p: &Packet) -> i32 {
     match res {
         Ok(verdict) => {
             stat(STAT_NO_BACKEND);
-            info!(
+            debug!(
                 ctx,
                 "reject {:i}:{} -> {:i}:{} proto {}: no backends",
                 u32::from_be(p.saddr),

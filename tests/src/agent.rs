@@ -27,6 +27,8 @@ pub struct AgentProcess<'t> {
     /// the topology are added to them.
     args: Vec<OsString>,
     log: PathBuf,
+    /// RUST_LOG of the next spawn; `None` = the test's own RUST_LOG, else `info,svc_lb=debug`.
+    log_filter: Option<String>,
     child: Option<Child>,
     starts: usize,
 }
@@ -41,6 +43,7 @@ impl<'t> AgentProcess<'t> {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)),
             args,
             log: topo.dir.join("agent.log"),
+            log_filter: None,
             child: None,
             starts: 0,
         };
@@ -69,7 +72,9 @@ impl<'t> AgentProcess<'t> {
         if !self.args.iter().any(|a| a == "--cgroup-path") {
             cmd.arg("--no-socket-lb");
         }
-        if std::env::var_os("RUST_LOG").is_none() {
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
+        } else if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,svc_lb=debug");
         }
         self.topo.node.enter(&mut cmd);
@@ -119,6 +124,11 @@ impl<'t> AgentProcess<'t> {
     /// flag across a restart, keeping the pin directory).
     pub fn args_mut(&mut self) -> &mut Vec<OsString> {
         &mut self.args
+    }
+
+    /// The RUST_LOG of the next [`AgentProcess::restart`].
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = Some(filter.to_owned());
     }
 
     /// Graceful stop: SIGTERM, up to 5 s to exit, then SIGKILL.

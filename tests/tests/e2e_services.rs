@@ -5,6 +5,8 @@ use std::{
     collections::BTreeMap,
     io,
     net::SocketAddr,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -79,6 +81,100 @@ fn clusterip_reaches_every_backend_and_uninstall_cleans_up() {
     // Programs detached: the VIP is not served any more (the node has no route for it).
     let err = client::connect(&topo.client, fixture::frontend(), Duration::from_secs(2));
     assert!(err.is_err(), "10.96.0.10:80 still answers after uninstall");
+}
+
+/// The datapath logs each new connection at debug level. At the agent's default `info` filter
+/// the record must not even be written: the agent sets aya-log's `AYA_LOG_LEVEL` in the loaded
+/// program, so it is read back from the attached program's `.rodata`.
+#[test]
+fn kernel_log_level_follows_the_agent_log_filter() {
+    let (topo, dir) = fixture::standard();
+    let mut agent = AgentGuard::start(&topo, &dir.path);
+    fixture::wait_serving(&topo, &mut agent);
+    let new_flows = |agent: &AgentGuard| agent.log_text().matches("new flow").count();
+    // The previous agent's program serves until the new one replaced it in the pinned links.
+    let loaded = |agent: &AgentGuard, n: usize| {
+        svc_lb_tests::wait_for(
+            "the restarted agent's program",
+            Duration::from_secs(10),
+            || (agent.log_text().matches("dataplane loaded").count() >= n).then_some(()),
+        )
+    };
+
+    // The tests' default filter (`svc_lb=debug`) covers the datapath's records.
+    assert_eq!(kernel_log_level(&agent.pin_dir), 4, "debug");
+    for i in 0..3 {
+        client::http_get(&topo.client, fixture::frontend())
+            .unwrap_or_else(|e| panic!("request {i} to frontend-svc: {e}"));
+    }
+    svc_lb_tests::wait_for("debug records of new flows", Duration::from_secs(5), || {
+        (new_flows(&agent) >= 3).then_some(())
+    });
+
+    agent.set_log_filter("info");
+    agent.restart();
+    loaded(&agent, 2);
+    fixture::wait_serving(&topo, &mut agent);
+    assert_eq!(kernel_log_level(&agent.pin_dir), 3, "info");
+    client::http_get(&topo.client, fixture::frontend()).expect("request after the restart");
+
+    // "dataplane loaded" is an info line: keep it visible.
+    agent.set_log_filter("warn,svc_lb::dataplane=info,svc_lb::tc=trace");
+    agent.restart();
+    loaded(&agent, 3);
+    fixture::wait_serving(&topo, &mut agent);
+    assert_eq!(kernel_log_level(&agent.pin_dir), 5, "trace for one module");
+}
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// `AYA_LOG_LEVEL` of the TC program attached through the agent's first pinned link, located
+/// with the program's BTF (its offset in `.rodata`).
+fn kernel_log_level(pin_dir: &Path) -> u8 {
+    let link = std::fs::read_dir(pin_dir.join("links"))
+        .expect("links dir")
+        .map(|e| e.expect("dir entry").path())
+        .find(|p| p.to_string_lossy().ends_with("-tc-ingress"))
+        .expect("a pinned TC link");
+    let link = bpftool_json(&["link", "show", "pinned", link.to_str().unwrap()]);
+    let prog = bpftool_json(&["prog", "show", "id", &link["prog_id"].to_string()]);
+    let btf = bpftool_json(&["btf", "dump", "id", &prog["btf_id"].to_string()]);
+    let types = btf["types"].as_array().expect("BTF types");
+    let var = types
+        .iter()
+        .find(|t| t["kind"] == "VAR" && t["name"] == "AYA_LOG_LEVEL")
+        .expect("AYA_LOG_LEVEL in the program's BTF")["id"]
+        .clone();
+    let offset = types
+        .iter()
+        .find(|t| t["kind"] == "DATASEC" && t["name"] == ".rodata")
+        .and_then(|t| t["vars"].as_array())
+        .and_then(|vars| vars.iter().find(|v| v["type_id"] == var))
+        .expect("AYA_LOG_LEVEL in .rodata")["offset"]
+        .as_u64()
+        .unwrap() as usize;
+    let rodata = prog["map_ids"]
+        .as_array()
+        .expect("map ids")
+        .iter()
+        .map(|id| id.to_string())
+        .find(|id| bpftool_json(&["map", "show", "id", id])["name"] == ".rodata")
+        .expect("the program's .rodata map");
+    let dump = bpftool_json(&["map", "dump", "id", &rodata]);
+    let byte = dump[0]["value"][offset].as_str().expect("value byte");
+    u8::from_str_radix(byte.trim_start_matches("0x"), 16).unwrap()
 }
 
 #[test]

@@ -14,6 +14,31 @@ use aya::Ebpf;
 use aya_log::EbpfLogger;
 use tracing::warn;
 
+/// Targets of the programs' log records: the module paths of the eBPF binary, whose crate
+/// name is `svc_lb` like the agent's (so `RUST_LOG=svc_lb=debug` covers both).
+const KERNEL_TARGETS: [&str; 3] = ["svc_lb::lb", "svc_lb::tc", "svc_lb::sock"];
+
+/// The most verbose level the agent's log filter lets through for the programs' records, as
+/// aya-log's `AYA_LOG_LEVEL` (0 = none, 1 = error .. 5 = trace). Set at load so records nobody
+/// would see are never written: the datapath logs every new connection at debug level, which
+/// at the default `info` filter would otherwise cost a ring-buffer write per connection.
+pub fn kernel_level() -> u8 {
+    [
+        (log::Level::Trace, aya_log::Level::Trace),
+        (log::Level::Debug, aya_log::Level::Debug),
+        (log::Level::Info, aya_log::Level::Info),
+        (log::Level::Warn, aya_log::Level::Warn),
+        (log::Level::Error, aya_log::Level::Error),
+    ]
+    .into_iter()
+    .find(|(level, _)| {
+        KERNEL_TARGETS
+            .iter()
+            .any(|&target| log::log_enabled!(target: target, *level))
+    })
+    .map_or(0, |(_, aya)| aya as u8)
+}
+
 /// How long one poll waits, i.e. the worst-case delay before the thread notices shutdown.
 const POLL_TIMEOUT_MS: i32 = 200;
 

@@ -237,8 +237,11 @@ impl Dataplane {
 /// that every map of [`PINNED_MAPS`] was created (the linker must not have dropped an unused one).
 fn load_object(pin_dir: &Path, capacity: &MapCapacity) -> Result<Ebpf, DataplaneError> {
     capacity.warn_adopted(pin_dir);
+    let log_level = logger::kernel_level();
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
+    // Not required: an object built without aya-log simply has nothing to filter.
+    loader.override_global(aya_log::LEVEL, &log_level, false);
     capacity.apply(&mut loader);
     let ebpf = loader
         .load(ebpf_object())
