@@ -18,6 +18,7 @@ pub struct FakeLbMaps {
     pub global: Vec<u64>,
     pub ct: Vec<(CtKeyV4, CtEntry)>,
     pub affinity: Vec<(AffinityKeyV4, AffinityEntry)>,
+    pub capacity: crate::capacity::MapCapacity,
     /// The monotonic clock `flows` reports.
     pub now_ns: u64,
     /// Every op applied successfully, in order.
@@ -76,6 +77,10 @@ impl LbMaps for FakeLbMaps {
 }
 
 impl LbStats for FakeLbMaps {
+    fn capacity(&self) -> crate::capacity::MapCapacity {
+        self.capacity
+    }
+
     fn svc_counter(&self, rev_nat_id: RevNatId) -> Result<Counter, MapsError> {
         Ok(self.svc_stats.get(&rev_nat_id).copied().unwrap_or_default())
     }

@@ -183,4 +183,7 @@ pub trait LbStats {
     fn global_counters(&self) -> Result<Vec<u64>, MapsError>;
     /// All conntrack entries, in no particular order.
     fn conntrack(&self) -> Result<Vec<(CtKeyV4, CtEntry)>, MapsError>;
+    /// The sizes of the maps in use (set by `--max-*` when they were created, so not
+    /// necessarily the defaults).
+    fn capacity(&self) -> crate::capacity::MapCapacity;
 }

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use svc_lb_common::{MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, STAT_NAMES};
+use svc_lb_common::STAT_NAMES;
 
 use super::telemetry::{SYNC_BUCKETS, State};
 use crate::{
@@ -121,12 +121,13 @@ pub fn render(maps: &(impl LbMaps + LbStats), t: &State) -> Result<String, MapsE
         "gauge",
         "Entries in each LB map (read at scrape time).",
     );
+    let cap = maps.capacity();
     let maps_used = [
-        ("LB4_SERVICES", state.services.len(), MAX_SERVICE_ENTRIES),
-        ("LB4_BACKENDS", state.backends.len(), MAX_BACKENDS),
-        ("LB4_REVNAT", state.revnat.len(), MAX_REVNAT),
-        ("LB_SVC_NAMES", state.names.len(), MAX_REVNAT),
-        ("LB4_CT", ct, MAX_CT_ENTRIES),
+        ("LB4_SERVICES", state.services.len(), cap.service_entries()),
+        ("LB4_BACKENDS", state.backends.len(), cap.max_backends),
+        ("LB4_REVNAT", state.revnat.len(), cap.max_services),
+        ("LB_SVC_NAMES", state.names.len(), cap.max_services),
+        ("LB4_CT", ct, cap.max_conntrack),
     ];
     for (m, n, _) in maps_used {
         o.sample("svc_lb_map_entries", &labels(&[("map", m)]), n);
@@ -276,6 +277,26 @@ mod tests {
         m.global[STAT_DNAT as usize] = 14;
         m.ct = vec![(CtKeyV4::default(), CtEntry::default()); 3];
         m
+    }
+
+    /// Maps created with `--max-*` flags report their real sizes, not the defaults.
+    #[test]
+    fn capacity_follows_the_maps_in_use() {
+        let mut m = maps();
+        m.capacity = crate::capacity::MapCapacity {
+            max_services: 131_072,
+            max_backends: 1_048_576,
+            max_conntrack: 1_000,
+        };
+        let out = render(&m, &State::default()).unwrap();
+        for line in [
+            r#"svc_lb_map_capacity{map="LB4_CT"} 1000"#,
+            r#"svc_lb_map_capacity{map="LB4_BACKENDS"} 1048576"#,
+            r#"svc_lb_map_capacity{map="LB4_REVNAT"} 131072"#,
+            r#"svc_lb_map_capacity{map="LB4_SERVICES"} 1179648"#,
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
     }
 
     #[test]

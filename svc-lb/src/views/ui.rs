@@ -12,7 +12,6 @@ use std::{
 };
 
 use serde::Serialize;
-use svc_lb_common::{MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES};
 
 use super::{
     list::{self, split_name},
@@ -184,6 +183,7 @@ pub fn state(maps: &(impl LbMaps + LbStats), t: &State) -> Result<UiState, MapsE
         }
     }
     let ct = maps.conntrack()?.len();
+    let cap = maps.capacity();
     let h = &t.sync_latency;
     Ok(UiState {
         generated_unix_ms: SystemTime::now()
@@ -192,28 +192,28 @@ pub fn state(maps: &(impl LbMaps + LbStats), t: &State) -> Result<UiState, MapsE
         namespaces,
         conntrack: Occupancy {
             entries: ct,
-            capacity: MAX_CT_ENTRIES,
+            capacity: cap.max_conntrack,
         },
         maps: vec![
             MapUse {
                 name: "LB4_SERVICES",
                 entries: dump.services.len(),
-                capacity: MAX_SERVICE_ENTRIES,
+                capacity: cap.service_entries(),
             },
             MapUse {
                 name: "LB4_BACKENDS",
                 entries: dump.backends.len(),
-                capacity: MAX_BACKENDS,
+                capacity: cap.max_backends,
             },
             MapUse {
                 name: "LB4_REVNAT",
                 entries: dump.revnat.len(),
-                capacity: MAX_REVNAT,
+                capacity: cap.max_services,
             },
             MapUse {
                 name: "LB4_CT",
                 entries: ct,
-                capacity: MAX_CT_ENTRIES,
+                capacity: cap.max_conntrack,
             },
         ],
         syncs: Syncs {
