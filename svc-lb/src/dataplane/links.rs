@@ -124,27 +124,33 @@ pub fn remove_all(links_dir: &Path) -> Result<(), DataplaneError> {
     remove_matching(links_dir, &[], true)
 }
 
-fn remove_matching(links_dir: &Path, keep: &[String], all: bool) -> Result<(), DataplaneError> {
+/// The pins in `links_dir` as (file name, path); a missing directory has none.
+pub(crate) fn pins(links_dir: &Path) -> Result<Vec<(String, PathBuf)>, DataplaneError> {
+    let read_err = |source| DataplaneError::ReadDir {
+        path: links_dir.to_path_buf(),
+        source,
+    };
     let entries = match std::fs::read_dir(links_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(DataplaneError::ReadDir {
-                path: links_dir.to_path_buf(),
-                source,
-            });
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(read_err(source)),
     };
-    for entry in entries {
-        let entry = entry.map_err(|source| DataplaneError::ReadDir {
-            path: links_dir.to_path_buf(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    entries
+        .map(|entry| {
+            let entry = entry.map_err(read_err)?;
+            Ok((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ))
+        })
+        .collect()
+}
+
+fn remove_matching(links_dir: &Path, keep: &[String], all: bool) -> Result<(), DataplaneError> {
+    for (name, path) in pins(links_dir)? {
         let Some(iface) = name.strip_suffix(SUFFIX) else {
             if all {
-                remove_pin(&entry.path())?;
+                remove_pin(&path)?;
                 info!(pin = %name, "detached pinned link");
             }
             continue;
@@ -152,7 +158,7 @@ fn remove_matching(links_dir: &Path, keep: &[String], all: bool) -> Result<(), D
         if keep.iter().any(|k| k == iface) {
             continue;
         }
-        remove_pin(&entry.path())?;
+        remove_pin(&path)?;
         info!(iface, "detached pinned TC link");
     }
     Ok(())

@@ -156,30 +156,14 @@ pub fn remove_link(links_dir: &Path, iface: &str) -> Result<(), DataplaneError> 
 
 /// Detaches and unpins XDP links of interfaces not in `keep` (all of them with `--xdp off`).
 pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneError> {
-    let entries = match std::fs::read_dir(links_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(DataplaneError::ReadDir {
-                path: links_dir.to_path_buf(),
-                source,
-            });
-        }
-    };
-    for entry in entries {
-        let entry = entry.map_err(|source| DataplaneError::ReadDir {
-            path: links_dir.to_path_buf(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for (name, path) in links::pins(links_dir)? {
         let Some(iface) = pin_iface(&name) else {
             continue;
         };
         if keep.iter().any(|k| k == iface) {
             continue;
         }
-        links::remove_pin(&entry.path())?;
+        links::remove_pin(&path)?;
         info!(iface, pin = %name, "detached pinned XDP link");
     }
     Ok(())
