@@ -133,22 +133,9 @@ impl<'t> AgentProcess<'t> {
 
     /// Graceful stop: SIGTERM, up to 5 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        if let Some(child) = self.child.take() {
+            stop_gracefully(child);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Runs `svc-lb <args> --pin-dir <pin_dir>` in the node namespace.
@@ -245,4 +232,21 @@ impl DerefMut for AgentGuard<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.process
     }
+}
+
+/// Stops an agent like its DaemonSet would be: SIGTERM, up to 5 s to exit, then SIGKILL.
+pub fn stop_gracefully(mut child: Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
