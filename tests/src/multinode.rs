@@ -29,7 +29,7 @@ use std::{
 
 use crate::{
     bin_path, ensure_bpffs,
-    netns::{Netns, unique_prefix},
+    netns::{Netns, ip, unique_prefix},
 };
 
 pub const CLIENT_A_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
@@ -44,19 +44,6 @@ pub const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
 pub const POD_A_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 pub const POD_B_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run ip (is iproute2 installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-}
 
 /// Namespaces deleted (in reverse order) on drop.
 struct Namespaces(Vec<Netns>);

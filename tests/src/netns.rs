@@ -135,7 +135,8 @@ pub struct Topology {
     created: Vec<Netns>,
 }
 
-fn ip(args: &[&str]) {
+/// Runs `ip <args>`, panicking with its error output if it fails.
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()
