@@ -5,7 +5,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
@@ -23,15 +22,14 @@ use svc_lb_common::{
 pub struct PinDir(pub PathBuf);
 
 impl PinDir {
-    /// `/sys/fs/bpf/svc-lb-<kind>-<pid>-<n>`; panics unless root (and mounts bpffs if needed).
+    /// `/sys/fs/bpf/slb<pid>-<n>-<kind>`, the test resource naming `cargo xtask test` reaps
+    /// when the owning process is gone; panics unless root (and mounts bpffs if needed).
     pub fn new(kind: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
         crate::require_root();
         crate::ensure_bpffs();
         let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/svc-lb-{kind}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+            "/sys/fs/bpf/{}-{kind}",
+            crate::netns::unique_prefix()
         ));
         std::fs::create_dir_all(&dir).expect("create pin dir");
         PinDir(dir)
@@ -122,7 +120,30 @@ impl Seeder {
         rev_nat_id: RevNatId,
         backends: &[(u32, Ipv4Addr, u16)],
     ) {
-        let key = ServiceKeyV4::new(vip, port, proto, SCOPE_EXTERNAL, 0);
+        self.service_in_scope(
+            vip,
+            port,
+            proto,
+            SCOPE_EXTERNAL,
+            flags,
+            rev_nat_id,
+            backends,
+        );
+    }
+
+    /// [`Seeder::service`] with the key's `scope` (`SCOPE_INTERNAL`: an in-cluster twin).
+    #[allow(clippy::too_many_arguments)]
+    pub fn service_in_scope(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        scope: u8,
+        flags: u16,
+        rev_nat_id: RevNatId,
+        backends: &[(u32, Ipv4Addr, u16)],
+    ) {
+        let key = ServiceKeyV4::new(vip, port, proto, scope, 0);
         for (i, &(id, ip, p)) in backends.iter().enumerate() {
             self.backends
                 .insert(id, BackendV4::new(ip, p, proto, 0), 0)

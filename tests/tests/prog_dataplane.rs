@@ -6,7 +6,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -50,11 +49,9 @@ struct PinDir(PathBuf);
 
 impl PinDir {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
         PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/svc-lb-dptest-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+            "/sys/fs/bpf/{}-dptest",
+            svc_lb_tests::netns::unique_prefix()
         )))
     }
 }

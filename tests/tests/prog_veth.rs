@@ -72,7 +72,7 @@ fn veth_traffic_dnat_revnat_and_rejects() {
     let topo = Topology::new(3);
     topo.start_echo_servers();
     svc_lb_tests::ensure_bpffs();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/svc-lb-veth-{}", unique_prefix()));
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-veth", unique_prefix()));
     let _installed = Installed(pin_dir.clone());
     let cfg = DataplaneConfig {
         pin_dir: pin_dir.clone(),
