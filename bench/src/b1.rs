@@ -64,6 +64,7 @@ fn pair_frontend(name: &str, from: SocketAddrV4, to: SocketAddrV4) -> Frontend {
         ip: *from.ip(),
         port: from.port(),
         proto: Proto::Tcp,
+        internal: false,
     };
     Frontend {
         key,

@@ -77,6 +77,7 @@ pub fn svc_lb(cfg: &B4Config, sc: &Scenario) -> Result<Timing> {
             ip: cur.services[i].cluster_ip,
             port: crate::scenario::SERVICE_PORT,
             proto: Proto::Tcp,
+            internal: false,
         }]);
         let t = Instant::now();
         let out = rec

@@ -105,6 +105,7 @@ impl Scenario {
                 ip: s.cluster_ip,
                 port: SERVICE_PORT,
                 proto: Proto::Tcp,
+                internal: false,
             };
             let mut backends: Vec<BackendAddr> = s
                 .endpoints

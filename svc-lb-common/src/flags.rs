@@ -9,8 +9,11 @@ pub const IPPROTO_UDP: u8 = 17;
 /// (a port rewrite would need the CRC over the whole packet recomputed).
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// `ServiceKeyV4::scope`: which slot set of a frontend a key addresses. Only `SCOPE_EXTERNAL`
-/// is used today; `SCOPE_INTERNAL` is reserved for traffic policies (node-local slot sets).
+/// `ServiceKeyV4::scope`: which slot set of a frontend a key addresses. `SCOPE_EXTERNAL` is
+/// every frontend's own entry. A NodePort/ExternalIP/LoadBalancer frontend with traffic policy
+/// Local (`SVC_F_LOCAL`, node-local slots) also has a `SCOPE_INTERNAL` twin whose slots hold
+/// every ready endpoint: traffic from inside the cluster (sources in `LB4_LOCAL_SRC`, and node
+/// processes through the socket LB) uses it, like kube-proxy's short-circuit.
 pub const SCOPE_EXTERNAL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 

@@ -31,6 +31,12 @@ pub const MAGLEV_MAP: &str = "LB4_MAGLEV";
 pub const SRC_RANGES_MAP: &str = "LB4_SRC_RANGES";
 /// LRU sessionAffinity ClientIP: {client address, rev-NAT id} → backend id + last use.
 pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
+/// LPM trie of "in-cluster" source prefixes (`--cluster-cidr` and this node's addresses; key
+/// data = IPv4 address, network order; value unused): their traffic to a traffic-policy-Local
+/// external frontend uses the frontend's `SCOPE_INTERNAL` slots (every ready endpoint).
+pub const LOCAL_SRC_MAP: &str = "LB4_LOCAL_SRC";
+/// Prefixes in `LB4_LOCAL_SRC`.
+pub const MAX_LOCAL_SRC: u32 = 1_024;
 
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` and index `LB4_BE_STATS`; 0 means "no backend".

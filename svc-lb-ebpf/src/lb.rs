@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use svc_lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_F_SNAT, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL,
+    BackendV4, CT_DIR_FORWARD, CT_F_SNAT, IPPROTO_TCP, RevNatId, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SRC_RANGE_FIXED_BITS, STAT_CT_FULL, STAT_CT_HIT, STAT_CT_NEW, STAT_CT_RESELECT,
     STAT_LOOKUP_MISS, STAT_SNAT, STAT_SNAT_FAIL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
     SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4,
@@ -24,7 +24,7 @@ use svc_lb_common::{
 
 use crate::{
     affinity, ct,
-    maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, stat},
+    maps::{LB4_BACKENDS, LB4_LOCAL_SRC, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, stat},
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -50,6 +50,35 @@ pub fn frontend(key: &ServiceKeyV4) -> Option<ServiceEntry> {
     let e = LB4_SERVICES.get_ptr(key)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     Some(unsafe { *e })
+}
+
+/// The `SCOPE_INTERNAL` twin of a traffic-policy-Local external frontend (every ready
+/// endpoint), if it has one.
+#[inline(always)]
+pub fn internal_twin(
+    key: &ServiceKeyV4,
+    svc: &ServiceEntry,
+) -> Option<(ServiceKeyV4, ServiceEntry)> {
+    if svc.flags & SVC_F_LOCAL == 0 || svc.flags & EXTERNAL_KINDS == 0 {
+        return None;
+    }
+    let twin = ServiceKeyV4 {
+        scope: SCOPE_INTERNAL,
+        ..*key
+    };
+    Some((twin, frontend(&twin)?))
+}
+
+/// The frontend entry a packet uses: externalTrafficPolicy Local restricts only traffic from
+/// outside the cluster. A source in `LB4_LOCAL_SRC` (pods of the cluster CIDRs, this node) gets
+/// the frontend's internal twin, balancing over every ready endpoint like kube-proxy's
+/// short-circuit to the Service's cluster chain.
+#[inline(always)]
+pub fn scoped(p: &Packet, key: ServiceKeyV4, svc: ServiceEntry) -> (ServiceKeyV4, ServiceEntry) {
+    if svc.flags & SVC_F_LOCAL == 0 || LB4_LOCAL_SRC.get(Key::new(32, p.saddr)).is_none() {
+        return (key, svc);
+    }
+    internal_twin(&key, &svc).unwrap_or((key, svc))
 }
 
 /// loadBalancerSourceRanges: whether the packet's source may use this frontend.

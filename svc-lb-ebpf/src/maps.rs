@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BackendV4, Counter, CtEntry, CtKeyV4, MAX_AFFINITY_ENTRIES,
-    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SRC_RANGES, MaglevTable,
-    RevNatId, RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName,
+    MAX_BACKENDS, MAX_CT_ENTRIES, MAX_LOCAL_SRC, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SRC_RANGES,
+    MaglevTable, RevNatId, RevNatV4, STAT_COUNT, ServiceEntry, ServiceKeyV4, SrcRangeKeyV4,
+    SvcName,
 };
 
 #[map(name = "LB4_SERVICES")]
@@ -34,6 +35,10 @@ pub static LB4_MAGLEV: HashMap<RevNatId, MaglevTable> =
 /// Allowed client prefixes of frontends with loadBalancerSourceRanges (value unused).
 #[map(name = "LB4_SRC_RANGES")]
 pub static LB4_SRC_RANGES: LpmTrie<SrcRangeKeyV4, u8> = LpmTrie::pinned(MAX_SRC_RANGES, 0);
+
+/// In-cluster source prefixes (cluster CIDRs, node addresses; value unused), see `lb::scoped`.
+#[map(name = "LB4_LOCAL_SRC")]
+pub static LB4_LOCAL_SRC: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_LOCAL_SRC, 0);
 
 #[map(name = "LB4_AFFINITY")]
 pub static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityEntry> =

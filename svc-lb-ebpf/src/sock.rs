@@ -96,6 +96,9 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     if svc.flags & KINDS == 0 || svc.flags & SVC_F_SOURCE_RANGES != 0 {
         return ALLOW;
     }
+    // Node processes are inside the cluster: traffic policy Local does not restrict them
+    // (kube-proxy sends node-originated traffic to the Service's cluster chain).
+    let (key, svc) = lb::internal_twin(&key, &svc).unwrap_or((key, svc));
     if svc.count == 0 {
         // No (local, for traffic policy Local) backend: fail fast like kube-proxy's REJECT.
         return reject(ECONNREFUSED);

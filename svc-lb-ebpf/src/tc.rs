@@ -51,6 +51,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         stat(STAT_SRC_RANGE_DROP);
         return SHOT;
     }
+    let (key, svc) = lb::scoped(&p, key, svc);
     if svc.count == 0 {
         // Established connections to a draining backend finish; new ones are refused.
         return match lb::established(&p) {

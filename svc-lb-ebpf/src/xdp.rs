@@ -145,6 +145,10 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
         stat(STAT_SRC_RANGE_DROP);
         return DROP;
     }
+    let (key, svc) = lb::scoped(&p, key, svc);
+    if svc.count == 0 {
+        return PASS;
+    }
     let Some(pick) = lb::pick_backend(ctx, ctx.ingress_ifindex() as u32, &p, &key, &svc) else {
         return DROP;
     };

@@ -83,6 +83,13 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
+    /// Pod address range of the cluster (repeatable), like kube-proxy's --cluster-cidr: traffic
+    /// from these sources (and from this node's addresses) to a NodePort, externalIP or
+    /// LoadBalancer IP of an externalTrafficPolicy Local Service goes to any ready endpoint,
+    /// not only to this node's. Without it, only the node's own traffic gets that.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    pub cluster_cidrs: Vec<Ipv4Cidr>,
+
     /// Port range allowed for NodePorts, like the API server's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
     pub nodeport_range: PortRange,
@@ -396,6 +403,50 @@ impl FromStr for PortRange {
     }
 }
 
+/// An IPv4 prefix, written `ADDR/LEN` (a bare address is a /32). Host bits are cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn new(addr: Ipv4Addr, len: u8) -> Self {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0);
+        Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len: len.min(32),
+        }
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad address {a:?}: {e}"))?;
+        let len: u8 = l
+            .trim()
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("bad prefix length {l:?} (0-32)"))?;
+        Ok(Self::new(addr, len))
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +681,17 @@ mod tests {
     #[test]
     fn port_range_errors() {
         assert!("30000".parse::<PortRange>().is_err());
+        assert_eq!(
+            "10.244.1.7/16".parse::<Ipv4Cidr>(),
+            Ok(Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 244, 0, 0),
+                len: 16
+            })
+        );
+        assert_eq!("10.0.0.1".parse::<Ipv4Cidr>().map(|c| c.len), Ok(32));
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().map(|c| c.len), Ok(0));
+        assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
+        assert!("10.0.0/8".parse::<Ipv4Cidr>().is_err());
         assert!("5-4".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("1-70000".parse::<PortRange>().is_err());

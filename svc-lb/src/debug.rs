@@ -178,7 +178,18 @@ pub fn service_reports(maps: &(impl LbMaps + LbStats)) -> Result<Vec<ServiceRepo
                 bytes: c.bytes,
             });
         }
-        let c = maps.svc_counter(v.rev_nat_id)?;
+        let mut c = maps.svc_counter(v.rev_nat_id)?;
+        // In-cluster traffic to a traffic-policy-Local frontend runs through its twin (scope
+        // internal, own rev-NAT id): it is still this frontend's traffic.
+        let twin = svc_lb_common::ServiceKeyV4 {
+            scope: svc_lb_common::SCOPE_INTERNAL,
+            ..*k
+        };
+        if let Some(t) = state.services.get(&twin) {
+            let tc = maps.svc_counter(t.rev_nat_id)?;
+            c.packets += tc.packets;
+            c.bytes += tc.bytes;
+        }
         out.push(ServiceReport {
             service: name_of(&state, v.rev_nat_id),
             kind: dump::flags_name(v.flags & !(SVC_F_MAGLEV | SVC_F_SOURCE_RANGES | SVC_F_LOCAL)),
@@ -530,6 +541,7 @@ pub(crate) mod tests {
                 ip: ip.into(),
                 port,
                 proto,
+                internal: false,
             },
             kind,
             service: ServicePortRef {

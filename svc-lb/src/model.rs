@@ -9,8 +9,8 @@ use std::{
 };
 
 use svc_lb_common::{
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_CLUSTER_IP,
+    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
 };
 
 /// L4 protocols the datapath balances.
@@ -100,11 +100,38 @@ pub struct FrontendKey {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
+    /// The in-cluster twin (`SCOPE_INTERNAL`) of a NodePort/ExternalIP/LoadBalancer frontend
+    /// with externalTrafficPolicy Local: same address, every ready endpoint; the datapath uses
+    /// it for traffic from inside the cluster only. `false` for every other frontend.
+    pub internal: bool,
+}
+
+impl FrontendKey {
+    /// The `LB4_SERVICES` scope of this key.
+    pub fn scope(&self) -> u8 {
+        if self.internal {
+            SCOPE_INTERNAL
+        } else {
+            SCOPE_EXTERNAL
+        }
+    }
+
+    /// The in-cluster twin of this key.
+    pub fn internal_twin(&self) -> FrontendKey {
+        FrontendKey {
+            internal: true,
+            ..*self
+        }
+    }
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)?;
+        if self.internal {
+            f.write_str(" (in-cluster)")?;
+        }
+        Ok(())
     }
 }
 

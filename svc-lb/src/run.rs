@@ -547,8 +547,25 @@ fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
         args.xdp,
     )?;
     dataplane.set_socket_lb(args.socket_lb_cgroup())?;
+    program_local_sources(args)?;
     let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
     Ok((dataplane, maps))
+}
+
+/// Tells the datapath which sources are inside the cluster (`--cluster-cidr` and this node's
+/// addresses): their traffic to externalTrafficPolicy Local frontends may use every endpoint.
+fn program_local_sources(args: &RunArgs) -> Result<(), RunError> {
+    let mut prefixes: Vec<(std::net::Ipv4Addr, u8)> =
+        args.cluster_cidrs.iter().map(|c| (c.addr, c.len)).collect();
+    prefixes.extend(node_ips(args)?.into_iter().map(|ip| (ip, 32)));
+    let changed = crate::maps::program_local_sources(&args.pin.pin_dir, &prefixes)?;
+    info!(
+        cluster_cidrs = ?args.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        prefixes = prefixes.len(),
+        changed,
+        "in-cluster sources (externalTrafficPolicy Local does not restrict them)"
+    );
+    Ok(())
 }
 
 fn log_exit(args: &RunArgs) {

@@ -78,3 +78,62 @@ fn external_traffic_policy_local_uses_local_endpoints_or_drops() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("NodePort local"), "{table}");
 }
+
+/// kube-proxy's short-circuit: with `--cluster-cidr`, pods reach the NodePort and externalIP of
+/// an externalTrafficPolicy Local Service through every endpoint (here all on "node-2"),
+/// while the external client, with no local endpoint to go to, is still dropped.
+#[test]
+fn external_traffic_policy_local_does_not_restrict_in_cluster_clients() {
+    let (topo, dir) = fixture::standard();
+    let external_ip = std::net::Ipv4Addr::new(192, 0, 2, 83);
+    topo.client.run(
+        "ip",
+        &["route", "add", "192.0.2.0/24", "via", &NODE_IP.to_string()],
+    );
+    let pods: Vec<_> = topo.pods.iter().collect();
+    let svc = local_service(
+        "shortcircuit",
+        "10.96.0.83",
+        30183,
+        &pods,
+        &["pod-a", "pod-b", "pod-c"],
+    )
+    .replace(
+        "  externalTrafficPolicy: Local\n",
+        &format!("  externalTrafficPolicy: Local\n  externalIPs:\n  - {external_ip}\n"),
+    );
+    dir.write("shortcircuit.yaml", &svc);
+    let mut agent = AgentGuard::start_with(
+        &topo,
+        &dir.path,
+        &["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"],
+    );
+    fixture::wait_serving(&topo, &mut agent);
+
+    let frontends = [
+        SocketAddr::from((NODE_IP, 30183)),
+        SocketAddr::from((external_ip, 80)),
+    ];
+    for addr in frontends {
+        let err = client::http_get_within(&topo.client, addr, Duration::from_millis(500))
+            .expect_err("external client, no local endpoint: must not answer");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{addr}: {err}");
+    }
+    let all: BTreeSet<String> = ["pod-a", "pod-b", "pod-c"].map(String::from).into();
+    for pod in &topo.pods {
+        for addr in frontends {
+            let seen: BTreeSet<String> = (0..12)
+                .map(|i| {
+                    client::http_get(&pod.ns, addr)
+                        .unwrap_or_else(|e| panic!("{} -> {addr} #{i}: {e}", pod.name))
+                })
+                .collect();
+            assert!(seen.is_subset(&all), "{seen:?}");
+            assert!(
+                seen.len() >= 2,
+                "{} -> {addr}: one endpoint only: {seen:?}",
+                pod.name
+            );
+        }
+    }
+}

@@ -1204,3 +1204,126 @@ fn sctp_addresses_are_translated_and_the_crc_stays_valid() {
     let (v, _) = h.run(&sctp_frame(sa(CLIENT, 40501), sa(VIP, 3869)));
     assert_eq!(v, TC_ACT_SHOT);
 }
+
+/// externalTrafficPolicy Local restricts only traffic from outside the cluster: a source in
+/// `LB4_LOCAL_SRC` (cluster CIDR, node address) uses the frontend's in-cluster twin (scope
+/// internal, every endpoint), any other source the frontend's own node-local slots, and without
+/// a local endpoint it is dropped. Replies are translated back to the one frontend address.
+#[test]
+fn local_policy_short_circuits_in_cluster_sources_to_every_endpoint() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use svc_lb_common::{SCOPE_INTERNAL, SVC_F_NODE_PORT};
+
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+    let mut h = Harness::new();
+    // 30080: no local endpoint, one on another node. 30081: one local, one elsewhere.
+    Seeder::new(&h.dir.0).service(
+        NODE_IP,
+        30080,
+        IPPROTO_TCP,
+        SVC_F_NODE_PORT | SVC_F_LOCAL,
+        3,
+        &[],
+    );
+    Seeder::new(&h.dir.0).service(
+        NODE_IP,
+        30081,
+        IPPROTO_TCP,
+        SVC_F_NODE_PORT | SVC_F_LOCAL,
+        5,
+        &[(7, pod(1), 80)],
+    );
+    // Twins first, as the agent writes them (each frontend goes in after its slots).
+    Seeder::new(&h.dir.0).service_in_scope(
+        NODE_IP,
+        30080,
+        IPPROTO_TCP,
+        SCOPE_INTERNAL,
+        SVC_F_NODE_PORT,
+        4,
+        &[(8, pod(2), 80)],
+    );
+    Seeder::new(&h.dir.0).service_in_scope(
+        NODE_IP,
+        30081,
+        IPPROTO_TCP,
+        SCOPE_INTERNAL,
+        SVC_F_NODE_PORT,
+        6,
+        &[(8, pod(2), 80)],
+    );
+
+    // Before any in-cluster prefix is known, everyone is external.
+    let pod_client = sa(pod(3), 40000);
+    let (v, _) = h.run(&packet::tcp(
+        pod_client,
+        sa(NODE_IP, 30080),
+        TCP_SYN,
+        1,
+        0,
+        b"",
+    ));
+    assert_eq!(
+        v, TC_ACT_SHOT,
+        "no local endpoint, source not in-cluster: dropped"
+    );
+    assert_eq!(h.stat(STAT_NO_LOCAL_DROP), 1);
+
+    let mut local_src: LpmTrie<&mut MapData, u32, u8> =
+        LpmTrie::try_from(h.ebpf.map_mut(maps::LOCAL_SRC_MAP).unwrap()).unwrap();
+    local_src
+        .insert(&Key::new(16, ip_to_net(Ipv4Addr::new(10, 244, 0, 0))), 1, 0)
+        .unwrap();
+    local_src
+        .insert(&Key::new(32, ip_to_net(NODE_IP)), 1, 0)
+        .unwrap();
+
+    for (client, fe_port, want) in [
+        // Pods and the node: every endpoint (here only the remote one).
+        (sa(pod(3), 40001), 30080, Some(pod(2))),
+        (sa(NODE_IP, 40002), 30080, Some(pod(2))),
+        (sa(pod(1), 40003), 30081, Some(pod(2))),
+        // Outside the cluster: node-local endpoints only, dropped without one.
+        (sa(CLIENT, 40004), 30080, None),
+        (sa(CLIENT, 40005), 30081, Some(pod(1))),
+        (sa(Ipv4Addr::new(10, 245, 0, 2), 40006), 30081, Some(pod(1))),
+    ] {
+        let frontend = sa(NODE_IP, fe_port);
+        let (v, out) = h.run(&packet::tcp(client, frontend, TCP_SYN, 1, 0, b""));
+        let Some(backend) = want else {
+            assert_eq!(v, TC_ACT_SHOT, "{client} -> {frontend}");
+            continue;
+        };
+        assert_eq!(v, TC_ACT_OK, "{client} -> {frontend}");
+        let d = decode(&out).expect("checksums after DNAT");
+        assert_eq!(
+            (d.src, tcp_dst(&d)),
+            (*client.ip(), sa(backend, 80)),
+            "{client} -> {frontend}"
+        );
+        // The reply appears to come from the frontend the client addressed.
+        let reply = packet::tcp(sa(backend, 80), client, TCP_SYN | TCP_ACK, 9, 2, b"");
+        let (v, out) = h.run(&reply);
+        assert_eq!(v, TC_ACT_OK);
+        let d = decode(&out).expect("checksums after reverse NAT");
+        assert_eq!(d.src, NODE_IP);
+        assert!(
+            matches!(d.l4, L4::Tcp { sport, dport, .. } if sport == fe_port && dport == client.port()),
+            "{d:?}"
+        );
+    }
+    assert_eq!(h.stat(STAT_NO_LOCAL_DROP), 2);
+
+    // A ClusterIP frontend is never switched, whatever the source.
+    h.add_service(VIP, 80, IPPROTO_TCP, 9, &[(10, pod(1), 5000)]);
+    let (v, out) = h.run(&packet::tcp(
+        sa(pod(3), 40007),
+        sa(VIP, 80),
+        TCP_SYN,
+        1,
+        0,
+        b"",
+    ));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(tcp_dst(&decode(&out).unwrap()), sa(pod(1), 5000));
+}

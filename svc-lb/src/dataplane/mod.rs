@@ -44,7 +44,7 @@ pub const XDP_PROG: &str = "svc_lb_xdp";
 pub const LINKS_DIR: &str = "links";
 
 /// Every map the object must create and pin; the agent and `svc-lb debug` open them by pin path.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     maps::SERVICES_MAP,
     maps::BACKENDS_MAP,
     maps::REVNAT_MAP,
@@ -56,6 +56,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     maps::AFFINITY_MAP,
     maps::MAGLEV_MAP,
     maps::SRC_RANGES_MAP,
+    maps::LOCAL_SRC_MAP,
 ];
 
 /// The object built from `svc-lb-ebpf` by build.rs. Aligned because aya parses it in place.

@@ -10,9 +10,9 @@ use aya::maps::{
 use svc_lb_common::RevNatId;
 use svc_lb_common::{
     AFFINITY_MAP, AffinityEntry, AffinityKeyV4, BACKENDS_MAP, BE_STATS_MAP, BackendV4, CT_MAP,
-    Counter, CtEntry, CtKeyV4, MAGLEV_MAP, MaglevTable, REVNAT_MAP, RevNatV4, SERVICES_MAP,
-    SRC_RANGE_FIXED_BITS, SRC_RANGES_MAP, STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, ServiceEntry,
-    ServiceKeyV4, SrcRangeKeyV4, SvcName, ip_from_net, ip_to_net,
+    Counter, CtEntry, CtKeyV4, LOCAL_SRC_MAP, MAGLEV_MAP, MaglevTable, REVNAT_MAP, RevNatV4,
+    SERVICES_MAP, SRC_RANGE_FIXED_BITS, SRC_RANGES_MAP, STATS_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
+    ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName, ip_from_net, ip_to_net,
 };
 
 use super::{LbMaps, LbStats, MapState, Op, Purge, SrcRange};
@@ -334,6 +334,35 @@ impl LbStats for BpfLbMaps {
 
 /// Against real kernel maps: needs root and bpffs on /sys/fs/bpf, and fails (does not skip)
 /// without them. Only maps are created (from the embedded object); no program is attached.
+/// Makes the pinned `LB4_LOCAL_SRC` trie hold exactly `prefixes` (address, prefix length):
+/// the sources the datapath treats as inside the cluster. Returns how many entries changed.
+pub fn program_local_sources(
+    pin_dir: &Path,
+    prefixes: &[(std::net::Ipv4Addr, u8)],
+) -> Result<usize, MapsError> {
+    let mut trie: LpmTrie<MapData, u32, u8> = open_typed(pin_dir, LOCAL_SRC_MAP)?;
+    let wanted: std::collections::BTreeSet<(u32, u32)> = prefixes
+        .iter()
+        .map(|(a, l)| (u32::from(*l).min(32), ip_to_net(*a)))
+        .collect();
+    let present: std::collections::BTreeSet<(u32, u32)> = trie
+        .keys()
+        .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+        .collect::<Result<_, _>>()
+        .map_err(map_err(LOCAL_SRC_MAP, "iterate"))?;
+    let mut changed = 0;
+    for (len, addr) in present.difference(&wanted) {
+        ignore_missing(LOCAL_SRC_MAP, trie.remove(&Key::new(*len, *addr)))?;
+        changed += 1;
+    }
+    for (len, addr) in wanted.difference(&present) {
+        trie.insert(&Key::new(*len, *addr), 1, 0)
+            .map_err(map_err(LOCAL_SRC_MAP, "update"))?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{fs, net::Ipv4Addr};
@@ -383,6 +412,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 96, 0, 10),
                 port: 80,
                 proto: Proto::Tcp,
+                internal: false,
             },
             kind: FrontendKind::ClusterIp,
             service: ServicePortRef {

@@ -17,7 +17,7 @@ use svc_lb_common::{
     RevNatV4, ServiceEntry, ServiceKeyV4, SvcName,
 };
 
-pub use bpf::BpfLbMaps;
+pub use bpf::{BpfLbMaps, program_local_sources};
 pub use dump::dump_text;
 pub use fake::FakeLbMaps;
 

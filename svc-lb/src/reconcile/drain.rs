@@ -85,6 +85,7 @@ pub fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
                 ip: k.ip(),
                 port: k.port(),
                 proto: Proto::from_number(k.proto)?,
+                internal: k.scope == svc_lb_common::SCOPE_INTERNAL,
             })
         })
         .any(|k| may_drain(&k) && !desired.frontends.contains_key(&k));

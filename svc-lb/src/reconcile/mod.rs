@@ -24,7 +24,7 @@ use std::{
 use svc_lb_common::RevNatId;
 use svc_lb_common::{
     BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, IPPROTO_TCP, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP,
+    MAX_SERVICE_ENTRIES, MaglevTable, RevNatV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_CLUSTER_IP,
     SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT,
     SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, SvcName,
     maglev::{self, MAGLEV_TABLE_SIZE},
@@ -148,7 +148,7 @@ struct Planned {
 
 type BackendIdent = (Ipv4Addr, u16, u8);
 
-/// A frontend as currently programmed (slot 0 with scope external).
+/// A frontend as currently programmed (slot 0 of its scope).
 struct ProgrammedFe {
     rev_nat_id: RevNatId,
     /// Backend id per slot `1..=count`; `None` = slot missing.
@@ -156,7 +156,7 @@ struct ProgrammedFe {
 }
 
 fn frontend_key(fe: &FrontendKey, slot: u16) -> ServiceKeyV4 {
-    ServiceKeyV4::new(fe.ip, fe.port, fe.proto.number(), SCOPE_EXTERNAL, slot)
+    ServiceKeyV4::new(fe.ip, fe.port, fe.proto.number(), fe.scope(), slot)
 }
 
 /// The programmed frontend `key`, if its slot 0 is in `current`.
@@ -176,12 +176,13 @@ fn programmed_frontends(current: &MapState) -> BTreeMap<FrontendKey, ProgrammedF
     current
         .services
         .keys()
-        .filter(|k| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL)
+        .filter(|k| k.backend_slot == 0 && matches!(k.scope, SCOPE_EXTERNAL | SCOPE_INTERNAL))
         .filter_map(|k| {
             let key = FrontendKey {
                 ip: k.ip(),
                 port: k.port(),
                 proto: Proto::from_number(k.proto)?,
+                internal: k.scope == SCOPE_INTERNAL,
             };
             Some((key, programmed_frontend(current, &key)?))
         })

@@ -39,6 +39,7 @@ fn fe(
             ip: ip(addr),
             port,
             proto,
+            internal: false,
         },
         kind,
         service: ServicePortRef {
@@ -1068,4 +1069,78 @@ fn remote_backends_are_flagged_and_the_flag_follows_the_node() {
         [(ip(PODS[0]), false, true), (ip(PODS[1]), false, true)]
     );
     assert_eq!(touched(&ops), ["+be 2"], "{ops:?}");
+}
+
+/// externalTrafficPolicy Local: the NodePort's own slots hold the local endpoint, its in-cluster
+/// twin (scope internal, same address) every endpoint; both can change and go independently.
+#[test]
+fn in_cluster_twin_is_programmed_in_the_internal_scope() {
+    let mut local = fe(
+        "172.31.0.1",
+        30080,
+        Proto::Tcp,
+        FrontendKind::NodePort,
+        "default/web:http",
+        &[("10.244.1.2", 80)],
+    );
+    local.policy.local_only = true;
+    let mut twin = fe(
+        "172.31.0.1",
+        30080,
+        Proto::Tcp,
+        FrontendKind::NodePort,
+        "default/web:http",
+        &[("10.244.1.2", 80), ("10.244.2.2", 80)],
+    );
+    twin.key = twin.key.internal_twin();
+    twin.policy.remote_backends = [ip("10.244.2.2")].into();
+    let (s, _) = step(&MapState::default(), &state([local.clone(), twin.clone()]));
+
+    let ext0 = svc_key("172.31.0.1", 30080, 0);
+    let int0 = ServiceKeyV4 {
+        scope: SCOPE_INTERNAL,
+        ..ext0
+    };
+    let (e, i) = (s.services[&ext0], s.services[&int0]);
+    assert_eq!((e.count, i.count), (1, 2));
+    assert_eq!(e.flags, SVC_F_NODE_PORT | SVC_F_LOCAL);
+    assert_eq!(i.flags, SVC_F_NODE_PORT, "the twin is not restricted");
+    assert_ne!(e.rev_nat_id, i.rev_nat_id);
+    // Replies of both scopes look like the one frontend.
+    assert_eq!(s.revnat[&e.rev_nat_id], s.revnat[&i.rev_nat_id]);
+    let slot_backends = |k0: ServiceKeyV4, n: u16| -> Vec<Ipv4Addr> {
+        (1..=n)
+            .map(|slot| s.backends[&s.services[&k0.with_slot(slot)].backend_id].ip())
+            .collect()
+    };
+    assert_eq!(slot_backends(ext0, 1), [ip("10.244.1.2")]);
+    let mut all = slot_backends(int0, 2);
+    all.sort();
+    assert_eq!(all, [ip("10.244.1.2"), ip("10.244.2.2")]);
+    let remote = s
+        .backends
+        .values()
+        .find(|b| b.ip() == ip("10.244.2.2"))
+        .unwrap();
+    assert!(remote.is_remote());
+
+    // A second endpoint on another node changes only the twin.
+    twin.backends.push(BackendAddr {
+        ip: ip("10.244.3.2"),
+        port: 80,
+    });
+    twin.policy.remote_backends.insert(ip("10.244.3.2"));
+    let (s2, ops) = step(&s, &state([local.clone(), twin.clone()]));
+    assert!(
+        ops.iter()
+            .all(|op| !matches!(op, Op::UpsertService(k, _) if k.scope == SCOPE_EXTERNAL)),
+        "{ops:?}"
+    );
+    assert_eq!(s2.services[&int0].count, 3);
+
+    // Policy back to Cluster: the twin goes, the external entry stays.
+    local.policy.local_only = false;
+    let (s3, _) = step(&s2, &state([local]));
+    assert!(s3.services.keys().all(|k| k.scope == SCOPE_EXTERNAL));
+    assert_eq!(s3.services[&ext0].flags, SVC_F_NODE_PORT);
 }

@@ -411,7 +411,8 @@ impl IncrementalTranslator {
             out.extend(s.rejected.iter().cloned());
             for (i, fe) in s.frontends.iter().enumerate() {
                 let first = self.claims.get(&fe.key).and_then(|c| c.first());
-                if first.is_some_and(|(owner, at)| owner == id && *at == i) {
+                // An in-cluster twin's conflict is its frontend's, reported already.
+                if fe.key.internal || first.is_some_and(|(owner, at)| owner == id && *at == i) {
                     continue;
                 }
                 if let Some(owner) = self.state.frontends.get(&fe.key) {

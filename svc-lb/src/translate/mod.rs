@@ -172,9 +172,57 @@ pub(crate) fn translate_service<'a>(
                     ..plan.policy.clone()
                 },
             });
+            if local_only && kind != FrontendKind::ClusterIp {
+                out.frontends.push(in_cluster_twin(
+                    key,
+                    kind,
+                    &service_ref,
+                    &plan,
+                    &index,
+                    port,
+                    node,
+                ));
+            }
         }
     }
     out
+}
+
+/// The in-cluster twin of an externalTrafficPolicy Local frontend: every ready endpoint (like
+/// kube-proxy's short-circuit to the Service's cluster chain, which ignores both traffic
+/// policies), endpoints on other nodes SNATed as under policy Cluster. Source ranges are
+/// checked by the datapath on the frontend itself before it switches to the twin.
+fn in_cluster_twin(
+    key: crate::model::FrontendKey,
+    kind: FrontendKind,
+    service: &ServicePortRef,
+    plan: &service::ServicePlan<'_>,
+    index: &endpoints::EndpointIndex<'_>,
+    port: &service::PortPlan,
+    node: Option<&str>,
+) -> Frontend {
+    let backends = index.backends(plan, port, None);
+    let remote_backends = node
+        .map(|node| {
+            backends
+                .iter()
+                .filter(|b| index.is_remote(b.ip, node))
+                .map(|b| b.ip)
+                .collect()
+        })
+        .unwrap_or_default();
+    Frontend {
+        key: key.internal_twin(),
+        kind,
+        service: service.clone(),
+        backends,
+        policy: LbPolicy {
+            source_ranges: Vec::new(),
+            local_only: false,
+            remote_backends,
+            ..plan.policy.clone()
+        },
+    }
 }
 
 /// The health check of a LoadBalancer Service with externalTrafficPolicy Local (applied, so
@@ -231,6 +279,8 @@ fn assemble(services: &BTreeMap<ServiceId, ServiceFrontends>) -> Translation {
         out.rejected.extend(s.rejected.iter().cloned());
         for fe in &s.frontends {
             match out.state.frontends.get(&fe.key) {
+                // Its frontend's conflict is reported already.
+                Some(_) if fe.key.internal => {}
                 Some(owner) => out
                     .rejected
                     .push(conflict(describe_service(ns, name), fe, owner)),

@@ -228,6 +228,7 @@ pub(super) fn plan<'a>(
             ip,
             port: port.port,
             proto: port.proto,
+            internal: false,
         };
         port.frontends.extend(
             cluster_ips
@@ -255,6 +256,7 @@ pub(super) fn plan<'a>(
                             ip,
                             port: np as u16,
                             proto: port.proto,
+                            internal: false,
                         };
                         (key, FrontendKind::NodePort)
                     }));

@@ -99,6 +99,7 @@ fn examples_translate_to_the_demo_frontends() {
         ip: Ipv4Addr::new(172, 31, 0, 1),
         port: 30080,
         proto: Proto::Tcp,
+        internal: false,
     }];
     assert_eq!(np.kind.flag(), svc_lb_common::SVC_F_NODE_PORT);
 }
@@ -751,12 +752,27 @@ fn traffic_policy_local_uses_this_nodes_endpoints() {
             "10.96.0.3:80/TCP ClusterIP -> 10.0.2.1",
             "10.96.0.4:80/TCP ClusterIP -> 10.0.2.1",
             "172.31.0.1:30001/TCP NodePort local -> 10.0.1.1",
+            // The in-cluster twins of the Local frontends: every ready endpoint.
+            "172.31.0.1:30001/TCP (in-cluster) NodePort -> 10.0.1.1,10.0.2.1",
             "172.31.0.1:30002/TCP NodePort -> 10.0.1.1,10.0.2.1",
             "172.31.0.1:30003/TCP NodePort local -> 10.0.1.2",
+            "172.31.0.1:30003/TCP (in-cluster) NodePort -> 10.0.2.1",
             "172.31.0.1:30004/TCP NodePort local -> ",
+            "172.31.0.1:30004/TCP (in-cluster) NodePort -> 10.0.2.1",
         ]
     );
     assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    // A twin's endpoints on other nodes are SNATed like under policy Cluster.
+    let twin = FrontendKey {
+        ip: Ipv4Addr::new(172, 31, 0, 1),
+        port: 30004,
+        proto: Proto::Tcp,
+        internal: true,
+    };
+    assert_eq!(
+        t.state.frontends[&twin].policy.remote_backends,
+        [Ipv4Addr::new(10, 0, 2, 1)].into()
+    );
 
     // Without --node-name locality is unknown: Cluster, reported.
     let t = translate(&objects, &cfg(&[Ipv4Addr::new(172, 31, 0, 1)], None));

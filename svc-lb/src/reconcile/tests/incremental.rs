@@ -28,6 +28,7 @@ fn random_desired(rng: &mut XorShift, base: &DesiredState) -> DesiredState {
             ip: ip(&key_ip),
             port: 80,
             proto,
+            internal: false,
         };
         if rng.below(4) == 0 {
             out.frontends.remove(&key);
@@ -146,6 +147,7 @@ fn one_changed_frontend_among_many_writes_only_its_own_entries() {
         ip: ip("10.96.0.7"),
         port: 80,
         proto: Proto::Tcp,
+        internal: false,
     };
     // Its own pod is replaced; the shared 10.244.99.2 stays (199 others still use it).
     let f = desired.frontends.get_mut(&key).unwrap();
@@ -230,6 +232,7 @@ fn frontends_that_did_not_fit_are_retried_with_the_next_change() {
         ip: ip("10.96.0.20"),
         port: 8080,
         proto: Proto::Tcp,
+        internal: false,
     };
     desired.frontends.remove(&web);
     let out = rec
