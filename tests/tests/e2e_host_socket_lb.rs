@@ -354,3 +354,60 @@ fn attached_progs(cgroup: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// externalTrafficPolicy Local does not restrict the node's own processes (kube-proxy sends
+/// locally originated traffic to the Service's cluster chain): a NodePort whose endpoints are
+/// all on another node answers them through the socket LB, from any of those endpoints.
+#[test]
+fn node_processes_reach_a_local_policy_node_port_without_local_endpoints() {
+    use svc_lb_tests::manifests::Port;
+
+    let (topo, dir) = fixture::standard();
+    let cg = TestCgroup::new(&topo.prefix);
+    let cg_path = cg.path.to_string_lossy().into_owned();
+    let ports = [Port {
+        node_port: Some(30184),
+        ..Port::tcp("http", 80, 5000)
+    }];
+    let pods: Vec<_> = topo.pods.iter().collect();
+    let svc = manifests::service(
+        "remote-local",
+        "10.96.0.84".parse().unwrap(),
+        ("app", "frontend"),
+        &ports,
+    )
+    .replace(
+        "  sessionAffinity: None\n",
+        "  sessionAffinity: None\n  externalTrafficPolicy: Local\n",
+    );
+    // Every endpoint on node-2.
+    let slice = manifests::endpoint_slice("remote-local", &ports, &pods)
+        .replace("nodeName: node-1\n", "nodeName: node-2\n");
+    dir.write("remote-local.yaml", &manifests::join(&[svc, slice]));
+    let mut agent = AgentGuard::start_with(
+        &topo,
+        &dir.path,
+        &["--cgroup-path", &cg_path, "--node-name", "node-1"],
+    );
+    fixture::wait_serving(&topo, &mut agent);
+    let out = agent.cli(&["debug", "services"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("NodePort local"), "{table}");
+
+    let np = format!("{NODE_IP}:30184");
+    let seen: BTreeSet<String> = wait_for(
+        "the node's connections to the Local NodePort to be answered",
+        Duration::from_secs(10),
+        || {
+            agent.assert_running();
+            let out = cg.client(&topo.node, true, &["tcp", &np, "12"]);
+            out.status
+                .success()
+                .then(|| answers(&cg, &topo.node, "tcp", &np, "peer", 20))
+        },
+    )
+    .into_iter()
+    .collect();
+    assert!(seen.is_subset(&all_pods()), "{seen:?}");
+    assert!(seen.len() >= 2, "one endpoint only: {seen:?}");
+}
