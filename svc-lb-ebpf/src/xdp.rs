@@ -137,8 +137,8 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     let Some(svc) = lb::frontend(&key) else {
         return PASS;
     };
-    // ClusterIP and frontends without backends (rejects) are the TC program's job.
-    if svc.flags & EXTERNAL_KINDS == 0 || svc.count == 0 {
+    // ClusterIP is the TC program's job.
+    if svc.flags & EXTERNAL_KINDS == 0 {
         return PASS;
     }
     if !lb::source_allowed(&p, &svc) {
@@ -146,6 +146,7 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
         return DROP;
     }
     let (key, svc) = lb::scoped(&p, key, svc);
+    // Without backends (rejects, traffic-policy-Local drops), also the TC program's job.
     if svc.count == 0 {
         return PASS;
     }

@@ -360,3 +360,69 @@ fn remote_backend_flow_is_left_to_tc_which_snats_it() {
         assert_eq!(h.stat(STAT_REVNAT), 1);
     });
 }
+
+/// XDP follows the short-circuit of externalTrafficPolicy Local too: an in-cluster source
+/// (`LB4_LOCAL_SRC`) uses the LoadBalancer frontend's in-cluster twin, an external one its
+/// node-local slots; with no local endpoint the external packet is left to TC (which drops).
+#[test]
+fn local_policy_in_cluster_sources_use_the_twin_in_xdp() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use svc_lb_common::{SCOPE_INTERNAL, SVC_F_LOCAL};
+    let mut h = Harness::new();
+    let lb = Ipv4Addr::new(198, 51, 100, 21);
+    h.add_service(
+        lb,
+        80,
+        IPPROTO_TCP,
+        SVC_F_LOAD_BALANCER | SVC_F_LOCAL,
+        3,
+        &[(5, pod(1), 80)],
+    );
+    h.add_service(
+        lb,
+        81,
+        IPPROTO_TCP,
+        SVC_F_LOAD_BALANCER | SVC_F_LOCAL,
+        4,
+        &[],
+    );
+    for (port, rev) in [(80, 6), (81, 7)] {
+        Seeder::new(&h.dir.0).service_in_scope(
+            lb,
+            port,
+            IPPROTO_TCP,
+            SCOPE_INTERNAL,
+            SVC_F_LOAD_BALANCER,
+            rev,
+            &[(8, pod(2), 80)],
+        );
+    }
+    let mut local_src: LpmTrie<&mut MapData, u32, u8> =
+        LpmTrie::try_from(h.ebpf.map_mut(maps::LOCAL_SRC_MAP).unwrap()).unwrap();
+    local_src
+        .insert(&Key::new(16, ip_to_net(Ipv4Addr::new(10, 244, 0, 0))), 1, 0)
+        .unwrap();
+
+    let from_pod = packet::tcp(sa(pod(3), 50200), sa(lb, 80), TCP_SYN, 1, 0, b"");
+    let (v, out) = h.run_xdp(&from_pod);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(
+        dst_of(&out),
+        sa(pod(2), 80),
+        "in-cluster: the twin's endpoint"
+    );
+    let from_client = packet::tcp(sa(CLIENT, 50201), sa(lb, 80), TCP_SYN, 1, 0, b"");
+    let (v, out) = h.run_xdp(&from_client);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(dst_of(&out), sa(pod(1), 80), "external: the local endpoint");
+
+    // No local endpoint: the pod still gets the twin in XDP, the client's packet goes on
+    // untouched to TC.
+    let from_pod = packet::tcp(sa(pod(3), 50202), sa(lb, 81), TCP_SYN, 1, 0, b"");
+    let (v, out) = h.run_xdp(&from_pod);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(dst_of(&out), sa(pod(2), 80));
+    let from_client = packet::tcp(sa(CLIENT, 50203), sa(lb, 81), TCP_SYN, 1, 0, b"");
+    let (v, out) = h.run_xdp(&from_client);
+    assert_eq!((v, out.as_slice()), (XDP_PASS, from_client.as_slice()));
+}
