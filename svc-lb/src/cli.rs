@@ -507,6 +507,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_cidr_flag_repeats() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["svc-lb", "run", "--iface", "eth0"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Run(run) => run.cluster_cidrs,
+                _ => panic!("not run"),
+            })
+        };
+        assert!(parse(&[]).unwrap().is_empty());
+        let got = parse(&[
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--cluster-cidr",
+            "100.64.3.4/10",
+        ])
+        .unwrap();
+        assert_eq!(
+            got.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.244.0.0/16", "100.64.0.0/10"]
+        );
+        assert!(parse(&["--cluster-cidr", "10.244.0.0/40"]).is_err());
+    }
+
+    #[test]
     fn socket_lb_flags() {
         let cli = Cli::try_parse_from([
             "svc-lb",
