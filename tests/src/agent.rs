@@ -162,25 +162,7 @@ impl Drop for AgentProcess<'_> {
     fn drop(&mut self) {
         let failing = thread::panicking();
         self.stop();
-        if self.pin_dir.exists() {
-            let out = self.cli(&["uninstall"]);
-            if !out.status.success() {
-                eprintln!(
-                    "warning: svc-lb uninstall --pin-dir {} failed: {}",
-                    self.pin_dir.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            // Last resort so a broken uninstall cannot leak pins into later runs; removing
-            // pinned links from bpffs also detaches them.
-            if self.pin_dir.exists() {
-                eprintln!(
-                    "warning: {} still exists after uninstall; removing it",
-                    self.pin_dir.display()
-                );
-                let _ = fs::remove_dir_all(&self.pin_dir);
-            }
-        }
+        remove_pins(&self.pin_dir, || self.cli(&["uninstall"]));
         if failing {
             eprintln!(
                 "---- svc-lb agent log ({} start(s), {}) ----\n{}---- end of agent log ----",
@@ -249,4 +231,28 @@ pub fn stop_gracefully(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Cleanup of a stopped agent's pin directory: `uninstall` (run by the caller in the agent's
+/// namespace), then, as a last resort so a broken uninstall cannot leak pins into later runs,
+/// removing the directory (removing pinned links from bpffs also detaches them).
+pub fn remove_pins(pin_dir: &Path, uninstall: impl FnOnce() -> Output) {
+    if !pin_dir.exists() {
+        return;
+    }
+    let out = uninstall();
+    if !out.status.success() {
+        eprintln!(
+            "warning: svc-lb uninstall --pin-dir {} failed: {}",
+            pin_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if pin_dir.exists() {
+        eprintln!(
+            "warning: {} still exists after uninstall; removing it",
+            pin_dir.display()
+        );
+        let _ = fs::remove_dir_all(pin_dir);
+    }
 }

@@ -641,19 +641,7 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
-        if self.pin_dir.exists() {
-            let out = self.cli(&["uninstall"]);
-            if !out.status.success() {
-                eprintln!(
-                    "warning: svc-lb uninstall --pin-dir {} failed: {}",
-                    self.pin_dir.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            if self.pin_dir.exists() {
-                let _ = fs::remove_dir_all(&self.pin_dir);
-            }
-        }
+        crate::agent::remove_pins(&self.pin_dir, || self.cli(&["uninstall"]));
         if thread::panicking() {
             eprintln!(
                 "---- svc-lb agent log of {} ({}) ----\n{}---- end of agent log ----",
