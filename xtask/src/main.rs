@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod modgraph;
 mod run;
 mod setup;
 mod test;
@@ -29,6 +30,8 @@ enum Task {
     /// Setup, build, then run svc-lb between network namespaces and send it traffic.
     Demo,
     /// Benchmarks next to kube-proxy's iptables/nftables rules (docs/benchmarks.md).
+    /// Print the import graph between svc-lb's top-level modules; fails on a cycle.
+    Modules,
     Bench {
         /// Smaller scales, about 2 minutes.
         #[arg(long)]
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => test::test(),
         Task::Demo => demo::demo(),
+        Task::Modules => modules(),
         Task::Bench { quick } => bench::bench(quick),
     };
     match res {
@@ -53,6 +57,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn modules() -> anyhow::Result<()> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../svc-lb/src");
+    let graph = modgraph::read_graph(&src)?;
+    for (from, to) in &graph {
+        let to: Vec<_> = to.iter().map(String::as_str).collect();
+        println!("{from:<12} -> {}", to.join(", "));
+    }
+    modgraph::check_acyclic(&src)?;
+    println!("no cycle");
+    Ok(())
 }
 
 #[cfg(test)]
