@@ -1,10 +1,11 @@
-//! Developer tasks for svc-lb: `cargo xtask setup | test | demo`.
+//! Developer tasks for svc-lb: `cargo xtask setup | test | demo | bench | run | modules`.
 //!
 //! Plain std process spawning on purpose: the tasks mostly run other tools (apt-get, rustup,
 //! cargo, ip, curl) and print what they do.
 
 mod bench;
 mod demo;
+mod launch;
 mod modgraph;
 mod run;
 mod setup;
@@ -30,6 +31,16 @@ enum Task {
     /// Setup, build, then run svc-lb between network namespaces and send it traffic.
     Demo,
     /// Benchmarks next to kube-proxy's iptables/nftables rules (docs/benchmarks.md).
+    /// Build svc-lb and run it as root with the arguments after `--`
+    /// (`cargo xtask run -- run --manifests examples --iface eth0`).
+    Run {
+        /// Build and run the release binary.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for svc-lb.
+        #[arg(last = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Print the import graph between svc-lb's top-level modules; fails on a cycle.
     Modules,
     Bench {
@@ -46,6 +57,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => test::test(),
         Task::Demo => demo::demo(),
+        Task::Run { release, args } => launch::launch(release, &args),
         Task::Modules => modules(),
         Task::Bench { quick } => bench::bench(quick),
     };
@@ -82,5 +94,15 @@ mod tests {
             Task::Demo
         ));
         assert!(Cli::try_parse_from(["xtask", "nope"]).is_err());
+        match Cli::try_parse_from(["xtask", "run", "--release", "--", "run", "--iface", "eth0"])
+            .unwrap()
+            .task
+        {
+            Task::Run { release, args } => {
+                assert!(release);
+                assert_eq!(args, ["run", "--iface", "eth0"]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
