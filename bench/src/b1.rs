@@ -24,8 +24,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb::{
-    capacity::MapCapacity,
-    dataplane::{TC_INGRESS_PROG, XDP_PROG, ebpf_object},
+    dataplane::{TC_INGRESS_PROG, XDP_PROG, capacity::MapCapacity, ebpf_object},
     maps::BpfLbMaps,
     model::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbPolicy, Proto, ServicePortRef},
     reconcile::{self, Limits},

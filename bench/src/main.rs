@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use svc_lb::capacity::MapCapacity;
+use svc_lb::dataplane::capacity::MapCapacity;
 use svc_lb_bench::{
     b1::{self, B1Config},
     b2::{self, B2Config},

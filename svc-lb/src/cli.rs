@@ -129,7 +129,7 @@ pub struct RunArgs {
     pub views: ViewArgs,
 
     #[command(flatten)]
-    pub capacity: crate::capacity::CapacityArgs,
+    pub capacity: crate::dataplane::capacity::CapacityArgs,
 }
 
 impl RunArgs {

@@ -1,6 +1,5 @@
 //! svc-lb agent: turns Kubernetes Services and endpoints into the eBPF dataplane's maps.
 
-pub mod capacity;
 pub mod cli;
 pub mod dataplane;
 pub mod debug;

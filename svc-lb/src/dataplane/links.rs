@@ -4,17 +4,11 @@
 
 use std::{
     io,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
-use aya::{
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
-    },
-    sys::SyscallError,
-};
+use aya::programs::{SchedClassifier, TcAttachType, links::FdLink};
 use tracing::{info, warn};
 
 use super::{DataplaneError, sys};
@@ -25,69 +19,108 @@ pub fn link_pin_path(links_dir: &Path, iface: &str) -> PathBuf {
     links_dir.join(format!("{iface}{SUFFIX}"))
 }
 
-/// Attaches `prog` at TC ingress of `iface` with a pinned link. If a previous agent left a
-/// pinned link there, the program is swapped inside that link atomically (BPF_LINK_UPDATE), so
-/// no packet goes unprocessed; if that link is unusable (e.g. its interface was recreated), a
-/// new link is attached first and only then the old pin is removed.
+/// How [`replace_pinned`] takes over a link a previous agent pinned at the same path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Takeover {
+    /// Swap the program inside the previous link (BPF_LINK_UPDATE, no gap); if that link is
+    /// unusable (e.g. its interface was recreated), attach a new link first and only then remove
+    /// the old pin. TC: two TCX links may coexist on an interface for that moment.
+    UpdateElseNewFirst,
+    /// Swap in place; if that fails, remove the old link before attaching the new one. XDP: the
+    /// kernel refuses a second XDP link on an interface.
+    UpdateElseOldFirst,
+    /// Never in place: attach the new link, then remove the old one. Socket LB: the previous
+    /// link may be attached to another cgroup, which an update cannot change (for a moment both
+    /// run; the second sees a backend address, not a frontend, and does nothing).
+    NewFirst,
+}
+
+/// What [`replace_pinned`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Installed {
+    /// The program now runs inside the link that was already pinned.
+    Updated,
+    /// A new link was attached and pinned.
+    Attached,
+}
+
+/// The one way every pinned link (TC, XDP, socket LB) is installed: makes the link pinned at
+/// `pin` run `prog`, taking over a link a previous agent left there as `how` says; `attach`
+/// creates a new link when one is needed. `what` names the attachment in warnings.
+///
+/// A pinned link keeps its program attached after the agent exits (even kill -9); the pin is
+/// the only reference once our fd is closed.
+pub(crate) fn replace_pinned(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    how: Takeover,
+    what: &str,
+    attach: impl FnOnce() -> Result<FdLink, DataplaneError>,
+) -> Result<Installed, DataplaneError> {
+    if how != Takeover::NewFirst {
+        match sys::update_pinned_link(pin, prog) {
+            Ok(()) => return Ok(Installed::Updated),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(pin = %pin.display(), error = %e, "previous pinned link of {what} unusable, attaching a new one");
+                if how == Takeover::UpdateElseOldFirst {
+                    remove_pin(pin)?;
+                }
+            }
+        }
+    }
+    let fd_link = attach()?;
+    // The new link is attached (held by our fd) before the old pin goes away: no gap.
+    remove_pin(pin)?;
+    // Dropping the returned PinnedLink only closes our fd; the pin keeps the link attached.
+    fd_link.pin(pin).map_err(|source| DataplaneError::PinLink {
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    Ok(Installed::Attached)
+}
+
+/// Attaches `prog` at TC ingress of `iface` with a pinned link, taking over a previous agent's
+/// link atomically ([`Takeover::UpdateElseNewFirst`]).
 pub fn attach_pinned(
     prog: &mut SchedClassifier,
     iface: &str,
     links_dir: &Path,
 ) -> Result<(), DataplaneError> {
     let pin = link_pin_path(links_dir, iface);
-    match PinnedLink::from_pin(&pin) {
-        Ok(old) => match replace_in_link(prog, old) {
-            Ok(()) => {
-                info!(iface, pin = %pin.display(), "replaced program in existing pinned TC link");
-                return Ok(());
-            }
-            Err(e) => {
-                warn!(iface, error = %e, "previous pinned TC link unusable, attaching a new one")
-            }
-        },
-        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            warn!(iface, error = %e, "cannot open previous pinned TC link, attaching a new one")
-        }
-    }
-
-    let id = prog
-        .attach(iface, TcAttachType::Ingress)
-        .map_err(|source| DataplaneError::Attach {
-            iface: iface.to_string(),
-            source,
-        })?;
-    let link = prog
-        .take_link(id)
-        .map_err(|source| DataplaneError::Attach {
-            iface: iface.to_string(),
-            source,
-        })?;
-    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+    let attach_err = |source| DataplaneError::Attach {
         iface: iface.to_string(),
         source,
-    })?;
-    // The new link is attached (held by our fd) before the old pin goes away: no gap.
-    remove_pin(&pin)?;
-    // Dropping the returned PinnedLink only closes our fd; the pin keeps the link attached.
-    fd_link
-        .pin(&pin)
-        .map_err(|source| DataplaneError::PinLink {
-            path: pin.clone(),
-            source,
-        })?;
-    info!(iface, pin = %pin.display(), "attached svc_lb_tc_ingress at TC ingress (TCX, pinned)");
-    Ok(())
-}
-
-fn replace_in_link(prog: &mut SchedClassifier, old: PinnedLink) -> Result<(), String> {
-    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| e.to_string())?;
-    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
-    // The pin still refers to the same kernel link, now running the new program; forget our
-    // copy so dropping the program does not detach it.
-    let link = prog.take_link(id).map_err(|e| e.to_string())?;
-    drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+    };
+    // A second fd of the program: `attach` below borrows `prog` mutably.
+    let prog_fd = prog
+        .fd()
+        .and_then(|fd| Ok(fd.try_clone()?))
+        .map_err(attach_err)?;
+    let installed = replace_pinned(
+        &pin,
+        prog_fd.as_fd(),
+        Takeover::UpdateElseNewFirst,
+        &format!("TC ingress of {iface}"),
+        || {
+            let id = prog
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                iface: iface.to_string(),
+                source,
+            })
+        },
+    )?;
+    match installed {
+        Installed::Updated => {
+            info!(iface, pin = %pin.display(), "replaced program in existing pinned TC link");
+        }
+        Installed::Attached => {
+            info!(iface, pin = %pin.display(), "attached svc_lb_tc_ingress at TC ingress (TCX, pinned)");
+        }
+    }
     Ok(())
 }
 

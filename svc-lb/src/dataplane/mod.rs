@@ -7,6 +7,7 @@
 //! interfaces that disappear are removed.
 
 mod bpffs;
+pub mod capacity;
 mod error;
 mod links;
 mod logger;
@@ -27,7 +28,7 @@ use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use svc_lb_common::maps;
 use tracing::{debug, info};
 
-use crate::capacity::MapCapacity;
+use crate::dataplane::capacity::MapCapacity;
 
 pub use error::DataplaneError;
 pub use socklb::{SOCK_PROGS, check_cgroup};
@@ -87,7 +88,6 @@ pub struct Dataplane {
     _logger: Option<logger::LogForwarder>,
     pin_dir: PathBuf,
     ifaces: Vec<String>,
-    attached_at_start: Vec<String>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -201,7 +201,6 @@ impl Dataplane {
             _logger: logger,
             pin_dir: cfg.pin_dir.clone(),
             ifaces: cfg.ifaces.clone(),
-            attached_at_start: attached,
         })
     }
 
@@ -221,16 +220,6 @@ impl Dataplane {
             }
             None => socklb::detach(&links_dir),
         }
-    }
-
-    /// The `--iface` values (names and patterns) as configured.
-    pub fn ifaces(&self) -> &[String] {
-        &self.ifaces
-    }
-
-    /// The interfaces that matched when the dataplane was loaded.
-    pub fn attached_at_start(&self) -> &[String] {
-        &self.attached_at_start
     }
 }
 

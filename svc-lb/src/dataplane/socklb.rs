@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     io,
-    os::unix::ffi::OsStrExt as _,
+    os::{fd::AsFd as _, unix::ffi::OsStrExt as _},
     path::{Path, PathBuf},
 };
 
@@ -20,7 +20,10 @@ use aya::{
 };
 use tracing::info;
 
-use super::{DataplaneError, links};
+use super::{
+    DataplaneError,
+    links::{self, Takeover},
+};
 
 /// (program name in the object, hook name used in the pin name).
 pub const SOCK_PROGS: [(&str, &str); 4] = [
@@ -125,24 +128,28 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Da
             path: cgroup.to_path_buf(),
             source,
         };
-        // Links are always "multi" on a cgroup; bpf_link_create takes no mode flags.
-        let id = prog
-            .attach(&dir, CgroupAttachMode::Single)
+        let prog_fd = prog
+            .fd()
+            .and_then(|fd| Ok(fd.try_clone()?))
             .map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
-            iface: format!("cgroup {}", cgroup.display()),
-            source,
-        })?;
-        let pin = link_pin_path(links_dir, hook);
         // Ours runs before the predecessor's link is dropped: no connect goes unbalanced.
-        links::remove_pin(&pin)?;
-        fd_link
-            .pin(&pin)
-            .map_err(|source| DataplaneError::PinLink {
-                path: pin.clone(),
-                source,
-            })?;
+        links::replace_pinned(
+            &link_pin_path(links_dir, hook),
+            prog_fd.as_fd(),
+            Takeover::NewFirst,
+            &format!("socket LB {hook}"),
+            || {
+                // Links are always "multi" on a cgroup; bpf_link_create takes no mode flags.
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                    iface: format!("cgroup {}", cgroup.display()),
+                    source,
+                })
+            },
+        )?;
     }
     info!(
         cgroup = %cgroup.display(),

@@ -9,21 +9,17 @@
 //! must detach the old link before attaching the new one.
 
 use std::{
-    io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
-use aya::{
-    programs::{
-        Xdp,
-        links::{FdLink, LinkError, PinnedLink},
-        xdp::XdpLink,
-    },
-    sys::SyscallError,
-};
-use tracing::{info, warn};
+use aya::programs::{Xdp, links::FdLink};
+use tracing::info;
 
-use super::{DataplaneError, XDP_PROG, links};
+use super::{
+    DataplaneError, XDP_PROG,
+    links::{self, Installed, Takeover},
+};
 
 /// Where `svc_lb_xdp` runs on the selected interfaces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -78,7 +74,8 @@ fn pin_iface(name: &str) -> Option<&str> {
 
 /// Attaches `prog` (loaded) to `iface` in `mode` with a pinned link. A previous agent's link of
 /// the same mode gets the new program atomically (BPF_LINK_UPDATE, no gap); a link of the other
-/// mode is detached first, because the kernel allows only one XDP mode per interface.
+/// mode, or an unusable one (e.g. the interface was recreated), is detached first, because the
+/// kernel allows only one XDP link per interface.
 pub fn attach_pinned(
     prog: &mut Xdp,
     iface: &str,
@@ -92,57 +89,41 @@ pub fn attach_pinned(
         links::remove_pin(&pin_path(links_dir, iface, *other))?;
     }
     let pin = pin_path(links_dir, iface, mode);
-    match PinnedLink::from_pin(&pin) {
-        Ok(old) => match replace_in_link(prog, old) {
-            Ok(()) => {
-                info!(iface, mode = %mode, pin = %pin.display(), "replaced program in existing pinned XDP link");
-                return Ok(());
-            }
-            Err(e) => {
-                // E.g. the interface was recreated: the old link is dead. Detach it first,
-                // the kernel would refuse a second XDP link on a live interface anyway.
-                warn!(iface, error = %e, "previous pinned XDP link unusable, attaching a new one");
-                links::remove_pin(&pin)?;
-            }
-        },
-        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            warn!(iface, error = %e, "cannot open previous pinned XDP link, attaching a new one");
-            links::remove_pin(&pin)?;
-        }
-    }
-
     let attach_err = |source| DataplaneError::XdpAttach {
         iface: iface.to_string(),
         mode,
         source,
     };
-    let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
-    let link = prog.take_link(id).map_err(attach_err)?;
-    // aya falls back to a netlink attach when bpf_link_create fails with EINVAL (old
-    // kernels); such an attachment has no link object to pin, so it would vanish with the agent.
-    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::XdpLink {
-        iface: iface.to_string(),
-        source,
-    })?;
-    fd_link
-        .pin(&pin)
-        .map_err(|source| DataplaneError::PinLink {
-            path: pin.clone(),
-            source,
-        })?;
-    info!(iface, mode = %mode, pin = %pin.display(), "attached svc_lb_xdp (pinned XDP link)");
-    Ok(())
-}
-
-fn replace_in_link(prog: &mut Xdp, old: PinnedLink) -> Result<(), String> {
-    let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| e.to_string())?;
-    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
-    // The pin keeps referring to the updated kernel link; drop only our fd so unloading the
-    // program object does not detach it.
-    let link = prog.take_link(id).map_err(|e| e.to_string())?;
-    drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+    // A second fd of the program: `attach` below borrows `prog` mutably.
+    let prog_fd = prog
+        .fd()
+        .and_then(|fd| Ok(fd.try_clone()?))
+        .map_err(attach_err)?;
+    let installed = links::replace_pinned(
+        &pin,
+        prog_fd.as_fd(),
+        Takeover::UpdateElseOldFirst,
+        &format!("XDP ({mode}) on {iface}"),
+        || {
+            let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // aya falls back to a netlink attach when bpf_link_create fails with EINVAL (old
+            // kernels); such an attachment has no link object to pin, so it would vanish with
+            // the agent.
+            FdLink::try_from(link).map_err(|source| DataplaneError::XdpLink {
+                iface: iface.to_string(),
+                source,
+            })
+        },
+    )?;
+    match installed {
+        Installed::Updated => {
+            info!(iface, mode = %mode, pin = %pin.display(), "replaced program in existing pinned XDP link");
+        }
+        Installed::Attached => {
+            info!(iface, mode = %mode, pin = %pin.display(), "attached svc_lb_xdp (pinned XDP link)");
+        }
+    }
     Ok(())
 }
 

@@ -299,8 +299,8 @@ fn monotonic_now_ns() -> u64 {
 impl LbStats for BpfLbMaps {
     /// Read from the pins at each call (a few syscalls): views call it once per render.
     /// Unreadable pins fall back to the defaults; the entry counts next to them stay right.
-    fn capacity(&self) -> crate::capacity::MapCapacity {
-        crate::capacity::MapCapacity::from_pins(self.pin_dir()).unwrap_or_default()
+    fn capacity(&self) -> crate::dataplane::capacity::MapCapacity {
+        crate::dataplane::capacity::MapCapacity::from_pins(self.pin_dir()).unwrap_or_default()
     }
 
     fn svc_counter(&self, rev_nat_id: RevNatId) -> Result<Counter, MapsError> {

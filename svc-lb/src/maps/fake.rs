@@ -18,7 +18,7 @@ pub struct FakeLbMaps {
     pub global: Vec<u64>,
     pub ct: Vec<(CtKeyV4, CtEntry)>,
     pub affinity: Vec<(AffinityKeyV4, AffinityEntry)>,
-    pub capacity: crate::capacity::MapCapacity,
+    pub capacity: crate::dataplane::capacity::MapCapacity,
     /// The monotonic clock `flows` reports.
     pub now_ns: u64,
     /// Every op applied successfully, in order.
@@ -77,7 +77,7 @@ impl LbMaps for FakeLbMaps {
 }
 
 impl LbStats for FakeLbMaps {
-    fn capacity(&self) -> crate::capacity::MapCapacity {
+    fn capacity(&self) -> crate::dataplane::capacity::MapCapacity {
         self.capacity
     }
 

@@ -185,5 +185,5 @@ pub trait LbStats {
     fn conntrack(&self) -> Result<Vec<(CtKeyV4, CtEntry)>, MapsError>;
     /// The sizes of the maps in use (set by `--max-*` when they were created, so not
     /// necessarily the defaults).
-    fn capacity(&self) -> crate::capacity::MapCapacity;
+    fn capacity(&self) -> crate::dataplane::capacity::MapCapacity;
 }

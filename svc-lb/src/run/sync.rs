@@ -63,7 +63,7 @@ impl MapSync {
         telemetry: Telemetry,
     ) -> Self {
         // The limits follow the pinned maps' real sizes (an adopted map keeps its size).
-        let limits = crate::capacity::pinned_limits(
+        let limits = crate::dataplane::capacity::pinned_limits(
             maps.pin_dir(),
             Limits {
                 default_algorithm: args.lb_algorithm,

@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn capacity_follows_the_maps_in_use() {
         let mut m = maps();
-        m.capacity = crate::capacity::MapCapacity {
+        m.capacity = crate::dataplane::capacity::MapCapacity {
             max_services: 131_072,
             max_backends: 1_048_576,
             max_conntrack: 1_000,
