@@ -25,14 +25,14 @@ pub(crate) enum Takeover {
     /// Swap the program inside the previous link (BPF_LINK_UPDATE, no gap); if that link is
     /// unusable (e.g. its interface was recreated), attach a new link first and only then remove
     /// the old pin. TC: two TCX links may coexist on an interface for that moment.
-    UpdateElseNewFirst,
+    SwapOrAttachThenDetach,
     /// Swap in place; if that fails, remove the old link before attaching the new one. XDP: the
     /// kernel refuses a second XDP link on an interface.
-    UpdateElseOldFirst,
+    SwapOrDetachThenAttach,
     /// Never in place: attach the new link, then remove the old one. Socket LB: the previous
     /// link may be attached to another cgroup, which an update cannot change (for a moment both
     /// run; the second sees a backend address, not a frontend, and does nothing).
-    NewFirst,
+    AttachThenDetach,
 }
 
 /// What [`replace_pinned`] did.
@@ -57,13 +57,13 @@ pub(crate) fn replace_pinned(
     what: &str,
     attach: impl FnOnce() -> Result<FdLink, DataplaneError>,
 ) -> Result<Installed, DataplaneError> {
-    if how != Takeover::NewFirst {
+    if how != Takeover::AttachThenDetach {
         match sys::update_pinned_link(pin, prog) {
             Ok(()) => return Ok(Installed::Updated),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 warn!(pin = %pin.display(), error = %e, "previous pinned link of {what} unusable, attaching a new one");
-                if how == Takeover::UpdateElseOldFirst {
+                if how == Takeover::SwapOrDetachThenAttach {
                     remove_pin(pin)?;
                 }
             }
@@ -81,7 +81,7 @@ pub(crate) fn replace_pinned(
 }
 
 /// Attaches `prog` at TC ingress of `iface` with a pinned link, taking over a previous agent's
-/// link atomically ([`Takeover::UpdateElseNewFirst`]).
+/// link atomically ([`Takeover::SwapOrAttachThenDetach`]).
 pub fn attach_pinned(
     prog: &mut SchedClassifier,
     iface: &str,
@@ -100,7 +100,7 @@ pub fn attach_pinned(
     let installed = replace_pinned(
         &pin,
         prog_fd.as_fd(),
-        Takeover::UpdateElseNewFirst,
+        Takeover::SwapOrAttachThenDetach,
         &format!("TC ingress of {iface}"),
         || {
             let id = prog

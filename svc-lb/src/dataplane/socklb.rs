@@ -136,7 +136,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Da
         links::replace_pinned(
             &link_pin_path(links_dir, hook),
             prog_fd.as_fd(),
-            Takeover::NewFirst,
+            Takeover::AttachThenDetach,
             &format!("socket LB {hook}"),
             || {
                 // Links are always "multi" on a cgroup; bpf_link_create takes no mode flags.

@@ -102,7 +102,7 @@ pub fn attach_pinned(
     let installed = links::replace_pinned(
         &pin,
         prog_fd.as_fd(),
-        Takeover::UpdateElseOldFirst,
+        Takeover::SwapOrDetachThenAttach,
         &format!("XDP ({mode}) on {iface}"),
         || {
             let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
