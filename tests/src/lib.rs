@@ -57,7 +57,9 @@ pub fn bin_path(name: &str, env: &str) -> PathBuf {
 
 /// Mounts bpffs on /sys/fs/bpf once per process if it is not mounted yet. Doing it here, before
 /// any agent starts, avoids parallel agents racing to mount it (which would stack two mounts and
-/// hide one agent's pins).
+/// hide one agent's pins). Under `cargo xtask test` the tests run in a private mount namespace
+/// where /sys/fs/bpf starts unmounted (a fresh machine), so the first test binary mounts it
+/// there and it vanishes with the run.
 pub fn ensure_bpffs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -70,6 +72,7 @@ pub fn ensure_bpffs() {
             .expect("run mount");
         assert!(st.success(), "mount -t bpf bpf /sys/fs/bpf failed: {st}");
         assert!(bpffs_mounted(), "bpffs still not mounted on /sys/fs/bpf");
+        eprintln!("svc-lb-tests: mounted bpffs on /sys/fs/bpf");
     });
 }
 

@@ -2,7 +2,9 @@
 //! after a failed build), and the exit status is non-zero if any step failed.
 
 use std::{
-    fs,
+    ffi::CStr,
+    fs, io,
+    os::unix::process::CommandExt,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -25,12 +27,25 @@ const PACKAGES: &[&str] = &[
     "xtask",
 ];
 
-/// The whole test run takes well under a minute; this only catches a hang.
+/// Unit tests: no root, no BPF, no bpffs needed (those belong in `svc-lb-tests`).
+const UNIT_PACKAGES: &[&str] = &["svc-lb-common", "svc-lb", "svc-lb-bench", "xtask"];
+
+/// Where bpffs is mounted on a node (and where the tests and the agent mount it when missing).
+const BPFFS: &CStr = c"/sys/fs/bpf";
+
+/// Each test run takes a few minutes at most; this only catches a hang.
 const TEST_LIMIT: Duration = Duration::from_secs(600);
 
 pub fn test() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "cargo xtask test needs root: it installs packages, and runs the tests in a private \
+             mount namespace (the privileged ones load BPF and create network namespaces)"
+        );
+    }
     let started = Instant::now();
-    let mut steps = Steps::new(7);
+    let mut steps = Steps::new(8);
     if let Err(e) = setup::run_setup(&mut steps) {
         steps.summary(started);
         return Err(e.context("setup failed"));
@@ -57,31 +72,61 @@ pub fn test() -> Result<()> {
         )
     });
     if built.is_ok() {
-        let _ = steps.step("cargo test (unit, program, e2e)", || {
-            let mut cmd = run::cargo();
-            cmd.arg("test");
-            for p in [
-                "svc-lb-common",
-                "svc-lb",
-                "svc-lb-tests",
-                "svc-lb-bench",
-                "xtask",
-            ] {
+        let _ = steps.step("cargo test (unit; no capabilities, no bpffs)", || {
+            let mut cmd = Command::new("setpriv");
+            // Root without any capability (an empty bounding set takes root's implicit ones
+            // away at exec): a unit test that needs root, BPF or a mount fails here instead of
+            // passing only where CI happens to be root.
+            cmd.args([
+                "--bounding-set=-all",
+                "--inh-caps=-all",
+                "--no-new-privs",
+                "--",
+            ]);
+            cmd.arg(run::cargo().get_program()).arg("test");
+            for p in UNIT_PACKAGES {
                 cmd.args(["-p", p]);
             }
-            // CI mode: privileged tests must fail, never skip, when they cannot run.
+            in_fresh_mount_ns(&mut cmd);
+            let res = run::run_with_limit("cargo test (unit)", &mut cmd, Some(TEST_LIMIT));
+            match res? {
+                st if st.success() => Ok(()),
+                st => bail!("cargo test (unit) failed ({st})"),
+            }
+        });
+        let _ = steps.step("cargo test (program, e2e; root, private mount ns)", || {
+            let mut cmd = run::cargo();
+            cmd.args(["test", "-p", "svc-lb-tests"]);
+            // CI mode: privileged tests must fail, never skip, when they cannot run; and
+            // tests/tests/fresh_machine.rs checks that they run in the namespace below.
             cmd.env("SVC_LB_CI", "1");
+            // The host's side of the check: this process stays in the host's namespace.
+            cmd.env("SVC_LB_HOST_PID", std::process::id().to_string());
+            in_fresh_mount_ns(&mut cmd);
+            // Pins of the tests now live in the namespace's own bpffs and vanish with it, so
+            // reaping pins is moot for this run; this still reaps what older runs (or a
+            // developer's `cargo test -p svc-lb-tests` on the host) left in the host's bpffs,
+            // and network namespaces: `ip netns add` creates its /run/netns file on the shared
+            // /run, only the bind mount that holds the namespace stays private.
             reap_stale();
-            let res = run::run_with_limit("cargo test", &mut cmd, Some(TEST_LIMIT));
-            // A killed or crashed test binary cannot run its guards: remove what it left.
+            let res = run::run_with_limit("cargo test (program, e2e)", &mut cmd, Some(TEST_LIMIT));
+            // A killed or crashed test binary cannot run its guards: remove what it left (its
+            // pins went with the mount namespace).
             reap_stale();
             match res? {
                 st if st.success() => Ok(()),
-                st => bail!("cargo test failed ({st})"),
+                st => bail!("cargo test (program, e2e) failed ({st})"),
             }
         });
     } else {
-        steps.skip("cargo test (unit, program, e2e)", "build failed");
+        steps.skip(
+            "cargo test (unit; no capabilities, no bpffs)",
+            "build failed",
+        );
+        steps.skip(
+            "cargo test (program, e2e; root, private mount ns)",
+            "build failed",
+        );
     }
     steps.summary(started);
     if steps.failed() {
@@ -89,6 +134,53 @@ pub fn test() -> Result<()> {
     }
     println!("all steps passed");
     Ok(())
+}
+
+/// Makes `cmd` start in a new mount namespace of its own, private (nothing mounted there reaches
+/// the host and the other way round), in which /sys/fs/bpf is not mounted: the state of a fresh
+/// machine, whatever a developer's machine has mounted. Everything a test needs (bpffs, its pin
+/// directory) it must set up itself; a missing step fails here instead of passing on a machine
+/// where something mounted bpffs earlier. The cgroup mounts stay as the host has them, so the
+/// agent's cgroup2 discovery runs against the host's real layout. Needs root (CAP_SYS_ADMIN).
+fn in_fresh_mount_ns(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only makes system calls (no
+    // allocation, no locks): unshare(2), mount(2), umount2(2).
+    unsafe {
+        cmd.pre_exec(enter_fresh_mount_ns);
+    }
+}
+
+fn enter_fresh_mount_ns() -> io::Result<()> {
+    // SAFETY: plain system calls with NUL-terminated static strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = libc::MS_REC | libc::MS_PRIVATE;
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // bpffs may be stacked several times; EINVAL = nothing (more) is mounted there.
+        for _ in 0..64 {
+            if libc::umount2(BPFFS.as_ptr(), libc::MNT_DETACH) != 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EINVAL | libc::ENOENT) => Ok(()),
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+    Err(io::Error::other(
+        "/sys/fs/bpf: still mounted after 64 unmounts",
+    ))
 }
 
 /// The pid in a test resource name `slb<pid>-<n>[-...]` (see tests/src/netns.rs).

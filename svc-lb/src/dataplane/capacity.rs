@@ -263,67 +263,7 @@ mod tests {
         assert_eq!(c.per_cpu_stats_bytes(2), 16 * (1_048_576 + 131_072) * 2);
     }
 
-    /// Removes the pin directory (and with it the maps) when the test ends.
-    struct PinDir(std::path::PathBuf);
-
-    impl Drop for PinDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn load(dir: &Path, capacity: &MapCapacity) {
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(dir);
-        capacity.apply(&mut loader);
-        loader
-            .load(crate::dataplane::ebpf_object())
-            .expect("load the embedded eBPF object's maps");
-    }
-
-    /// Needs root and bpffs on /sys/fs/bpf, like the maps::bpf tests.
-    #[test]
-    fn maps_get_the_requested_sizes_and_adopted_pins_keep_theirs() {
-        let dir = PinDir(std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/svc-lb-unit-capacity-{}",
-            std::process::id()
-        )));
-        std::fs::create_dir_all(&dir.0).unwrap_or_else(|e| {
-            panic!(
-                "cannot create {} (needs root and bpffs: mount -t bpf bpf /sys/fs/bpf): {e}",
-                dir.0.display()
-            )
-        });
-        let small = MapCapacity {
-            max_services: 1_024,
-            max_backends: 4_096,
-            max_conntrack: 8_192,
-        };
-        assert!(small.warn_adopted(&dir.0).is_empty(), "nothing pinned yet");
-        load(&dir.0, &small);
-        assert_eq!(MapCapacity::from_pins(&dir.0).unwrap(), small);
-        let limits = pinned_limits(&dir.0, Limits::default());
-        assert_eq!(
-            (
-                limits.max_revnat,
-                limits.max_backends,
-                limits.max_service_entries
-            ),
-            (1_024, 4_096, 1_024 + 4_096)
-        );
-
-        // A second load asking for more adopts the pins: their sizes stay and are reported.
-        let bigger = MapCapacity {
-            max_backends: 8_192,
-            ..small
-        };
-        let differ = bigger.warn_adopted(&dir.0);
-        assert!(differ.contains(&(BACKENDS_MAP, 4_096, 8_192)), "{differ:?}");
-        assert!(differ.contains(&(BE_STATS_MAP, 4_096, 8_192)), "{differ:?}");
-        assert!(!differ.iter().any(|d| d.0 == CT_MAP), "{differ:?}");
-        load(&dir.0, &bigger);
-        assert_eq!(MapCapacity::from_pins(&dir.0).unwrap(), small);
-    }
+    // Sizes of real pinned maps (needs root and bpffs): tests/tests/prog_maps.rs.
 
     #[test]
     fn small_capacities_are_refused() {
