@@ -27,13 +27,28 @@ const PACKAGES: &[&str] = &[
     "xtask",
 ];
 
-/// Unit tests: no root, no BPF, no bpffs needed (those belong in `svc-lb-tests`).
-const UNIT_PACKAGES: &[&str] = &["svc-lb-common", "svc-lb", "svc-lb-bench", "xtask"];
+const UNIT_STEP: &str = "cargo test (unit; no capabilities, no bpffs)";
+const PRIVILEGED_STEP: &str = "cargo test (program, e2e; root, private mount ns)";
+
+/// `cargo test` selections of the unit tests: nothing in them may need root, BPF, bpffs or a
+/// namespace (those belong in `svc-lb-tests`, or below).
+const UNIT_TESTS: &[&[&str]] = &[
+    &["-p", "svc-lb-common", "-p", "svc-lb", "-p", "xtask"],
+    &["-p", "svc-lb-bench", "--lib", "--bins"],
+];
+
+/// `cargo test` selections of the privileged tests, run as root in the private mount namespace.
+const PRIVILEGED_TESTS: &[&[&str]] = &[
+    &["-p", "svc-lb-tests"],
+    // Loads the generated kube-proxy rules with the real tools in a network namespace.
+    &["-p", "svc-lb-bench", "--test", "rules_load"],
+];
 
 /// Where bpffs is mounted on a node (and where the tests and the agent mount it when missing).
 const BPFFS: &CStr = c"/sys/fs/bpf";
 
-/// Each test run takes a few minutes at most; this only catches a hang.
+/// Running one selection of tests (built already) takes a few minutes at most; this only
+/// catches a hang.
 const TEST_LIMIT: Duration = Duration::from_secs(600);
 
 pub fn test() -> Result<()> {
@@ -72,67 +87,82 @@ pub fn test() -> Result<()> {
         )
     });
     if built.is_ok() {
-        let _ = steps.step("cargo test (unit; no capabilities, no bpffs)", || {
-            let mut cmd = Command::new("setpriv");
-            // Root without any capability (an empty bounding set takes root's implicit ones
-            // away at exec): a unit test that needs root, BPF or a mount fails here instead of
-            // passing only where CI happens to be root.
-            cmd.args([
-                "--bounding-set=-all",
-                "--inh-caps=-all",
-                "--no-new-privs",
-                "--",
-            ]);
-            cmd.arg(run::cargo().get_program()).arg("test");
-            for p in UNIT_PACKAGES {
-                cmd.args(["-p", p]);
-            }
-            in_fresh_mount_ns(&mut cmd);
-            let res = run::run_with_limit("cargo test (unit)", &mut cmd, Some(TEST_LIMIT));
-            match res? {
-                st if st.success() => Ok(()),
-                st => bail!("cargo test (unit) failed ({st})"),
-            }
+        let _ = steps.step(UNIT_STEP, || {
+            run_tests("unit", UNIT_TESTS, |cargo_test| {
+                // Root without any capability (an empty bounding set takes root's implicit
+                // ones away at exec): a unit test that needs root, BPF or a mount fails here
+                // instead of passing only where CI happens to be root.
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    "--bounding-set=-all",
+                    "--inh-caps=-all",
+                    "--no-new-privs",
+                    "--",
+                ]);
+                cmd.arg(cargo_test.get_program())
+                    .args(cargo_test.get_args());
+                cmd
+            })
         });
-        let _ = steps.step("cargo test (program, e2e; root, private mount ns)", || {
-            let mut cmd = run::cargo();
-            cmd.args(["test", "-p", "svc-lb-tests"]);
-            // CI mode: privileged tests must fail, never skip, when they cannot run; and
-            // tests/tests/fresh_machine.rs checks that they run in the namespace below.
-            cmd.env("SVC_LB_CI", "1");
-            // The host's side of the check: this process stays in the host's namespace.
-            cmd.env("SVC_LB_HOST_PID", std::process::id().to_string());
-            in_fresh_mount_ns(&mut cmd);
-            // Pins of the tests now live in the namespace's own bpffs and vanish with it, so
+        let _ = steps.step(PRIVILEGED_STEP, || {
+            // Pins of the tests live in the namespace's own bpffs and vanish with it, so
             // reaping pins is moot for this run; this still reaps what older runs (or a
             // developer's `cargo test -p svc-lb-tests` on the host) left in the host's bpffs,
             // and network namespaces: `ip netns add` creates its /run/netns file on the shared
             // /run, only the bind mount that holds the namespace stays private.
             reap_stale();
-            let res = run::run_with_limit("cargo test (program, e2e)", &mut cmd, Some(TEST_LIMIT));
+            let res = run_tests("privileged", PRIVILEGED_TESTS, |mut cmd| {
+                // CI mode: privileged tests must fail, never skip, when they cannot run; and
+                // tests/tests/fresh_machine.rs checks that they run in a private namespace.
+                cmd.env("SVC_LB_CI", "1");
+                // The host's side of that check: this process stays in the host's namespace.
+                cmd.env("SVC_LB_HOST_PID", std::process::id().to_string());
+                cmd
+            });
             // A killed or crashed test binary cannot run its guards: remove what it left (its
             // pins went with the mount namespace).
             reap_stale();
-            match res? {
-                st if st.success() => Ok(()),
-                st => bail!("cargo test (program, e2e) failed ({st})"),
-            }
+            res
         });
     } else {
-        steps.skip(
-            "cargo test (unit; no capabilities, no bpffs)",
-            "build failed",
-        );
-        steps.skip(
-            "cargo test (program, e2e; root, private mount ns)",
-            "build failed",
-        );
+        steps.skip(UNIT_STEP, "build failed");
+        steps.skip(PRIVILEGED_STEP, "build failed");
     }
     steps.summary(started);
     if steps.failed() {
         bail!("some steps failed");
     }
     println!("all steps passed");
+    Ok(())
+}
+
+/// Builds, then runs, each selection of `sets` (`cargo test <set>`, wrapped by `wrap`) in a
+/// fresh private mount namespace ([`in_fresh_mount_ns`]). Only the run has [`TEST_LIMIT`]: on a
+/// busy machine compiling alone can take longer. Every set runs even after a failure.
+fn run_tests(what: &str, sets: &[&[&str]], wrap: impl Fn(Command) -> Command) -> Result<()> {
+    let mut failed = Vec::new();
+    for set in sets {
+        let mut build = run::cargo();
+        build.args(["test", "--no-run"]).args(*set);
+        if let Err(e) = run::run_ok("cargo test --no-run", &mut build) {
+            failed.push(format!("{}: {e:#}", set.join(" ")));
+            continue;
+        }
+        let mut test = run::cargo();
+        test.arg("test").args(*set);
+        let mut cmd = wrap(test);
+        in_fresh_mount_ns(&mut cmd);
+        let label = format!("cargo test {}", set.join(" "));
+        match run::run_with_limit(&label, &mut cmd, Some(TEST_LIMIT)) {
+            Ok(st) if st.success() => {}
+            Ok(st) => failed.push(format!("{} ({st})", set.join(" "))),
+            Err(e) => failed.push(format!("{}: {e:#}", set.join(" "))),
+        }
+        run::check_interrupted()?;
+    }
+    if !failed.is_empty() {
+        bail!("{what} tests failed: {}", failed.join("; "));
+    }
     Ok(())
 }
 
