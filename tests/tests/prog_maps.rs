@@ -1,4 +1,4 @@
-//! `svc_lb::maps::BpfLbMaps` and `svc_lb::capacity` against real kernel maps: the embedded
+//! `svc_lb::maps::BpfLbMaps` and `svc_lb::dataplane::capacity` against real kernel maps: the embedded
 //! object's maps are created and pinned in a bpffs directory of the test's own (see
 //! [`svc_lb_tests::prog::PinDir`]), then driven through the agent's API.
 //!
@@ -13,7 +13,7 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use svc_lb::{
-    capacity::{MapCapacity, pinned_limits},
+    dataplane::capacity::{MapCapacity, pinned_limits},
     error::MapsError,
     maps::{BpfLbMaps, LbMaps, LbStats, MapState, Op, Purge},
     model::{
