@@ -1,6 +1,7 @@
-//! Error types of the agent side: map access, interfaces and `svc-lb debug` (the run loop's
-//! `RunError` lives in `run.rs` next to the modules it wraps). One enum per area so callers can
-//! match on what went wrong; `main.rs` wraps them in anyhow.
+//! The bottom layer: [`chain`], which formats an error's cause chain for logs. Each area keeps
+//! its own error enum next to its code (one per area, so callers can match on what went
+//! wrong; `main.rs` wraps them in anyhow); the map and interface errors below wait to move to
+//! theirs (`maps/`, `netif`).
 
 use std::{error::Error as StdError, io, path::PathBuf};
 
@@ -69,23 +70,6 @@ pub enum NetifError {
 
     #[error("getifaddrs failed")]
     Getifaddrs(#[source] io::Error),
-}
-
-/// `svc-lb debug`.
-#[derive(Debug, Error)]
-pub enum DebugError {
-    #[error(transparent)]
-    Maps(#[from] MapsError),
-
-    #[error("cannot encode JSON")]
-    Json(#[from] serde_json::Error),
-
-    #[error("cannot read the monotonic clock")]
-    Clock(#[source] io::Error),
-
-    /// `debug env` and the other views (`crate::views`).
-    #[error(transparent)]
-    Views(#[from] crate::views::ViewsError),
 }
 
 /// "outer: inner: innermost", for log lines (tracing records one string, not a chain). A

@@ -2,9 +2,9 @@
 
 pub mod cli;
 pub mod dataplane;
-pub mod debug;
 pub mod error;
 pub mod healthcheck;
+pub mod inspect;
 pub mod k8s;
 pub mod maps;
 pub mod model;

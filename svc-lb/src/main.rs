@@ -35,8 +35,8 @@ fn print(out: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => svc_lb::run::run(&args).context("svc-lb run")?,
-        Command::Debug(cmd) => print(&svc_lb::debug::run(&cmd)?)?,
-        Command::Service(args) => print(&svc_lb::views::service(&args)?)?,
+        Command::Debug(cmd) => print(&svc_lb::inspect::debug::run(&cmd)?)?,
+        Command::Service(args) => print(&svc_lb::inspect::list::service(&args)?)?,
         Command::Uninstall(pin) => svc_lb::dataplane::uninstall(&pin.pin_dir)
             .with_context(|| format!("uninstalling from {}", pin.pin_dir.display()))?,
     }

@@ -8,10 +8,12 @@ use svc_lb_common::STAT_NAMES;
 
 use super::telemetry::{SYNC_BUCKETS, State};
 use crate::{
-    debug::{backend_rows, service_reports},
     error::MapsError,
+    inspect::{
+        list::split_name,
+        rows::{backend_rows, service_reports},
+    },
     maps::{LbMaps, LbStats},
-    views::list::split_name,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -223,7 +225,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        debug::tests::frontend,
+        inspect::fixtures::frontend,
         maps::FakeLbMaps,
         model::{DesiredState, FrontendKind, Proto},
         reconcile::{Limits, reconcile},

@@ -13,13 +13,13 @@ use std::{
 
 use serde::Serialize;
 
-use super::{
-    list::{self, split_name},
-    telemetry::State,
-};
+use super::telemetry::State;
 use crate::{
-    debug::{backend_rows, service_reports},
     error::MapsError,
+    inspect::{
+        list::{self, split_name},
+        rows::{backend_rows, service_reports},
+    },
     maps::{LbMaps, LbStats},
 };
 
@@ -243,7 +243,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        debug::tests::frontend,
+        inspect::fixtures::frontend,
         maps::FakeLbMaps,
         model::{DesiredState, FrontendKind, Proto},
         reconcile::{Limits, reconcile},

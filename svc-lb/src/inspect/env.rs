@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, path::Path};
 use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
-use super::ViewsError;
+use super::InspectError;
 use crate::{
     cli::{EnvArgs, OutputFormat},
     k8s::{manifest, namespace},
@@ -147,7 +147,7 @@ pub fn render(vars: &[EnvVar], format: OutputFormat) -> Result<String, serde_jso
 }
 
 /// Reads the Services (manifests or API server) and renders what a pod in the namespace gets.
-pub fn run(args: &EnvArgs) -> Result<String, ViewsError> {
+pub fn run(args: &EnvArgs) -> Result<String, InspectError> {
     let services = match &args.manifests {
         Some(dir) => load_services(dir)?,
         None => list_services(args.kubeconfig.as_deref(), args.context.as_deref())?,
@@ -161,23 +161,23 @@ pub fn run(args: &EnvArgs) -> Result<String, ViewsError> {
 fn list_services(
     kubeconfig: Option<&Path>,
     context: Option<&str>,
-) -> Result<Vec<Service>, ViewsError> {
+) -> Result<Vec<Service>, InspectError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(ViewsError::Runtime)?;
+        .map_err(InspectError::Runtime)?;
     rt.block_on(async {
         let (client, _) = crate::k8s::client::client(kubeconfig, context).await?;
         let list = kube::Api::<Service>::all(client)
             .list(&kube::api::ListParams::default())
             .await
-            .map_err(|e| ViewsError::Api(Box::new(e)))?;
+            .map_err(|e| InspectError::Api(Box::new(e)))?;
         Ok(list.items)
     })
 }
 
 /// Problems with single files are logged and the rest is used (like the agent does).
-fn load_services(dir: &Path) -> Result<Vec<Service>, ViewsError> {
+fn load_services(dir: &Path) -> Result<Vec<Service>, InspectError> {
     let (objects, errors) = manifest::load_dir(dir)?;
     for e in errors {
         tracing::warn!("manifest: {e}");

@@ -10,10 +10,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use svc_lb_common::{SCOPE_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT};
 
+use super::{InspectError, table::Table};
 use crate::{
-    cli::OutputFormat,
-    debug::Table,
-    maps::{MapState, dump},
+    cli::{OutputFormat, ServiceArgs, ServiceCommand},
+    maps::{BpfLbMaps, LbMaps as _, MapState, dump},
     model::Proto,
 };
 
@@ -146,6 +146,44 @@ pub fn render_urls(row: &ServiceRow) -> String {
     row.urls.iter().map(|u| format!("{}\n", u.url)).collect()
 }
 
+/// Runs `svc-lb service ...` and returns what to print.
+pub fn service(args: &ServiceArgs) -> Result<String, InspectError> {
+    match &args.command {
+        Some(ServiceCommand::List(l)) => {
+            let maps = BpfLbMaps::open(&l.common.pin.pin_dir)?;
+            let rows = rows(&maps.dump()?);
+            Ok(render(
+                &filter(rows, l.namespaces.namespace.as_deref()),
+                l.common.output,
+            )?)
+        }
+        None => {
+            let name = args.name.as_deref().ok_or(InspectError::NoName)?;
+            let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
+            let rows = rows(&maps.dump()?);
+            let namespace = args.namespace.as_str();
+            let row = rows
+                .into_iter()
+                .find(|r| r.namespace == namespace && r.name == name)
+                .ok_or_else(|| InspectError::NotFound {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                })?;
+            if args.url {
+                if row.urls.is_empty() {
+                    return Err(InspectError::NoNodePort {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                    });
+                }
+                return Ok(render_urls(&row));
+            }
+            let format = args.output;
+            Ok(render(std::slice::from_ref(&row), format)?)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,7 +195,7 @@ mod tests {
 
     /// A frontend of `svc` (`namespace/name:port`) with one backend.
     fn fe(ip: [u8; 4], port: u16, proto: Proto, kind: FrontendKind, svc: &str) -> Frontend {
-        crate::debug::tests::frontend(ip, port, proto, kind, svc, &[([10, 244, 1, 2], 80)])
+        crate::inspect::fixtures::frontend(ip, port, proto, kind, svc, &[([10, 244, 1, 2], 80)])
     }
 
     /// The test topology's Services plus a two-node, two-port NodePort and a LoadBalancer,
