@@ -1,6 +1,7 @@
 //! Kubernetes objects: reading them from manifests (standalone mode) or watching the API server
 //! (API mode), and the label-selector semantics the Service -> Pod mapping relies on.
 
+pub mod alloc;
 pub mod client;
 mod documents;
 pub mod manifest;
