@@ -129,10 +129,12 @@ impl ServiceCidr {
     /// without the network address, and for IPv4 without the broadcast address. None when the
     /// range has no such address (an IPv4 /31 or /32, an IPv6 /128).
     fn usable(&self) -> Option<(u128, u128)> {
-        let first = self.base() + 1;
+        // The prefix's last address; `base + size` itself may not fit (the top IPv6 prefix).
+        let end = self.base() + (self.size() - 1);
+        let first = self.base().checked_add(1)?;
         let last = match self.family() {
-            Family::V4 => (self.base() + self.size()).checked_sub(2)?,
-            Family::V6 => self.base() + self.size() - 1,
+            Family::V4 => end.checked_sub(1)?,
+            Family::V6 => end,
         };
         (first <= last).then_some((first, last))
     }
@@ -377,25 +379,33 @@ impl IpPool {
     }
 
     /// The first free address at or after `lo + seed % size`, wrapping within `lo..=hi`.
+    /// Costs the length of the run of taken addresses it starts in (a full band: every taken
+    /// address of the band), never the size of the band, which is up to 2^64 for IPv6.
     fn probe(&self, family: Family, lo: u128, hi: u128, seed: u64) -> Option<u128> {
         let size = hi - lo + 1;
-        let (lo_ip, hi_ip) = (from_u128(family, lo), from_u128(family, hi));
-        let used = self.taken.range(lo_ip..=hi_ip).count() as u128;
-        if used >= size {
-            return None;
-        }
         let start = lo + u128::from(seed) % size;
-        // Free addresses exist, so at most `used` probes fail.
-        let mut n = start;
-        loop {
-            if !self.taken.contains_key(&from_u128(family, n)) {
-                return Some(n);
+        self.first_free(family, start, hi).or_else(|| {
+            (start > lo)
+                .then(|| self.first_free(family, lo, start - 1))
+                .flatten()
+        })
+    }
+
+    /// The lowest free address in `from..=to`.
+    fn first_free(&self, family: Family, from: u128, to: u128) -> Option<u128> {
+        let mut next = from;
+        let taken = self
+            .taken
+            .range(from_u128(family, from)..=from_u128(family, to))
+            .map(|(ip, _)| to_u128(*ip));
+        for ip in taken {
+            if ip != next {
+                return Some(next);
             }
-            n = if n == hi { lo } else { n + 1 };
-            if n == start {
-                return None;
-            }
+            // The last address of the IPv6 space taken: nothing after it.
+            next = next.checked_add(1)?;
         }
+        (next <= to).then_some(next)
     }
 }
 
@@ -580,6 +590,21 @@ mod tests {
         assert_eq!(cidr("fd00:10:96::/64").reserved(a), None);
         let b = pool.allocate(Family::V6, u64::MAX, &key("b")).unwrap();
         assert_ne!(a, b, "probing moves past a taken address");
+    }
+
+    #[test]
+    fn probing_wraps_and_survives_the_end_of_the_ipv6_space() {
+        let r = cidr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120");
+        let mut pool = IpPool::new(&[r]);
+        let last = ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
+        assert_eq!(pool.claim(last, &key("a"), false), Claim::Granted);
+        // The upper band is ..ff11-..ffff; starting at its end (taken), probing wraps.
+        let (lo, hi) = r.dynamic_bands()[0];
+        let seed = u64::try_from(hi - lo).unwrap();
+        assert_eq!(
+            pool.allocate(Family::V6, seed, &key("b")),
+            Some(from_u128(Family::V6, lo))
+        );
     }
 
     #[test]

@@ -40,9 +40,10 @@ mod cluster_ip;
 mod defaults;
 mod node_port;
 mod record;
+mod standalone;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
     ops::RangeInclusive,
@@ -57,6 +58,7 @@ pub use self::{
         DEFAULT_STATE_DIR, RECORD_FILE, Record, RecordEntry, RecordError, RecordStore,
         RecordedExternal, RecordedNodePort,
     },
+    standalone::{StandaloneAllocator, Update},
 };
 use self::{
     cluster_ip::{Claim, IpPool},
@@ -233,6 +235,29 @@ pub struct Allocation {
     pub denied: BTreeSet<DeniedFrontend>,
     /// The record to save for the next run.
     pub record: Record,
+}
+
+impl Allocation {
+    /// Fills in where the Services named in problems (with a conflict, both of them) were read
+    /// from, for those without an origin yet: `locate` is asked once per such Service, so a
+    /// caller that does not keep locations (the manifest cache) finds only these.
+    pub fn locate(&mut self, locate: &mut impl FnMut(&ServiceKey) -> Option<Location>) {
+        let mut found: HashMap<ServiceKey, Option<Location>> = HashMap::new();
+        let mut fill = |r: &mut ObjectRef| {
+            if r.origin.is_none() {
+                r.origin = found
+                    .entry(r.key.clone())
+                    .or_insert_with(|| locate(&r.key))
+                    .clone();
+            }
+        };
+        for p in &mut self.problems {
+            fill(&mut p.object);
+            if let AllocError::Conflict { owner, .. } = &mut p.error {
+                fill(owner);
+            }
+        }
+    }
 }
 
 /// Everything about one Service while allocating.
@@ -485,7 +510,7 @@ pub fn allocate<'a>(
         record: Record::new(),
         ..Default::default()
     };
-    for w in works {
+    for mut w in works {
         let key = w.object.key.to_string();
         out.problems.extend(w.problems.iter().map(|e| Problem {
             object: w.object.clone(),
@@ -501,15 +526,16 @@ pub fn allocate<'a>(
                 });
             }
         }
-        let Some(norm) = &w.norm else {
+        let Some(norm) = w.norm.as_mut() else {
             // Refused for now: it keeps what it held until it is fixed or deleted.
             if let Some(entry) = w.recorded {
                 out.record.services.insert(key, entry.clone());
             }
             continue;
         };
-        out.record.services.insert(key, entry_of(&w));
-        let mut svc = norm.svc.clone();
+        let mut svc = std::mem::take(&mut norm.svc);
+        let entry = entry_of(&w, &svc);
+        out.record.services.insert(key, entry);
         write_back(&mut svc, &w);
         out.services.push(svc);
     }
@@ -1063,9 +1089,12 @@ fn allocate_dynamic(w: &mut Work<'_>, ips: &mut IpPool, ports: &mut PortPool) {
 }
 
 /// What `w` holds now, for the record.
-fn entry_of(w: &Work<'_>) -> RecordEntry {
-    let node_ports = w
-        .spec_ports()
+fn entry_of(w: &Work<'_>, svc: &Service) -> RecordEntry {
+    let node_ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default()
         .iter()
         .zip(&w.node_ports)
         .filter_map(|(p, np)| {

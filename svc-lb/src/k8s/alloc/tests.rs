@@ -944,3 +944,32 @@ fn origin_is_optional_and_list_items_are_named() {
         messages(&a)
     );
 }
+
+#[test]
+fn tens_of_thousands_of_services() {
+    // The manifest mode's scale (a 10 MB manifest of 32k Services): every Service gets a
+    // distinct address and node port range permitting, and a restart with the record keeps
+    // them all.
+    let svcs: Vec<Svc> = (0..32_000)
+        .map(|i| simple(&format!("s{i}"), "ports:\n- port: 80"))
+        .collect();
+    let refs: Vec<&Svc> = svcs.iter().collect();
+    let t0 = std::time::Instant::now();
+    let a = run0(&refs);
+    let fresh = t0.elapsed();
+    assert!(a.problems.is_empty(), "{:?}", &messages(&a)[..3]);
+    let ips: BTreeSet<IpAddr> = a
+        .record
+        .services
+        .values()
+        .flat_map(|e| e.cluster_ips.iter().copied())
+        .collect();
+    assert_eq!(ips.len(), 32_000);
+    let t0 = std::time::Instant::now();
+    let b = run(&refs, &a.record, &AllocConfig::default());
+    eprintln!(
+        "32k Services: {fresh:?} fresh, {:?} with the record",
+        t0.elapsed()
+    );
+    assert_eq!(b.record, a.record);
+}
