@@ -29,7 +29,7 @@ use svc_lb::{
     model::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbPolicy, Proto, ServicePortRef},
     reconcile::{self, Limits},
 };
-use svc_lb_common::{STAT_DNAT, maps};
+use svc_lb_common::{STAT_DNAT, TC_PASS_PROG, XDP_PASS_PROG, maps};
 use svc_lb_tests::packet::{self, TCP_ACK};
 
 use crate::{
@@ -37,9 +37,7 @@ use crate::{
     stats::median,
 };
 
-pub const TC_PASS_PROG: &str = "svc_lb_tc_pass";
 const MIB: f64 = 1024.0 * 1024.0;
-pub const XDP_PASS_PROG: &str = "svc_lb_xdp_pass";
 
 /// The measured frontend and its one backend, outside the synthetic ranges (a million pods
 /// from 10.244.0.2 reach into 11.3.x.x, so the backend is not in 10/8).

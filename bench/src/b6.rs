@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use svc_lb::dataplane::PINNED_MAPS;
+use svc_lb_common::ALL_MAPS;
 use svc_lb_common::{BackendV4, SCOPE_EXTERNAL, ServiceEntry, ServiceKeyV4, maps};
 use svc_lb_tests::{
     manifests::{Port, join, service},
@@ -182,7 +182,7 @@ pub(crate) fn programmed_backends(
 /// Kernel memory of every pinned map under `pins` (bpftool's `bytes_memlock`).
 pub(crate) fn map_memlock(pins: &Path) -> Result<u64> {
     let mut total = 0;
-    for name in PINNED_MAPS {
+    for name in ALL_MAPS {
         let out = Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
             .arg(pins.join(name))

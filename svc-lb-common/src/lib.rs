@@ -8,9 +8,11 @@ pub mod csum;
 pub mod flags;
 pub mod maglev;
 pub mod maps;
+pub mod programs;
 pub mod select;
 pub mod sock;
 
 pub use flags::*;
 pub use maps::*;
+pub use programs::*;
 pub use sock::*;

@@ -35,6 +35,30 @@ pub const AFFINITY_MAP: &str = "LB4_AFFINITY";
 /// data = IPv4 address, network order; value unused): their traffic to a traffic-policy-Local
 /// external frontend uses the frontend's `SCOPE_INTERNAL` slots (every ready endpoint).
 pub const LOCAL_SRC_MAP: &str = "LB4_LOCAL_SRC";
+/// LRU {socket cookie, backend address, backend port} → frontend it was rewritten from (socket
+/// LB, see `sock`).
+pub const SOCK_REVNAT_MAP: &str = "LB4_SOCK_REVNAT";
+
+/// Every map of the eBPF object, each pinned by name in the pin directory: the agent checks
+/// them after loading, `svc-lb uninstall` removes them, and a program test fails when the
+/// object's maps (`svc-lb-ebpf/src/maps.rs`, whose `#[map(name = ...)]` needs literals) and
+/// this list differ.
+pub const ALL_MAPS: [&str; 13] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REVNAT_MAP,
+    CT_MAP,
+    SVC_STATS_MAP,
+    BE_STATS_MAP,
+    STATS_MAP,
+    SVC_NAMES_MAP,
+    AFFINITY_MAP,
+    MAGLEV_MAP,
+    SRC_RANGES_MAP,
+    LOCAL_SRC_MAP,
+    SOCK_REVNAT_MAP,
+];
+
 /// Prefixes in `LB4_LOCAL_SRC`.
 pub const MAX_LOCAL_SRC: u32 = 1_024;
 

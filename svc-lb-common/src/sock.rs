@@ -4,8 +4,6 @@
 
 use crate::maps::RevNatId;
 
-/// LRU {socket cookie, backend address, backend port} -> frontend it was rewritten from.
-pub const SOCK_REVNAT_MAP: &str = "LB4_SOCK_REVNAT";
 /// Sockets remembered at once; LRU, so closed sockets age out without any cleanup.
 pub const MAX_SOCK_REVNAT: u32 = 262_144;
 

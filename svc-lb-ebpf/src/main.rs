@@ -1,4 +1,6 @@
-//! svc-lb datapath. Entry points only; the logic lives in the modules.
+//! svc-lb datapath. Entry points only; the logic lives in the modules. The function names are
+//! the program names the agent looks up: `svc_lb_common::programs` (checked against this object by
+//! `tests/tests/prog_contract.rs`).
 #![no_std]
 #![no_main]
 

@@ -1,5 +1,7 @@
 //! Map definitions. Every map is pinned by name so the agent (and a restarted agent, and
-//! `svc-lb debug`) shares them through `<pin_dir>/<NAME>`; names come from `svc_lb_common::maps`.
+//! `svc-lb debug`) shares them through `<pin_dir>/<NAME>`; names are
+//! `svc_lb_common::maps::ALL_MAPS` (`#[map(name)]` needs a literal: `tests/tests/prog_contract.rs`
+//! fails when the two differ).
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

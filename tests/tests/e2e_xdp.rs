@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use svc_lb_common::XDP_PROG;
 use svc_lb_tests::{
     agent::AgentGuard,
     bin_path, client, fixture,
@@ -69,7 +70,7 @@ fn assert_mode_everywhere(
         let (mode, id, name) =
             xdp_prog(&topo.node, &iface).unwrap_or_else(|| panic!("no XDP program on {iface}"));
         assert_eq!(mode, want_mode, "{iface}: not {mode_name} XDP");
-        assert_eq!(name, "svc_lb_xdp", "{iface}: wrong program");
+        assert_eq!(name, XDP_PROG, "{iface}: wrong program");
         ids.insert(iface, id);
     }
     let mut pins: Vec<String> = xdp_pins(pin_dir);
@@ -336,7 +337,7 @@ fn interface_created_after_start_gets_xdp_and_loses_its_pin_when_deleted() {
                 .flatten()
         },
     );
-    assert_eq!((mode, name.as_str()), (XDP_ATTACHED_SKB, "svc_lb_xdp"));
+    assert_eq!((mode, name.as_str()), (XDP_ATTACHED_SKB, XDP_PROG));
     assert!(
         xdp_prog(&topo.node, "xpeer1").is_none(),
         "peer must not match"

@@ -9,9 +9,8 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use svc_lb::dataplane::{
-    Dataplane, DataplaneConfig, LINKS_DIR, PINNED_MAPS, TC_INGRESS_PROG, uninstall,
-};
+use svc_lb::dataplane::{Dataplane, DataplaneConfig, LINKS_DIR, TC_INGRESS_PROG, uninstall};
+use svc_lb_common::ALL_MAPS;
 
 /// Runs `f` on a new thread inside a fresh network namespace (only that thread moves).
 fn in_netns(f: impl FnOnce() + Send + 'static) {
@@ -102,7 +101,7 @@ fn load_pins_maps_and_links_and_survives_the_loader() {
             ifaces: vec!["dpa0".into(), "dpa1".into()],
         };
         let dp = Dataplane::load(&cfg).expect("Dataplane::load");
-        for name in PINNED_MAPS {
+        for name in ALL_MAPS {
             assert!(dir.0.join(name).exists(), "map pin {name}");
         }
         for iface in ["dpa0", "dpa1"] {
@@ -220,7 +219,7 @@ fn load_mounts_bpffs_when_missing() {
     };
     drop(Dataplane::load(&cfg).expect("Dataplane::load without bpffs"));
     assert!(is_bpffs("/sys/fs/bpf"), "bpffs was not mounted");
-    for name in PINNED_MAPS {
+    for name in ALL_MAPS {
         assert!(dir.0.join(name).exists(), "map pin {name}");
     }
     uninstall(&dir.0).unwrap();

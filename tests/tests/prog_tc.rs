@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
-use svc_lb::dataplane::{PINNED_MAPS, TC_INGRESS_PROG};
-use svc_lb_common::RevNatId;
+use svc_lb::dataplane::TC_INGRESS_PROG;
+use svc_lb_common::{ALL_MAPS, RevNatId};
 use svc_lb_common::{
     AffinityEntry, AffinityKeyV4, BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_CLOSING, Counter, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP, MaglevTable, SCOPE_EXTERNAL,
@@ -146,7 +146,7 @@ fn tcp_dst(d: &Decoded) -> SocketAddrV4 {
 #[test]
 fn all_maps_are_created_and_pinned() {
     let h = Harness::new();
-    for name in PINNED_MAPS {
+    for name in ALL_MAPS {
         assert!(h.ebpf.map(name).is_some(), "map {name} missing from object");
         assert!(h.dir.0.join(name).exists(), "pin {name} missing");
     }

@@ -34,31 +34,12 @@ pub use error::DataplaneError;
 pub use socklb::{SOCK_PROGS, check_cgroup};
 pub use xdp::XdpMode;
 
-/// Name of the TC ingress program in the eBPF object.
-pub const TC_INGRESS_PROG: &str = "svc_lb_tc_ingress";
-/// Name of the optional XDP DNAT program (NodePort/ExternalIP/LoadBalancer frontends), attached
-/// only with `svc-lb run --xdp generic|native`: XDP cannot see CHECKSUM_PARTIAL packets from
-/// local veth peers and would corrupt their L4 checksums, so it is meant for interfaces whose
-/// frames come off the wire.
-pub const XDP_PROG: &str = "svc_lb_xdp";
+// The optional XDP DNAT program (`XDP_PROG`) is attached only with `svc-lb run --xdp
+// generic|native`: XDP cannot see CHECKSUM_PARTIAL packets from local veth peers and would
+// corrupt their L4 checksums, so it is meant for interfaces whose frames come off the wire.
+pub use svc_lb_common::programs::{TC_INGRESS_PROG, XDP_PROG};
 /// Sub-directory of the pin dir holding one pinned link per attached interface.
 pub const LINKS_DIR: &str = "links";
-
-/// Every map the object must create and pin; the agent and `svc-lb debug` open them by pin path.
-pub const PINNED_MAPS: [&str; 12] = [
-    maps::SERVICES_MAP,
-    maps::BACKENDS_MAP,
-    maps::REVNAT_MAP,
-    maps::CT_MAP,
-    maps::SVC_STATS_MAP,
-    maps::BE_STATS_MAP,
-    maps::STATS_MAP,
-    maps::SVC_NAMES_MAP,
-    maps::AFFINITY_MAP,
-    maps::MAGLEV_MAP,
-    maps::SRC_RANGES_MAP,
-    maps::LOCAL_SRC_MAP,
-];
 
 /// The object built from `svc-lb-ebpf` by build.rs. Aligned because aya parses it in place.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svc-lb"));
@@ -224,7 +205,7 @@ impl Dataplane {
 }
 
 /// Loads [`ebpf_object`] with `pin_dir` as the directory of its by-name pinned maps and checks
-/// that every map of [`PINNED_MAPS`] was created (the linker must not have dropped an unused one).
+/// that every map of [`maps::ALL_MAPS`] was created (the linker must not have dropped an unused one).
 fn load_object(pin_dir: &Path, capacity: &MapCapacity) -> Result<Ebpf, DataplaneError> {
     capacity.warn_adopted(pin_dir);
     let log_level = logger::kernel_level();
@@ -236,7 +217,7 @@ fn load_object(pin_dir: &Path, capacity: &MapCapacity) -> Result<Ebpf, Dataplane
     let ebpf = loader
         .load(ebpf_object())
         .map_err(|e| DataplaneError::Load(Box::new(e)))?;
-    for name in PINNED_MAPS {
+    for name in maps::ALL_MAPS {
         if ebpf.map(name).is_none() {
             return Err(DataplaneError::MissingMap(name));
         }

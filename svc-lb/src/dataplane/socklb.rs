@@ -18,6 +18,7 @@ use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
+use svc_lb_common::programs;
 use tracing::info;
 
 use super::{
@@ -27,10 +28,10 @@ use super::{
 
 /// (program name in the object, hook name used in the pin name).
 pub const SOCK_PROGS: [(&str, &str); 4] = [
-    ("svc_lb_sock_connect4", "connect4"),
-    ("svc_lb_sock_sendmsg4", "sendmsg4"),
-    ("svc_lb_sock_recvmsg4", "recvmsg4"),
-    ("svc_lb_sock_getpeername4", "getpeername4"),
+    (programs::SOCK_CONNECT4_PROG, "connect4"),
+    (programs::SOCK_SENDMSG4_PROG, "sendmsg4"),
+    (programs::SOCK_RECVMSG4_PROG, "recvmsg4"),
+    (programs::SOCK_GETPEERNAME4_PROG, "getpeername4"),
 ];
 
 /// Pin names of socket-LB links start with this (TC link pins end in `-tc-ingress`).

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use svc_lb_common::STAT_NAMES;
+use svc_lb_common::{BACKENDS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, STAT_NAMES, SVC_NAMES_MAP};
 
 use super::telemetry::{SYNC_BUCKETS, State};
 use crate::{
@@ -125,11 +125,11 @@ pub fn render(maps: &(impl LbMaps + LbStats), t: &State) -> Result<String, MapsE
     );
     let cap = maps.capacity();
     let maps_used = [
-        ("LB4_SERVICES", state.services.len(), cap.service_entries()),
-        ("LB4_BACKENDS", state.backends.len(), cap.max_backends),
-        ("LB4_REVNAT", state.revnat.len(), cap.max_services),
-        ("LB_SVC_NAMES", state.names.len(), cap.max_services),
-        ("LB4_CT", ct, cap.max_conntrack),
+        (SERVICES_MAP, state.services.len(), cap.service_entries()),
+        (BACKENDS_MAP, state.backends.len(), cap.max_backends),
+        (REVNAT_MAP, state.revnat.len(), cap.max_services),
+        (SVC_NAMES_MAP, state.names.len(), cap.max_services),
+        (CT_MAP, ct, cap.max_conntrack),
     ];
     for (m, n, _) in maps_used {
         o.sample("svc_lb_map_entries", &labels(&[("map", m)]), n);

@@ -12,6 +12,7 @@ use std::{
 };
 
 use serde::Serialize;
+use svc_lb_common::{BACKENDS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP};
 
 use super::telemetry::State;
 use crate::{
@@ -196,22 +197,22 @@ pub fn state(maps: &(impl LbMaps + LbStats), t: &State) -> Result<UiState, MapsE
         },
         maps: vec![
             MapUse {
-                name: "LB4_SERVICES",
+                name: SERVICES_MAP,
                 entries: dump.services.len(),
                 capacity: cap.service_entries(),
             },
             MapUse {
-                name: "LB4_BACKENDS",
+                name: BACKENDS_MAP,
                 entries: dump.backends.len(),
                 capacity: cap.max_backends,
             },
             MapUse {
-                name: "LB4_REVNAT",
+                name: REVNAT_MAP,
                 entries: dump.revnat.len(),
                 capacity: cap.max_services,
             },
             MapUse {
-                name: "LB4_CT",
+                name: CT_MAP,
                 entries: ct,
                 capacity: cap.max_conntrack,
             },
