@@ -91,8 +91,24 @@ pub struct RunArgs {
     pub cluster_cidrs: Vec<Ipv4Cidr>,
 
     /// Port range allowed for NodePorts, like the API server's --service-node-port-range.
+    /// Standalone mode allocates nodePort and healthCheckNodePort values from it.
     #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
     pub nodeport_range: PortRange,
+
+    /// Standalone mode: ClusterIP range of Services without spec.clusterIP, like the API
+    /// server's --service-cluster-ip-range (repeatable: an IPv4 and an IPv6 range make a
+    /// dual-stack cluster, the first is the primary family). See docs/allocation.md.
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = crate::k8s::alloc::DEFAULT_SERVICE_CIDR
+    )]
+    pub service_cidrs: Vec<crate::k8s::alloc::ServiceCidr>,
+
+    /// Standalone mode: directory of the state kept across restarts (allocations.json, which
+    /// Service holds which ClusterIP and node port). Not on bpffs.
+    #[arg(long, value_name = "DIR", default_value = crate::k8s::alloc::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 
     /// Backend selection of Services without a `svc-lb.io/lb-algorithm` annotation: `random`,
     /// or `maglev` (consistent hashing: a flow maps to the same backend on every node, and

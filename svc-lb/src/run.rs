@@ -39,7 +39,10 @@ use crate::{
     cli::RunArgs,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
     error::{MapsError, NetifError},
-    k8s::manifest::{Loader, Location, ManifestError, manifest_files},
+    k8s::{
+        alloc::{AllocConfig, RecordStore, StandaloneAllocator},
+        manifest::{Loader, Location, ManifestError, manifest_files},
+    },
     maps::BpfLbMaps,
     netif,
     reconcile::{self, Outcome},
@@ -457,6 +460,9 @@ struct Agent {
     sync: MapSync,
     cache: ManifestCache,
     manifest_log: Dedup,
+    /// ClusterIPs and node ports, as an API server would give them (issue 11).
+    alloc: StandaloneAllocator,
+    alloc_log: Dedup,
     /// When the last full reconcile ran (the periodic one repairs drift in the maps).
     last_full: Instant,
 }
@@ -509,7 +515,20 @@ impl Agent {
                 warn!("manifest: {m}");
             }
         }
-        self.sync.update(&loaded.objects);
+        let mut objects = loaded.objects;
+        if let Some(update) = self.alloc.update_from_dir(&objects.services) {
+            let mut msgs: Vec<String> = update.problems.iter().map(ToString::to_string).collect();
+            if let Some(e) = &update.save_error {
+                msgs.push(format!("{e} (retried on the next change)"));
+            }
+            if let Some(msgs) = self.alloc_log.changed(msgs) {
+                for m in msgs {
+                    warn!("allocation: {m}");
+                }
+            }
+        }
+        objects.services = self.alloc.current().services.clone();
+        self.sync.update(&objects);
     }
 
     /// A sync inside the loop: errors are logged (once per distinct error) and retried.
@@ -632,6 +651,21 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     info!(dir = %dir.display(), "watching manifests");
     let mut cache = ManifestCache::new(dir);
     let first = cache.load()?;
+    let alloc_cfg = AllocConfig {
+        service_cidrs: args.service_cidrs.clone(),
+        node_ports: args.nodeport_range.min..=args.nodeport_range.max,
+    };
+    let store = RecordStore::new(&args.state_dir);
+    let (alloc, record_err) = StandaloneAllocator::new(alloc_cfg, Some(store.clone()));
+    let alloc = alloc.reading(dir);
+    match record_err {
+        None => info!(
+            record = %store.path().display(),
+            services = alloc.record().services.len(),
+            "allocation record loaded"
+        ),
+        Some(e) => warn!("{e}; allocating afresh"),
+    }
     sync::release_free_memory();
     // Bound before the datapath is touched, so a taken address leaves the node as it was.
     let telemetry = crate::views::Telemetry::new();
@@ -647,6 +681,8 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
         sync: MapSync::new(maps, translate_cfg, args, telemetry),
         cache,
         manifest_log: Dedup::default(),
+        alloc,
+        alloc_log: Dedup::default(),
         last_full: Instant::now(),
     };
     agent.read(first);

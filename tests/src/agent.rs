@@ -72,6 +72,13 @@ impl<'t> AgentProcess<'t> {
         if !self.args.iter().any(|a| a == "--cgroup-path") {
             cmd.arg("--no-socket-lb");
         }
+        // Standalone mode keeps its allocation record in a state directory: one per test, never
+        // the machine's /var/lib/svc-lb.
+        if self.args.iter().any(|a| a == "--manifests")
+            && !self.args.iter().any(|a| a == "--state-dir")
+        {
+            cmd.arg("--state-dir").arg(self.topo.dir.join("state"));
+        }
         if let Some(filter) = &self.log_filter {
             cmd.env("RUST_LOG", filter);
         } else if std::env::var_os("RUST_LOG").is_none() {

@@ -571,6 +571,9 @@ impl NodeAgent {
             node.client_ip.to_string().into(),
             "--pin-dir".into(),
             pin_dir.clone().into(),
+            // Each node its own allocation record, as on separate machines.
+            "--state-dir".into(),
+            cluster.dir.join(format!("state-{}", node.name)).into(),
         ];
         for iface in &node.ifaces {
             args.extend(["--iface".into(), OsString::from(iface)]);

@@ -3,7 +3,11 @@
 //! Unchanged Services come out as the same `Arc`s as last time, so the incremental translator
 //! recognises them without comparing values.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -11,7 +15,7 @@ use super::{
     AllocConfig, Allocation, DeniedFrontend, Input, Problem, Record, RecordError, RecordStore,
     ServiceKey, allocate, load_record,
 };
-use crate::k8s::manifest::Location;
+use crate::k8s::manifest::{Loader, Location, manifest_files};
 
 /// What one [`StandaloneAllocator::update`] produced.
 #[derive(Debug, Default)]
@@ -36,6 +40,11 @@ pub struct StandaloneAllocator {
     last: Update,
     /// Last output by key, to hand out the same `Arc` for an unchanged result.
     last_by_key: HashMap<ServiceKey, Arc<Service>>,
+    /// The manifest directory, for [`Self::update_from_dir`].
+    dir: Option<PathBuf>,
+    /// Where each Service named in a problem was found, for that version of it (the `Arc`'s
+    /// address): a persisting problem does not re-read the directory on every change.
+    located: HashMap<ServiceKey, (usize, Option<Location>)>,
 }
 
 impl StandaloneAllocator {
@@ -54,12 +63,50 @@ impl StandaloneAllocator {
             last_input: Vec::new(),
             last: Update::default(),
             last_by_key: HashMap::new(),
+            dir: None,
+            located: HashMap::new(),
         };
         (alloc, err)
     }
 
+    /// Finds Services named in problems in the manifest directory `dir`.
+    pub fn reading(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// [`Self::update`], locating problems in the directory given to [`Self::reading`]: the
+    /// manifest cache does not keep where objects are (it would cost more memory than the
+    /// objects' names), so files are parsed again, once per version of a Service in a problem.
+    pub fn update_from_dir(&mut self, services: &[Arc<Service>]) -> Option<&Update> {
+        let dir = self.dir.clone();
+        let mut located = std::mem::take(&mut self.located);
+        let versions: HashMap<ServiceKey, usize> = services
+            .iter()
+            .map(|s| (ServiceKey::of(s), Arc::as_ptr(s) as usize))
+            .collect();
+        let mut still = HashMap::new();
+        let locate = |key: &ServiceKey| {
+            let version = versions.get(key).copied().unwrap_or(0);
+            let at = match located.remove(key) {
+                Some((v, at)) if v == version => at,
+                _ => dir.as_deref().and_then(|d| locate_in_dir(d, key)),
+            };
+            still.insert(key.clone(), (version, at.clone()));
+            at
+        };
+        let ran = self.update(services, locate).is_some();
+        self.located = if ran { still } else { located };
+        ran.then_some(&self.last)
+    }
+
     pub fn record(&self) -> &Record {
         &self.record
+    }
+
+    /// The result of the last [`Self::update`] that ran.
+    pub fn current(&self) -> &Update {
+        &self.last
     }
 
     /// Allocates for `services` (all of them, as read). `locate` finds where a Service was
@@ -129,6 +176,19 @@ impl StandaloneAllocator {
     }
 }
 
+/// Where Service `key` is defined among the manifests of `dir` (file, document, line).
+pub fn locate_in_dir(dir: &Path, key: &ServiceKey) -> Option<Location> {
+    let wanted = ("Service", key.namespace.clone(), key.name.clone());
+    for file in manifest_files(dir).ok()? {
+        let mut loader = Loader::default();
+        loader.load_file(&file);
+        if let Some(at) = loader.seen.get(&wanted) {
+            return Some(at.clone());
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +225,43 @@ mod tests {
             second.services[1].spec.as_ref().unwrap().cluster_ip,
             b1.spec.as_ref().unwrap().cluster_ip
         );
+    }
+
+    #[test]
+    fn problems_name_the_file_document_and_line_found_in_the_directory() {
+        let dir = temp_dir("locate");
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: ok\nspec:\n  ports:\n  - port: \
+                    80\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: zzz-dup\nspec:\n  \
+                    clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
+        std::fs::write(dir.join("b.yaml"), text).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: owner\nspec:\n  clusterIP: \
+             10.96.0.10\n  ports:\n  - port: 80\n",
+        )
+        .unwrap();
+        let (alloc, _) = StandaloneAllocator::new(AllocConfig::default(), None);
+        let mut alloc = alloc.reading(&dir);
+        let (owner, ok, dup) = (
+            svc("owner", "  clusterIP: 10.96.0.10\n"),
+            svc("ok", ""),
+            svc("zzz-dup", "  clusterIP: 10.96.0.10\n"),
+        );
+        let out = alloc.update_from_dir(&[owner, ok, dup]).unwrap();
+        let d = dir.display();
+        assert_eq!(
+            out.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec![format!(
+                "{d}/b.yaml: document 2 (line 9): Service default/zzz-dup: spec.clusterIPs[0]: \
+                 10.96.0.10 is already used by Service default/owner ({d}/a.yaml: document 1 \
+                 (line 1)); no IPv4 ClusterIP frontends"
+            )]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
