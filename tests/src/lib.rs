@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod browser;
 pub mod client;
+pub mod container;
 pub mod kube_agent;
 pub mod kube_api;
 pub mod kube_objects;

@@ -48,7 +48,7 @@ pub fn launch(release: bool, args: &[OsString]) -> Result<()> {
 }
 
 /// `CARGO_TARGET_DIR` when set (cargo builds there), else the workspace's `target/`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
         PathBuf::from,

@@ -1,10 +1,11 @@
-//! Developer tasks for svc-lb: `cargo xtask setup | test | demo | bench | run | modules`.
+//! Developer tasks for svc-lb: `cargo xtask setup | test | demo | bench | run | modules | image`.
 //!
 //! Plain std process spawning on purpose: the tasks mostly run other tools (apt-get, rustup,
 //! cargo, ip, curl) and print what they do.
 
 mod bench;
 mod demo;
+mod image;
 mod launch;
 mod modgraph;
 mod run;
@@ -30,7 +31,6 @@ enum Task {
     Test,
     /// Setup, build, then run svc-lb between network namespaces and send it traffic.
     Demo,
-    /// Benchmarks next to kube-proxy's iptables/nftables rules (docs/benchmarks.md).
     /// Build svc-lb and run it as root with the arguments after `--`
     /// (`cargo xtask run -- run --manifests examples --iface eth0`).
     Run {
@@ -43,6 +43,15 @@ enum Task {
     },
     /// Print the import graph between svc-lb's top-level modules; fails on a cycle.
     Modules,
+    /// Build the container image (static musl binary, FROM scratch, with buildah) into
+    /// target/image/: an OCI archive and a `docker load`-able one.
+    Image {
+        /// Only build the static binary into target/image/context/ (the Containerfile's build
+        /// stage runs this).
+        #[arg(long)]
+        binary_only: bool,
+    },
+    /// Benchmarks next to kube-proxy's iptables/nftables rules (docs/benchmarks.md).
     Bench {
         /// Smaller scales, about 2 minutes.
         #[arg(long)]
@@ -59,6 +68,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::demo(),
         Task::Run { release, args } => launch::launch(release, &args),
         Task::Modules => modules(),
+        Task::Image { binary_only } => image::image(binary_only),
         Task::Bench { quick } => bench::bench(quick),
     };
     match res {

@@ -6,12 +6,26 @@ use anyhow::{Result, bail};
 
 use crate::run::{self, Steps};
 
+/// apt packages bpf-linker needs (LLVM 22): enough to build svc-lb.
+const BUILD_APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+
 /// apt packages: LLVM 22 for bpf-linker, and the tools the tests and demo use.
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    // `cargo xtask image` (static musl build, buildah), which `cargo xtask test` runs, and the
+    // container end-to-end test (podman with runc: crun refuses hybrid cgroup hosts).
+    "musl-tools",
+    "buildah",
+    "podman",
+    "runc",
     "iproute2",
     "curl",
     "ethtool",
@@ -41,7 +55,18 @@ pub fn setup() -> Result<()> {
 
 /// The three setup steps, numbered within `steps` (callers may add their own steps after).
 pub fn run_setup(steps: &mut Steps) -> Result<()> {
-    steps.step("apt packages", || apt_install(APT_PACKAGES))?;
+    setup_steps(steps, APT_PACKAGES)
+}
+
+/// Setup for building only (`cargo xtask image`): bpf-linker's packages plus `extra`, without
+/// the test tools; then the toolchain and bpf-linker as in [`run_setup`].
+pub fn run_build_setup(steps: &mut Steps, extra: &[&str]) -> Result<()> {
+    let packages: Vec<&str> = BUILD_APT_PACKAGES.iter().chain(extra).copied().collect();
+    setup_steps(steps, &packages)
+}
+
+fn setup_steps(steps: &mut Steps, packages: &[&str]) -> Result<()> {
+    steps.step("apt packages", || apt_install(packages))?;
     steps.step(
         &format!("rust toolchain {EBPF_TOOLCHAIN} + rust-src"),
         toolchain,
@@ -146,5 +171,18 @@ fn bpf_linker() -> Result<()> {
             Ok(())
         }
         None => bail!("bpf-linker still not runnable (is ~/.cargo/bin on PATH?)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo xtask test` runs setup, then builds the image without the build-only setup.
+    #[test]
+    fn full_setup_has_the_build_packages() {
+        for p in BUILD_APT_PACKAGES.iter().chain(crate::image::APT_PACKAGES) {
+            assert!(APT_PACKAGES.contains(p), "{p} missing from APT_PACKAGES");
+        }
     }
 }
