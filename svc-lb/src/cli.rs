@@ -251,6 +251,19 @@ pub enum DebugCommand {
     /// {NAME}_SERVICE_HOST, {NAME}_SERVICE_PORT, {NAME}_PORT_6379_TCP_ADDR, ... exactly as
     /// kubelet builds them, from the Services of a manifest directory or the API server.
     Env(EnvArgs),
+    /// kube-proxy's leftovers on this node (iptables-legacy and iptables-nft chains, the
+    /// nftables `kube-proxy` tables, IPVS virtual servers), each with its cleanup command.
+    ///
+    /// The agent warns about them at start. Reads the current network namespace's netfilter
+    /// state (needs CAP_NET_ADMIN); changes nothing.
+    KubeProxy(KubeProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KubeProxyArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]

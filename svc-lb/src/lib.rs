@@ -6,6 +6,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod inspect;
 pub mod k8s;
+pub mod kube_proxy;
 pub mod maps;
 pub mod model;
 pub mod netif;

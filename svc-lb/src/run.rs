@@ -601,6 +601,8 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
+    // A node moving from kube-proxy: its stale rules would still act on Service traffic.
+    crate::kube_proxy::warn_leftovers();
     match &args.manifests {
         Some(dir) => rt.block_on(run_async(args, dir)),
         None => rt.block_on(api::run(args)),

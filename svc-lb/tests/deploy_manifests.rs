@@ -1,11 +1,14 @@
-//! deploy/: every manifest parses into its k8s-openapi type without unknown fields, the
-//! ClusterRole grants exactly what the agent calls (svc_lb::k8s::watch::API_ACCESS x
-//! READ_VERBS), and the DaemonSet's arguments, probes, identity and node name fit the agent.
+//! deploy/: every manifest parses into its k8s-openapi type without unknown fields (also as
+//! `kubectl kustomize deploy/` renders them), the ClusterRole grants exactly what the agent
+//! calls (svc_lb::k8s::watch::API_ACCESS x READ_VERBS), and the DaemonSet's image, arguments,
+//! mounts, probes, identity and node name fit the agent and the image `cargo xtask image`
+//! builds.
 
 use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use clap::Parser as _;
@@ -63,21 +66,28 @@ fn load() -> Deploy {
         }
         d.files.push(name.clone());
         let text = fs::read_to_string(&path).unwrap();
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let at = format!("deploy/{name} document {}", i + 1);
+        d.add_documents(&text, &format!("deploy/{name}"));
+    }
+    d
+}
+
+impl Deploy {
+    /// Parses every document of `text` as its kind (`at` names the source in failures).
+    fn add_documents(&mut self, text: &str, at: &str) {
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let at = format!("{at} document {}", i + 1);
             let doc: serde_yaml::Value =
                 serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{at}: {e}"));
             let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
-                "DaemonSet" => d.daemonsets.push(typed(doc, &at)),
-                "ServiceAccount" => d.service_accounts.push(typed(doc, &at)),
-                "ClusterRole" => d.roles.push(typed(doc, &at)),
-                "ClusterRoleBinding" => d.bindings.push(typed(doc, &at)),
+                "DaemonSet" => self.daemonsets.push(typed(doc, &at)),
+                "ServiceAccount" => self.service_accounts.push(typed(doc, &at)),
+                "ClusterRole" => self.roles.push(typed(doc, &at)),
+                "ClusterRoleBinding" => self.bindings.push(typed(doc, &at)),
                 other => panic!("{at}: unexpected kind {other:?}"),
             }
         }
     }
-    d
 }
 
 #[test]
@@ -199,8 +209,38 @@ fn daemonset_runs_the_agent_in_api_mode_with_probes_on_its_health_endpoint() {
         assert_eq!(get.host.as_deref(), Some(health.ip().to_string().as_str()));
     }
 
+    // Exactly what `cargo xtask image` builds and names (xtask/src/image.rs), run through the
+    // image's entrypoint (svc-lb) with these arguments.
+    assert_eq!(
+        c.image.as_deref(),
+        Some(format!("localhost/svc-lb:{}", env!("CARGO_PKG_VERSION")).as_str())
+    );
+    assert!(c.command.is_none(), "use the image's entrypoint");
+
+    // Why privileged (docs/kube-proxy-replacement.md, "Deploying"; tests/tests/e2e_container.rs
+    // runs the image with this security context).
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.privileged, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // The socket LB attaches to the host's cgroup v2 root, mounted where --cgroup-path points.
+    let cgroup = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == run.cgroup_path.to_string_lossy())
+        .unwrap_or_else(|| panic!("no mount at --cgroup-path {}", run.cgroup_path.display()));
+    assert_eq!(cgroup.read_only, Some(true));
+    let cg_vol = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == cgroup.name)
+        .expect("cgroup volume");
+    assert_eq!(
+        cg_vol.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup")
+    );
     let bpf = c
         .volume_mounts
         .iter()
@@ -232,4 +272,45 @@ fn kustomization_lists_every_manifest() {
         .map(|r| r.as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed, d.files.iter().cloned().collect());
+}
+
+/// `kubectl kustomize deploy/` renders exactly the documents of the files, each valid as its
+/// kind.
+#[test]
+fn kubectl_kustomize_builds_the_same_documents() {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("run kubectl (needed for this test): {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut built = Deploy::default();
+    built.add_documents(&String::from_utf8_lossy(&out.stdout), "kubectl kustomize deploy/");
+    let files = load();
+    let names = |d: &Deploy| {
+        let mut n: Vec<String> = d
+            .daemonsets
+            .iter()
+            .map(|x| format!("DaemonSet {:?}", x.metadata.name))
+            .chain(
+                d.service_accounts
+                    .iter()
+                    .map(|x| format!("ServiceAccount {:?}", x.metadata.name)),
+            )
+            .chain(d.roles.iter().map(|x| format!("ClusterRole {:?}", x.metadata.name)))
+            .chain(
+                d.bindings
+                    .iter()
+                    .map(|x| format!("ClusterRoleBinding {:?}", x.metadata.name)),
+            )
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&built), names(&files));
+    assert_eq!(built.daemonsets, files.daemonsets);
 }

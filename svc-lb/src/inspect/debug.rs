@@ -33,6 +33,14 @@ pub fn run(cmd: &DebugCommand) -> Result<String, InspectError> {
         DebugCommand::Stats(a) => stats(&open(a)?, a.output),
         // Reads manifests, not pins.
         DebugCommand::Env(a) => Ok(super::env::run(a)?),
+        // Reads the node's netfilter and IPVS state, not pins.
+        DebugCommand::KubeProxy(a) => {
+            let report = crate::kube_proxy::detect();
+            match a.output {
+                OutputFormat::Table => Ok(crate::kube_proxy::table(&report)),
+                OutputFormat::Json => Ok(super::json(&report)?),
+            }
+        }
     }
 }
 
