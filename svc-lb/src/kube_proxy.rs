@@ -286,10 +286,23 @@ fn family_name(f: u8) -> String {
     }
 }
 
+/// Whether nf_tables is in the running kernel without loading it: a loaded module shows in
+/// /sys/module; a kernel without module support (no /proc/modules) has it built in if at all;
+/// a modular kernel lists built-in modules in modules.builtin (absent in a container: then a
+/// built-in nf_tables without a /sys/module entry is missed, and the check says nothing).
+fn nf_tables_present() -> bool {
+    if Path::new("/sys/module/nf_tables").exists() || !Path::new("/proc/modules").exists() {
+        return true;
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
+        .is_ok_and(|b| b.lines().any(|l| l.ends_with("/nf_tables.ko")))
+}
+
 /// Every nf_tables chain of the namespace, `None` when nf_tables is not in the kernel (then
 /// there can be none, and asking would load the module).
 pub fn nft_chains() -> Result<Option<Vec<NftChain>>, KubeProxyError> {
-    if !Path::new("/sys/module/nf_tables").exists() {
+    if !nf_tables_present() {
         return Ok(None);
     }
     // SAFETY: plain socket(2); the fd is owned right away.

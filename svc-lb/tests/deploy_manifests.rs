@@ -289,7 +289,10 @@ fn kubectl_kustomize_builds_the_same_documents() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut built = Deploy::default();
-    built.add_documents(&String::from_utf8_lossy(&out.stdout), "kubectl kustomize deploy/");
+    built.add_documents(
+        &String::from_utf8_lossy(&out.stdout),
+        "kubectl kustomize deploy/",
+    );
     let files = load();
     let names = |d: &Deploy| {
         let mut n: Vec<String> = d
@@ -301,7 +304,11 @@ fn kubectl_kustomize_builds_the_same_documents() {
                     .iter()
                     .map(|x| format!("ServiceAccount {:?}", x.metadata.name)),
             )
-            .chain(d.roles.iter().map(|x| format!("ClusterRole {:?}", x.metadata.name)))
+            .chain(
+                d.roles
+                    .iter()
+                    .map(|x| format!("ClusterRole {:?}", x.metadata.name)),
+            )
             .chain(
                 d.bindings
                     .iter()
