@@ -41,8 +41,16 @@ const UNIT_TESTS: &[&[&str]] = &[
 /// `cargo test` selections of the privileged tests, run as root in the private mount namespace.
 const PRIVILEGED_TESTS: &[&[&str]] = &[
     &["-p", "svc-lb-tests"],
-    // Loads the generated kube-proxy rules with the real tools in a network namespace.
-    &["-p", "svc-lb-bench", "--test", "rules_load"],
+    // Loads the generated kube-proxy rules with the real tools in a network namespace; svc-lb
+    // finds them as kube-proxy's leftovers.
+    &[
+        "-p",
+        "svc-lb-bench",
+        "--test",
+        "rules_load",
+        "--test",
+        "kube_proxy_leftovers",
+    ],
 ];
 
 /// Where bpffs is mounted on a node (and where the tests and the agent mount it when missing).
@@ -61,7 +69,7 @@ pub fn test() -> Result<()> {
         );
     }
     let started = Instant::now();
-    let mut steps = Steps::new(8);
+    let mut steps = Steps::new(9);
     if let Err(e) = setup::run_setup(&mut steps) {
         steps.summary(started);
         return Err(e.context("setup failed"));
