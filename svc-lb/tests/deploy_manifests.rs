@@ -8,7 +8,6 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use clap::Parser as _;
@@ -278,7 +277,7 @@ fn kustomization_lists_every_manifest() {
 /// kind.
 #[test]
 fn kubectl_kustomize_builds_the_same_documents() {
-    let out = Command::new("kubectl")
+    let out = std::process::Command::new("kubectl")
         .arg("kustomize")
         .arg(deploy_dir())
         .output()
