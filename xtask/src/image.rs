@@ -92,17 +92,6 @@ pub fn image(binary_only: bool) -> Result<()> {
     res
 }
 
-/// Every image step in one, for `cargo xtask test` (which ran setup, with [`APT_PACKAGES`],
-/// before).
-pub fn build_all() -> Result<()> {
-    let target = target_dir();
-    musl_target()?;
-    build_static(&target)?;
-    stage_binary(&target)?;
-    build_image(&target)?;
-    report(&target)
-}
-
 /// The staged copy of the static binary: the build context of the Containerfile's last stage.
 fn context_dir(target: &Path) -> PathBuf {
     image_dir(target).join("context")

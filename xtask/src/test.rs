@@ -13,7 +13,6 @@ use std::{
 use anyhow::{Result, bail};
 
 use crate::{
-    image,
     run::{self, Steps},
     setup,
 };
@@ -69,7 +68,7 @@ pub fn test() -> Result<()> {
         );
     }
     let started = Instant::now();
-    let mut steps = Steps::new(9);
+    let mut steps = Steps::new(8);
     if let Err(e) = setup::run_setup(&mut steps) {
         steps.summary(started);
         return Err(e.context("setup failed"));
@@ -95,12 +94,6 @@ pub fn test() -> Result<()> {
             run::cargo().args(["build", "-p", "svc-lb", "-p", "svc-lb-tests", "--bins"]),
         )
     });
-    // The container end-to-end test runs this image; when it cannot be built that test fails
-    // and says why, the others still run.
-    let _ = steps.step(
-        "cargo xtask image (static build, buildah)",
-        image::build_all,
-    );
     if built.is_ok() {
         let _ = steps.step(UNIT_STEP, || {
             run_tests("unit", UNIT_TESTS, |cargo_test| {
