@@ -47,8 +47,24 @@ pub enum Command {
     /// `svc-lb service list` prints one line per Service; `svc-lb service NAME --url` only the
     /// URLs of one. Reads the pinned maps only.
     Service(ServiceArgs),
-    /// Detach the programs and remove every pin under the pin directory.
-    Uninstall(PinArgs),
+    /// Detach the programs, remove what svc-lb pinned and restore the sysctls it changed.
+    ///
+    /// Removes only svc-lb's own map and link pins inside a bpffs pin directory; refuses
+    /// (removing nothing) a path that is not on bpffs, a symlink, or a directory holding
+    /// anything else, and refuses while an agent runs on the pin directory unless --force.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Uninstall even while an agent runs on the pin directory. That agent notices and
+    /// re-creates the datapath at its next check (or exits, with --on-datapath-loss exit):
+    /// stop it first to keep the node without svc-lb.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub pin: PinArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +149,14 @@ pub struct RunArgs {
     /// previous agent attached. See docs/kube-proxy-replacement.md for which mode to use.
     #[arg(long, default_value = "off", value_name = "MODE")]
     pub xdp: crate::dataplane::XdpMode,
+
+    /// What to do when the datapath is removed under the running agent (pins deleted, links
+    /// detached, e.g. by `svc-lb uninstall --force` or bpftool), checked at every resync and
+    /// after interface changes: `repair` re-pins the maps (keeping conntrack), re-attaches the
+    /// links and re-applies the sysctls, with a warning; `exit` exits non-zero so the
+    /// DaemonSet restarts the agent.
+    #[arg(long, default_value = "repair", value_name = "ACTION")]
+    pub on_datapath_loss: crate::dataplane::OnDatapathLoss,
 
     #[command(flatten)]
     pub pin: PinArgs,
@@ -264,6 +288,19 @@ pub struct KubeProxyArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+}
+
+impl DebugCommand {
+    /// The pin directory the command reads (`None` for `env`, which reads manifests).
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            DebugCommand::Services(a) => Some(&a.common.pin.pin_dir),
+            DebugCommand::Backends(a) | DebugCommand::Conntrack(a) | DebugCommand::Stats(a) => {
+                Some(&a.pin.pin_dir)
+            }
+            DebugCommand::Env(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -32,13 +32,36 @@ fn print(out: &str) -> Result<()> {
     }
 }
 
+/// Tells on stderr (stdout may be JSON) whether an agent is running on `pin_dir`: without one,
+/// the maps show what the last agent programmed and nothing keeps them up to date.
+fn agent_note(pin_dir: &std::path::Path) {
+    match svc_lb::dataplane::running_agent(pin_dir) {
+        Ok(Some(holder)) => eprintln!("agent: running on {}, {holder}", pin_dir.display()),
+        Ok(None) => eprintln!(
+            "agent: none running on {} (the maps show what the last agent programmed; nothing \
+             updates them)",
+            pin_dir.display()
+        ),
+        Err(e) => eprintln!("agent: unknown ({})", svc_lb::error::chain(&e)),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => svc_lb::run::run(&args).context("svc-lb run")?,
-        Command::Debug(cmd) => print(&svc_lb::inspect::debug::run(&cmd)?)?,
+        Command::Debug(cmd) => {
+            if let Some(pin_dir) = cmd.pin_dir() {
+                agent_note(pin_dir);
+            }
+            print(&svc_lb::inspect::debug::run(&cmd)?)?
+        }
         Command::Service(args) => print(&svc_lb::inspect::list::service(&args)?)?,
-        Command::Uninstall(pin) => svc_lb::dataplane::uninstall(&pin.pin_dir)
-            .with_context(|| format!("uninstalling from {}", pin.pin_dir.display()))?,
+        Command::Uninstall(args) => {
+            let opts = svc_lb::dataplane::UninstallOptions { force: args.force };
+            svc_lb::dataplane::uninstall_with(&args.pin.pin_dir, opts).with_context(|| {
+                format!("svc-lb uninstall --pin-dir {}", args.pin.pin_dir.display())
+            })?;
+        }
     }
     Ok(())
 }

@@ -565,10 +565,25 @@ fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
         &(&args.capacity).into(),
         args.xdp,
     )?;
-    dataplane.set_socket_lb(args.socket_lb_cgroup())?;
-    program_local_sources(args)?;
-    let maps = BpfLbMaps::open(&args.pin.pin_dir)?;
-    Ok((dataplane, maps))
+    let rest = || -> Result<BpfLbMaps, RunError> {
+        dataplane.set_socket_lb(args.socket_lb_cgroup())?;
+        program_local_sources(args)?;
+        Ok(BpfLbMaps::open(&args.pin.pin_dir)?)
+    };
+    match rest() {
+        Ok(maps) => Ok((dataplane, maps)),
+        Err(e) => {
+            // A failed start leaves the node as it found it.
+            dataplane.roll_back();
+            Err(e)
+        }
+    }
+}
+
+/// Checks that the datapath is whole (at every resync and after interface changes) and
+/// repairs it or fails per `--on-datapath-loss`.
+pub(crate) fn verify_datapath(dataplane: &Dataplane, args: &RunArgs) -> Result<(), RunError> {
+    Ok(dataplane.verify(args.on_datapath_loss)?)
 }
 
 /// Tells the datapath which sources are inside the cluster (`--cluster-cidr` and this node's
@@ -708,7 +723,9 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
                 deadline = None;
                 dir_lost = !agent.sync_logged(Trigger::Change);
             }
+            _ = dataplane.link_events() => verify_datapath(&dataplane, args)?,
             _ = rescan.tick() => {
+                verify_datapath(&dataplane, args)?;
                 let listed = agent.sync_logged(Trigger::Rescan);
                 if listed && dir_lost {
                     // The directory was removed and is back: its old watch died with it.

@@ -57,9 +57,13 @@ pub struct CapacityArgs {
     #[arg(long, default_value_t = MAX_BACKENDS, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_backends: u32,
 
-    /// Conntrack entries (LRU; two per load-balanced flow, about 100 bytes each).
-    #[arg(long, default_value_t = MAX_CT_ENTRIES, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
-    pub max_conntrack: u32,
+    /// Conntrack entries (LRU; two per load-balanced flow, about 110 bytes each with the
+    /// kernel's overhead). Default: from the node, the larger of 0.25% of its memory (like
+    /// Cilium's bpf-map-dynamic-size-ratio, at most 16,777,216 entries) and two entries per flow
+    /// of kube-proxy's conntrack floor, max(32,768 per core, 131,072) flows; that is 262,144 on
+    /// a node of up to 4 cores and 10 GiB. The agent logs the value it used.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_conntrack: Option<u32>,
 }
 
 impl From<&CapacityArgs> for MapCapacity {
@@ -67,7 +71,83 @@ impl From<&CapacityArgs> for MapCapacity {
         MapCapacity {
             max_services: a.max_services,
             max_backends: a.max_backends,
-            max_conntrack: a.max_conntrack,
+            max_conntrack: a.max_conntrack.unwrap_or_else(node_default_conntrack),
+        }
+    }
+}
+
+/// Share of the node's memory the conntrack map takes by default, like Cilium's
+/// `--bpf-map-dynamic-size-ratio` (0.0025 in Cilium's Helm chart).
+pub const CT_MEMORY_RATIO: f64 = 0.0025;
+/// The most entries the memory share gives (Cilium's `LimitTableMax`, 1 << 24).
+pub const CT_MEMORY_MAX: u64 = 1 << 24;
+/// kube-proxy's `--conntrack-max-per-core` default (flows per core).
+pub const KUBE_PROXY_CT_PER_CORE: u64 = 32_768;
+/// kube-proxy's `--conntrack-min` default (flows).
+pub const KUBE_PROXY_CT_MIN: u64 = 131_072;
+/// `LB4_CT` entries one load-balanced flow takes (forward and reply); nf_conntrack, which
+/// kube-proxy sizes, holds both directions in one entry.
+pub const CT_ENTRIES_PER_FLOW: u64 = 2;
+
+/// The default `--max-conntrack` for a node with `total_memory` bytes and `cores` CPUs, when
+/// one `LB4_CT` entry takes `entry_bytes` of kernel memory: the larger of the memory share and
+/// kube-proxy's floor in entries, within what the kernel accepts.
+pub fn default_conntrack(total_memory: u64, cores: u64, entry_bytes: u64) -> u32 {
+    // f64 is exact enough: the result is a size, not an address.
+    let by_memory =
+        ((total_memory as f64 * CT_MEMORY_RATIO) as u64 / entry_bytes.max(1)).min(CT_MEMORY_MAX);
+    let floor =
+        CT_ENTRIES_PER_FLOW * (KUBE_PROXY_CT_PER_CORE * cores.max(1)).max(KUBE_PROXY_CT_MIN);
+    let entries = by_memory
+        .max(floor)
+        .min(u64::from(super::footprint::KERNEL_MAX_ENTRIES));
+    u32::try_from(entries).unwrap_or(u32::MAX)
+}
+
+/// Kernel memory of one `LB4_CT` entry (LRU hash element and its share of the buckets).
+pub fn ct_entry_bytes() -> u64 {
+    let def = super::footprint::MapDef {
+        name: CT_MAP.into(),
+        map_type: super::footprint::BPF_MAP_TYPE_LRU_HASH,
+        key_size: std::mem::size_of::<svc_lb_common::CtKeyV4>() as u32,
+        value_size: std::mem::size_of::<svc_lb_common::CtEntry>() as u32,
+        max_entries: 1 << 20,
+        flags: 0,
+    };
+    def.footprint(1).at_create >> 20
+}
+
+/// CPUs this process may run on, as kube-proxy counts cores (Go's `runtime.NumCPU`: the
+/// affinity mask, not a cgroup quota).
+fn cores() -> u64 {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer and size for pid 0 (this thread).
+    let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if ret != 0 {
+        return std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    }
+    // SAFETY: `set` was filled by sched_getaffinity.
+    u64::try_from(unsafe { libc::CPU_COUNT(&set) }).unwrap_or(1)
+}
+
+/// [`default_conntrack`] for this node (`MAX_CT_ENTRIES` if its memory cannot be read).
+pub fn node_default_conntrack() -> u32 {
+    let cores = cores();
+    match super::footprint::NodeMemory::read() {
+        Ok(mem) => {
+            let n = default_conntrack(mem.total, cores, ct_entry_bytes());
+            tracing::info!(
+                max_conntrack = n,
+                memory = %super::footprint::human(mem.total),
+                cores,
+                "--max-conntrack from the node (0.25% of memory, at least 2 x max(32768 x cores, 131072))"
+            );
+            n
+        }
+        Err(e) => {
+            warn!(error = %e, default = MAX_CT_ENTRIES, "cannot read the node's memory; --max-conntrack uses the built-in default");
+            MAX_CT_ENTRIES
         }
     }
 }
@@ -124,7 +204,7 @@ impl MapCapacity {
         per_service.max(per_backend)
     }
 
-    /// `max_entries` of every map whose size follows the capacity.
+    /// `max_entries` of every map whose size follows the capacity (`EbpfLoader` applies them).
     pub fn map_sizes(&self) -> [(&'static str, u32); 8] {
         [
             (SERVICES_MAP, self.service_entries()),
@@ -211,6 +291,17 @@ impl MapCapacity {
     }
 }
 
+/// The `svc-lb run` flag that sizes map `name`, for error messages.
+pub fn flag_of(name: &str) -> &'static str {
+    match name {
+        SERVICES_MAP => "--max-services or --max-backends",
+        BACKENDS_MAP | BE_STATS_MAP => "--max-backends",
+        REVNAT_MAP | SVC_STATS_MAP | SVC_NAMES_MAP | MAGLEV_MAP => "--max-services",
+        CT_MAP => "--max-conntrack",
+        _ => "the map size (fixed in the eBPF object)",
+    }
+}
+
 /// Reconcile limits following the maps pinned under `pin_dir` (`base` supplies the other
 /// settings). Falls back to `base` with a warning when the pins cannot be read, so writes
 /// beyond the real capacity then fail on the map instead.
@@ -264,6 +355,32 @@ mod tests {
     }
 
     // Sizes of real pinned maps (needs root and bpffs): tests/tests/prog_maps.rs.
+
+    #[test]
+    fn conntrack_default_follows_memory_above_kube_proxys_floor() {
+        const GIB: u64 = 1 << 30;
+        let e = ct_entry_bytes();
+        // 48 B element header + 16 B key + 24 B value + 16 B bucket per entry.
+        assert_eq!(e, 104);
+        // Small nodes: kube-proxy's minimum of 131,072 flows, two entries each.
+        assert_eq!(default_conntrack(2 * GIB, 1, e), 262_144);
+        assert_eq!(default_conntrack(8 * GIB, 4, e), 262_144);
+        // More cores: 32,768 flows per core.
+        assert_eq!(default_conntrack(8 * GIB, 16, e), 2 * 32_768 * 16);
+        // Much memory: 0.25 % of it, e.g. 256 GiB / 400 / 104 B.
+        let big = default_conntrack(256 * GIB, 8, e);
+        assert_eq!(u64::from(big), (256 * GIB) / 400 / e);
+        assert!(big > 6_000_000, "{big}");
+        // The memory share stops at Cilium's 16M; kube-proxy's floor can exceed it.
+        assert_eq!(default_conntrack(64 * 1024 * GIB, 8, e), 1 << 24);
+        assert_eq!(default_conntrack(64 * GIB, 512, e), 2 * 32_768 * 512);
+        assert_eq!(
+            default_conntrack(GIB, 1 << 20, e),
+            super::super::footprint::KERNEL_MAX_ENTRIES
+        );
+        // Zero cores (unreadable) counts as one.
+        assert_eq!(default_conntrack(GIB, 0, e), 262_144);
+    }
 
     #[test]
     fn small_capacities_are_refused() {

@@ -103,4 +103,64 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("sysctl record {path} is unreadable ({reason}); fix or remove it")]
+    SysctlRecord { path: PathBuf, reason: String },
+    #[error("svc-lb state {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another svc-lb agent, {holder}, is running on pin directory {pin_dir}; two agents on one \
+         pin directory overwrite each other's Services (stop it first, or give this one its own \
+         --pin-dir)"
+    )]
+    AgentRunning {
+        pin_dir: PathBuf,
+        holder: super::state::Holder,
+    },
+    #[error(
+        "an svc-lb agent, {holder}, is running on pin directory {pin_dir}: stop it first (it \
+         would re-create the datapath at its next check), or pass --force"
+    )]
+    UninstallWhileRunning {
+        pin_dir: PathBuf,
+        holder: super::state::Holder,
+    },
+    #[error("refusing to uninstall {path}: it {reason}")]
+    NotOurs { path: PathBuf, reason: String },
+    #[error("reading the eBPF object's map definitions: {0}")]
+    ObjectMaps(String),
+    #[error(
+        "map {map} with {entries} entries is larger than the kernel allows ({max} entries for \
+         this map type); lower {flag}"
+    )]
+    MapTooBig {
+        map: String,
+        entries: u32,
+        max: u32,
+        flag: &'static str,
+    },
+    #[error(
+        "the maps would take {need} of kernel memory at creation ({detail}), more than this node \
+         can give ({budget_what}: {budget}); lower --max-services/--max-backends/--max-conntrack"
+    )]
+    MapsTooLarge {
+        need: String,
+        detail: String,
+        budget: String,
+        budget_what: String,
+    },
+    #[error("reading the node's memory (/proc/meminfo)")]
+    NodeMemory(#[source] std::io::Error),
+    #[error("pinning map {name} at {path}")]
+    PinMap {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the datapath is gone: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    DatapathLost(Vec<super::health::Loss>),
 }

@@ -19,6 +19,11 @@ pub fn link_pin_path(links_dir: &Path, iface: &str) -> PathBuf {
     links_dir.join(format!("{iface}{SUFFIX}"))
 }
 
+/// The interface of a TC link pin name (`None` for other pins).
+pub fn pin_iface(name: &str) -> Option<&str> {
+    name.strip_suffix(SUFFIX)
+}
+
 /// How [`replace_pinned`] takes over a link a previous agent pinned at the same path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Takeover {
@@ -149,12 +154,17 @@ pub fn remove_link(links_dir: &Path, iface: &str) -> Result<(), DataplaneError> 
 /// Removes (and thereby detaches) pinned TC links of interfaces not in `keep`. Other pins in the
 /// directory (the socket-LB cgroup links) are left alone.
 pub fn remove_stale(links_dir: &Path, keep: &[String]) -> Result<(), DataplaneError> {
-    remove_matching(links_dir, keep, false)
-}
-
-/// Detaches and removes every pinned link under `links_dir` (uninstall).
-pub fn remove_all(links_dir: &Path) -> Result<(), DataplaneError> {
-    remove_matching(links_dir, &[], true)
+    for (name, path) in pins(links_dir)? {
+        let Some(iface) = pin_iface(&name) else {
+            continue;
+        };
+        if keep.iter().any(|k| k == iface) {
+            continue;
+        }
+        remove_pin(&path)?;
+        info!(iface, "detached pinned TC link");
+    }
+    Ok(())
 }
 
 /// The pins in `links_dir` as (file name, path); a missing directory has none.
@@ -179,24 +189,6 @@ pub(crate) fn pins(links_dir: &Path) -> Result<Vec<(String, PathBuf)>, Dataplane
         .collect()
 }
 
-fn remove_matching(links_dir: &Path, keep: &[String], all: bool) -> Result<(), DataplaneError> {
-    for (name, path) in pins(links_dir)? {
-        let Some(iface) = name.strip_suffix(SUFFIX) else {
-            if all {
-                remove_pin(&path)?;
-                info!(pin = %name, "detached pinned link");
-            }
-            continue;
-        };
-        if keep.iter().any(|k| k == iface) {
-            continue;
-        }
-        remove_pin(&path)?;
-        info!(iface, "detached pinned TC link");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,7 +198,7 @@ mod tests {
         let p = link_pin_path(Path::new("/sys/fs/bpf/x/links"), "n-p1");
         assert_eq!(p, PathBuf::from("/sys/fs/bpf/x/links/n-p1-tc-ingress"));
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert_eq!(name.strip_suffix(SUFFIX), Some("n-p1"));
+        assert_eq!(pin_iface(&name), Some("n-p1"));
     }
 
     #[test]

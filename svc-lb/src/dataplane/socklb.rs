@@ -43,6 +43,12 @@ pub fn link_pin_path(links_dir: &Path, hook: &str) -> PathBuf {
     links_dir.join(format!("{PIN_PREFIX}{hook}"))
 }
 
+/// Whether `name` is the pin name of a socket-LB link.
+pub fn is_pin_name(name: &str) -> bool {
+    name.strip_prefix(PIN_PREFIX)
+        .is_some_and(|hook| SOCK_PROGS.iter().any(|(_, h)| *h == hook))
+}
+
 fn is_cgroup2(path: &Path) -> io::Result<bool> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

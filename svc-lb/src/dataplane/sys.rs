@@ -13,6 +13,7 @@ use std::{
 };
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -36,6 +37,33 @@ struct LinkUpdateAttr {
     flags: u32,
     old_prog_fd: u32,
 }
+
+/// `union bpf_attr` member for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` (the kernel copies at most the length we pass). The union
+/// after `prog_id` is 8-aligned: `tcx.ifindex`/`xdp.ifindex` (u32) or `cgroup.cgroup_id` (u64)
+/// come first, and the kernel zeroes them when the link is detached.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    target: u64,
+    _rest: [u64; 4],
+}
+
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
 
 /// `union bpf_attr` member for BPF_LINK_DETACH.
 #[repr(C)]
@@ -76,6 +104,30 @@ pub fn obj_get(pin: &Path) -> io::Result<Option<OwnedFd>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the link `fd` is still attached to its interface or cgroup (TCX, XDP and cgroup
+/// links; other types are reported attached).
+pub fn link_attached(fd: &OwnedFd) -> io::Result<bool> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: (&mut info as *mut LinkInfo) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(match info.link_type {
+        // The ifindex is the u32 at the start of the union (the attach type follows it).
+        BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX => first_u32(info.target) != 0,
+        BPF_LINK_TYPE_CGROUP => info.target != 0,
+        _ => true,
+    })
+}
+
+/// The u32 stored first in a u64 that was written as bytes by the kernel.
+fn first_u32(word: u64) -> u32 {
+    let b = word.to_ne_bytes();
+    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
 /// Makes the link pinned at `pin` run `prog` instead of its current program, atomically (no

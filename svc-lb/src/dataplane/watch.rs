@@ -3,7 +3,7 @@
 //! events, attaches to new matching links and forgets (detaches, unpins) links that go away.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::PathBuf,
@@ -18,7 +18,7 @@ use super::{
     DataplaneError, TC_INGRESS_PROG, links,
     netlink::{self, LinkEvent, NlSocket},
     pattern::IfaceSelector,
-    sysctl,
+    sysctl::Sysctls,
     xdp::{self, XdpMode},
 };
 
@@ -39,6 +39,8 @@ pub struct TcLinks {
     /// `Off`: no XDP link (`Dataplane::load` already removed every XDP pin a previous agent
     /// left).
     pub xdp: XdpMode,
+    /// Records what the interface sysctls were before svc-lb changed them.
+    pub sysctls: Arc<Sysctls>,
 }
 
 impl LinkOps for TcLinks {
@@ -62,11 +64,15 @@ impl LinkOps for TcLinks {
             }
         };
         // The TC link is pinned even if XDP failed: its reverse NAT needs the sysctls.
-        let sysctl = sysctl::configure_iface(name);
+        let sysctl = self.sysctls.configure_iface(name);
         xdp.and(sysctl)
     }
 
     fn detach(&mut self, name: &str) -> Result<(), DataplaneError> {
+        // The interface is gone (or renamed): its sysctls are not ours to restore any more.
+        if let Err(e) = self.sysctls.forget_iface(name) {
+            warn!(iface = name, error = %e, "could not update the sysctl record");
+        }
         // Both, even when XDP is off now: a previous agent may have left an XDP pin.
         let tc = links::remove_link(&self.links_dir, name);
         xdp::remove_link(&self.links_dir, name)?;
@@ -80,6 +86,9 @@ pub struct Attacher<O: LinkOps = TcLinks> {
     sel: IfaceSelector,
     /// Interfaces we attached to: name -> ifindex at attach time.
     attached: BTreeMap<String, u32>,
+    /// Attached interfaces whose XDP attach failed (TC only; the health check does not expect
+    /// an XDP link there).
+    xdp_failed: BTreeSet<String>,
 }
 
 impl<O: LinkOps> Attacher<O> {
@@ -88,11 +97,27 @@ impl<O: LinkOps> Attacher<O> {
             ops,
             sel,
             attached: BTreeMap::new(),
+            xdp_failed: BTreeSet::new(),
         }
     }
 
     pub fn attached(&self) -> Vec<String> {
         self.attached.keys().cloned().collect()
+    }
+
+    /// The attached interfaces with the ifindex they had when attached.
+    pub fn attached_indexes(&self) -> Vec<(String, u32)> {
+        self.attached.iter().map(|(n, i)| (n.clone(), *i)).collect()
+    }
+
+    /// Attached interfaces served by TC only because their XDP attach failed.
+    pub fn xdp_failed(&self) -> BTreeSet<String> {
+        self.xdp_failed.clone()
+    }
+
+    /// The operations (the repair re-attaches through them).
+    pub fn ops(&mut self) -> &mut O {
+        &mut self.ops
     }
 
     /// Attaches to every matching link of `links` (one dump of the namespace). Fails on the
@@ -126,12 +151,18 @@ impl<O: LinkOps> Attacher<O> {
         if tc_attached {
             self.attached.insert(name.to_string(), index);
         }
+        if matches!(result, Err(DataplaneError::XdpAttach { .. })) {
+            self.xdp_failed.insert(name.to_string());
+        } else {
+            self.xdp_failed.remove(name);
+        }
         result
     }
 
     /// Detaches and unpins our link on `name` (its interface went away or was renamed).
     fn forget(&mut self, name: &str, why: &str) {
         self.attached.remove(name);
+        self.xdp_failed.remove(name);
         match self.ops.detach(name) {
             Ok(()) => info!(iface = name, "{why}: detached and unpinned its TC link"),
             Err(e) => warn!(iface = name, error = %e, "{why}: could not remove its TC link pin"),
@@ -217,9 +248,12 @@ pub struct LinkWatcher {
 impl LinkWatcher {
     /// Starts following `events` (subscribed before the initial dump, so no link can appear
     /// unnoticed in between).
+    /// After each batch of events, `changed` is notified: the agent then checks that its
+    /// datapath is whole (a link event is when interfaces and their links change).
     pub fn start(
-        mut attacher: Attacher<TcLinks>,
+        attacher: Arc<Mutex<Attacher<TcLinks>>>,
         mut events: NlSocket,
+        changed: Arc<tokio::sync::Notify>,
     ) -> Result<LinkWatcher, DataplaneError> {
         // SAFETY: plain eventfd(2); the fd is owned below.
         let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -259,11 +293,18 @@ impl LinkWatcher {
                     if fds[1].revents != 0 {
                         return;
                     }
+                    let lock = || attacher.lock().unwrap_or_else(|e| e.into_inner());
                     match events.recv() {
-                        Ok(parsed) => parsed.events.into_iter().for_each(|ev| attacher.handle(ev)),
+                        Ok(parsed) => {
+                            let mut a = lock();
+                            parsed.events.into_iter().for_each(|ev| a.handle(ev));
+                            drop(a);
+                            changed.notify_one();
+                        }
                         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                             warn!("link events were lost (socket buffer full); resynchronising");
-                            attacher.resync();
+                            lock().resync();
+                            changed.notify_one();
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {

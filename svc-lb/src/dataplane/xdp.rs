@@ -61,12 +61,12 @@ impl std::fmt::Display for XdpMode {
 
 const ATTACHED_MODES: [XdpMode; 2] = [XdpMode::Generic, XdpMode::Native];
 
-fn pin_path(links_dir: &Path, iface: &str, mode: XdpMode) -> PathBuf {
+pub(crate) fn pin_path(links_dir: &Path, iface: &str, mode: XdpMode) -> PathBuf {
     links_dir.join(format!("{iface}-xdp-{mode}"))
 }
 
 /// The interface of an XDP link pin name (`None` for TC or socket-LB pins).
-fn pin_iface(name: &str) -> Option<&str> {
+pub(crate) fn pin_iface(name: &str) -> Option<&str> {
     ATTACHED_MODES
         .iter()
         .find_map(|m| name.strip_suffix(&format!("-xdp-{m}")))

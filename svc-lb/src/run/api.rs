@@ -155,7 +155,9 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
                 _ = sync::until(deadline) => {
                     deadline = (!syncer.sync(&watch, Scope::Changes, Trigger::Change)).then(|| Instant::now() + RETRY);
                 }
+                _ = dataplane.link_events() => super::verify_datapath(&dataplane, args)?,
                 _ = resync.tick() => {
+                    super::verify_datapath(&dataplane, args)?;
                     if !syncer.sync(&watch, Scope::Full, Trigger::Rescan) {
                         deadline.get_or_insert_with(|| Instant::now() + RETRY);
                     }
