@@ -257,6 +257,23 @@ fn daemonset_runs_the_agent_in_api_mode_with_probes_on_its_health_endpoint() {
         vol.host_path.as_ref().map(|h| h.path.as_str()),
         Some("/sys/fs/bpf")
     );
+    // The agent lock and the sysctl record must be the host's, shared by every svc-lb pod.
+    let state = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == svc_lb::dataplane::state::STATE_ROOT)
+        .expect("/run/svc-lb mount");
+    let vol = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == state.name)
+        .expect("state volume");
+    assert_eq!(
+        vol.host_path.as_ref().map(|h| h.path.as_str()),
+        Some(svc_lb::dataplane::state::STATE_ROOT)
+    );
 }
 
 #[test]

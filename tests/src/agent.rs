@@ -113,6 +113,26 @@ impl<'t> AgentProcess<'t> {
         }
     }
 
+    /// The agent's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own, returning its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// `kill -9`: the agent gets no chance to clean up; pinned programs and maps stay.
     pub fn kill_hard(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -261,5 +281,9 @@ pub fn remove_pins(pin_dir: &Path, uninstall: impl FnOnce() -> Output) {
             pin_dir.display()
         );
         let _ = fs::remove_dir_all(pin_dir);
+        // The agent lock and sysctl record `uninstall` would have removed.
+        if let Ok(state) = svc_lb::dataplane::state::state_dir(pin_dir) {
+            let _ = fs::remove_dir_all(state);
+        }
     }
 }

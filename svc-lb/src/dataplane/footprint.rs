@@ -237,6 +237,42 @@ fn room_in(dir: &Path) -> Option<u64> {
     Some(max.saturating_sub(current))
 }
 
+/// Checks that the maps about to be created (`new`) fit in what the node can give; returns the
+/// three largest for the log. The error names the total, the largest maps and the budget.
+pub fn fits(new: &[Footprint], mem: &NodeMemory) -> Result<String, super::DataplaneError> {
+    let need: u64 = new.iter().map(|f| f.at_create).sum();
+    let mut big: Vec<&Footprint> = new.iter().collect();
+    big.sort_by_key(|f| std::cmp::Reverse(f.at_create));
+    let detail = big
+        .iter()
+        .take(3)
+        .map(|f| {
+            format!(
+                "{} {} entries: {}",
+                f.name,
+                f.max_entries,
+                human(f.at_create)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if need > mem.budget() {
+        let budget_what = match &mem.cgroup {
+            Some((dir, room)) if *room < mem.available => {
+                format!("room left in memory cgroup {}", dir.display())
+            }
+            _ => "MemAvailable".to_string(),
+        };
+        return Err(super::DataplaneError::MapsTooLarge {
+            need: human(need),
+            detail,
+            budget: human(mem.budget()),
+            budget_what,
+        });
+    }
+    Ok(detail)
+}
+
 /// Bytes as "12.3 MiB".
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -250,5 +286,144 @@ pub fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use svc_lb_common::{BACKENDS_MAP, CT_MAP, MAGLEV_MAP, SRC_RANGES_MAP, SVC_STATS_MAP};
+
+    use super::*;
+    use crate::dataplane::{PINNED_MAPS, capacity::MapCapacity, ebpf_object};
+
+    fn defs(c: &MapCapacity) -> Vec<MapDef> {
+        object_maps(ebpf_object(), &c.map_sizes()).unwrap()
+    }
+
+    fn find<'d>(defs: &'d [MapDef], name: &str) -> &'d MapDef {
+        defs.iter().find(|d| d.name == name).unwrap()
+    }
+
+    #[test]
+    fn the_object_defines_every_pinned_map_with_the_requested_sizes() {
+        let c = MapCapacity {
+            max_services: 1_000,
+            max_backends: 5_000,
+            max_conntrack: 70_000,
+        };
+        let d = defs(&c);
+        for name in PINNED_MAPS {
+            assert!(d.iter().any(|m| m.name == name), "{name} not in the object");
+        }
+        assert_eq!(find(&d, CT_MAP).max_entries, 70_000);
+        assert_eq!(find(&d, CT_MAP).map_type, BPF_MAP_TYPE_LRU_HASH);
+        assert_eq!(find(&d, BACKENDS_MAP).max_entries, 5_000);
+        assert_eq!(find(&d, SVC_STATS_MAP).map_type, BPF_MAP_TYPE_PERCPU_ARRAY);
+        assert_eq!(find(&d, SRC_RANGES_MAP).map_type, BPF_MAP_TYPE_LPM_TRIE);
+        assert_ne!(find(&d, MAGLEV_MAP).flags & BPF_F_NO_PREALLOC, 0);
+    }
+
+    #[test]
+    fn footprints_follow_the_kernel_allocations() {
+        let d = defs(&MapCapacity::default());
+        // LRU conntrack, 262,144 entries: (48 + 16 + 24) per element + 16 per bucket.
+        let ct = find(&d, CT_MAP).footprint(2);
+        assert_eq!(ct.at_create, 262_144 * (48 + 16 + 24) + 262_144 * 16);
+        assert_eq!(ct.at_create, ct.when_full);
+        // Per-CPU counters: 16 bytes per entry per CPU plus a pointer per entry.
+        let stats = find(&d, SVC_STATS_MAP).footprint(4);
+        assert_eq!(stats.at_create, 65_536 * 16 * 4 + 65_536 * 8);
+        // Maglev allocates on insert: only the buckets at creation, 64 KiB tables when full.
+        let maglev = find(&d, MAGLEV_MAP).footprint(2);
+        assert_eq!(maglev.at_create, 65_536 * 16);
+        assert!(maglev.when_full > 65_536 * 65_536, "{maglev:?}");
+        // The LPM trie allocates nothing at creation.
+        assert_eq!(find(&d, SRC_RANGES_MAP).footprint(2).at_create, 0);
+        // The default sizes take tens of MiB on two CPUs, not GiB.
+        let total: u64 = d.iter().map(|m| m.footprint(2).at_create).sum();
+        assert!(total > 30 << 20 && total < 200 << 20, "{}", human(total));
+    }
+
+    #[test]
+    fn sizes_beyond_the_kernel_limit_are_too_big() {
+        let d = defs(&MapCapacity {
+            max_backends: u32::MAX,
+            ..MapCapacity::default()
+        });
+        let big: Vec<&str> = d
+            .iter()
+            .filter(|m| m.too_big())
+            .map(|m| m.name.as_str())
+            .collect();
+        assert!(big.contains(&BACKENDS_MAP), "{big:?}");
+        assert!(!big.contains(&CT_MAP), "{big:?}");
+        let ok = defs(&MapCapacity {
+            max_backends: KERNEL_MAX_ENTRIES - 65_536,
+            ..MapCapacity::default()
+        });
+        assert!(!ok.iter().any(MapDef::too_big));
+    }
+
+    #[test]
+    fn maps_beyond_the_budget_are_refused_naming_the_largest() {
+        let new = [
+            Footprint {
+                name: "LB4_CT".into(),
+                max_entries: 1 << 24,
+                at_create: 2 << 30,
+                when_full: 2 << 30,
+            },
+            Footprint {
+                name: "LB4_BACKENDS".into(),
+                max_entries: 1 << 20,
+                at_create: 100 << 20,
+                when_full: 100 << 20,
+            },
+        ];
+        let mem = NodeMemory {
+            total: 8 << 30,
+            available: 4 << 30,
+            cgroup: None,
+        };
+        assert!(
+            fits(&new, &mem)
+                .unwrap()
+                .starts_with("LB4_CT 16777216 entries: 2.0 GiB")
+        );
+        let small = NodeMemory {
+            available: 1 << 30,
+            ..mem.clone()
+        };
+        let err = fits(&new, &small).unwrap_err().to_string();
+        assert!(
+            err.contains("2.1 GiB")
+                && err.contains("LB4_CT")
+                && err.contains("MemAvailable: 1.0 GiB"),
+            "{err}"
+        );
+        // A memory cgroup with less room than the machine is the limit, and named.
+        let cg = NodeMemory {
+            cgroup: Some((PathBuf::from("/sys/fs/cgroup/svc-lb"), 512 << 20)),
+            ..mem
+        };
+        let err = fits(&new, &cg).unwrap_err().to_string();
+        assert!(
+            err.contains("memory cgroup /sys/fs/cgroup/svc-lb") && err.contains("512.0 MiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn meminfo_and_sizes_parse() {
+        let t = "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(
+            parse_meminfo(t),
+            Some((24_000_000 * 1024, 20_000_000 * 1024))
+        );
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+        assert_eq!(kmalloc_size(65_524 + 48 + 8), 128 << 10);
+        assert_eq!(kmalloc_size(90), 96);
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10), "10 B");
     }
 }

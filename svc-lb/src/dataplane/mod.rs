@@ -586,35 +586,7 @@ fn check_maps_fit(pin_dir: &Path, capacity: &MapCapacity) -> Result<(), Dataplan
     let need: u64 = new.iter().map(|f| f.at_create).sum();
     let full: u64 = new.iter().map(|f| f.when_full).sum();
     let mem = footprint::NodeMemory::read().map_err(DataplaneError::NodeMemory)?;
-    let mut big: Vec<&footprint::Footprint> = new.iter().collect();
-    big.sort_by_key(|f| std::cmp::Reverse(f.at_create));
-    let detail = big
-        .iter()
-        .take(3)
-        .map(|f| {
-            format!(
-                "{} {} entries: {}",
-                f.name,
-                f.max_entries,
-                footprint::human(f.at_create)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    if need > mem.budget() {
-        let budget_what = match &mem.cgroup {
-            Some((dir, room)) if *room < mem.available => {
-                format!("room left in memory cgroup {}", dir.display())
-            }
-            _ => "MemAvailable".to_string(),
-        };
-        return Err(DataplaneError::MapsTooLarge {
-            need: footprint::human(need),
-            detail,
-            budget: footprint::human(mem.budget()),
-            budget_what,
-        });
-    }
+    let detail = footprint::fits(&new, &mem)?;
     if !new.is_empty() {
         info!(
             at_create = %footprint::human(need),
