@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use svc_lb::dataplane::{LINKS_DIR, PINNED_MAPS, state};
+use svc_lb::dataplane::{LINKS_DIR, state};
+use svc_lb_common::ALL_MAPS;
 use svc_lb_tests::{
     agent::AgentGuard, bin_path, client, ensure_bpffs, fixture, netns::Topology, require_root,
     wait_for,
@@ -168,7 +169,7 @@ fn one_agent_per_pin_dir_and_the_cli_says_when_one_runs() {
         "{}",
         stderr(&out)
     );
-    for name in PINNED_MAPS {
+    for name in ALL_MAPS {
         assert!(
             agent.pin_dir.join(name).exists(),
             "{name} removed by a refused uninstall"
@@ -321,7 +322,7 @@ fn a_running_agent_repairs_its_datapath_when_it_is_removed() {
         Duration::from_secs(10),
         || {
             agent.assert_running();
-            PINNED_MAPS
+            ALL_MAPS
                 .iter()
                 .all(|m| agent.pin_dir.join(m).exists())
                 .then_some(())
@@ -373,5 +374,5 @@ fn with_on_datapath_loss_exit_the_agent_exits_non_zero() {
     // Restarted (as its DaemonSet would), it loads afresh and serves again.
     agent.restart();
     fixture::wait_serving(&topo, &mut agent);
-    assert!(Path::new(&agent.pin_dir).join(PINNED_MAPS[0]).exists());
+    assert!(Path::new(&agent.pin_dir).join(ALL_MAPS[0]).exists());
 }

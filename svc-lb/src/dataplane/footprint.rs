@@ -294,7 +294,8 @@ mod tests {
     use svc_lb_common::{BACKENDS_MAP, CT_MAP, MAGLEV_MAP, SRC_RANGES_MAP, SVC_STATS_MAP};
 
     use super::*;
-    use crate::dataplane::{PINNED_MAPS, capacity::MapCapacity, ebpf_object};
+    use crate::dataplane::{capacity::MapCapacity, ebpf_object};
+    use svc_lb_common::ALL_MAPS;
 
     fn defs(c: &MapCapacity) -> Vec<MapDef> {
         object_maps(ebpf_object(), &c.map_sizes()).unwrap()
@@ -312,7 +313,7 @@ mod tests {
             max_conntrack: 70_000,
         };
         let d = defs(&c);
-        for name in PINNED_MAPS {
+        for name in ALL_MAPS {
             assert!(d.iter().any(|m| m.name == name), "{name} not in the object");
         }
         assert_eq!(find(&d, CT_MAP).max_entries, 70_000);
