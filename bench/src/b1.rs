@@ -33,7 +33,7 @@ use svc_lb_common::{STAT_DNAT, TC_PASS_PROG, XDP_PASS_PROG, maps};
 use svc_lb_tests::packet::{self, TCP_ACK};
 
 use crate::{
-    BenchError, Result, b6::map_memlock, ns::TempDir, report::Row, scenario::Scenario,
+    BenchError, Result, b5_b6::map_memlock, ns::TempDir, report::Row, scenario::Scenario,
     stats::median,
 };
 

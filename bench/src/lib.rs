@@ -4,13 +4,15 @@
 //! - [`scenario`]: synthetic Services/endpoints, as svc-lb's desired state and as kube-proxy
 //!   would see them.
 //! - [`kubeproxy`]: the rules kube-proxy's iptables and nftables proxiers write for them.
-//! - [`b1`], [`b4`], [`b6`]: the benchmarks (per-packet cost, programming cost, agent memory and
-//!   convergence). [`report`] prints the table and writes JSON.
+//! - The benchmarks, one module per benchmark or per pair that shares its runs: [`b1`] per-packet
+//!   cost, [`b2_b3`] first-packet latency and throughput through network namespaces, [`b4`]
+//!   programming cost, [`b5_b6`] convergence and memory of the real agent. [`report`] prints the
+//!   table and writes JSON.
 
 pub mod b1;
-pub mod b2;
+pub mod b2_b3;
 pub mod b4;
-pub mod b6;
+pub mod b5_b6;
 pub mod kubeproxy;
 pub mod ns;
 pub mod report;

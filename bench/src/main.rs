@@ -8,9 +8,9 @@ use clap::Parser;
 use svc_lb::dataplane::capacity::MapCapacity;
 use svc_lb_bench::{
     b1::{self, B1Config},
-    b2::{self, B2Config},
+    b2_b3::{self, B2B3Config},
     b4::{self, B4Config},
-    b6::{self, B6Config},
+    b5_b6::{self, B5B6Config},
     report::{Machine, Report},
 };
 
@@ -116,21 +116,21 @@ fn run() -> Result<()> {
     checkpoint(&report, &failures)?;
     if want("b2") || want("b3") {
         let cfg = if cli.quick {
-            B2Config {
+            B2B3Config {
                 scales: vec![1, 1_000],
                 bulk_secs: 2,
                 conns: 300,
                 keepalive_reqs: 2_000,
             }
         } else {
-            B2Config {
+            B2B3Config {
                 scales: vec![1, 1_000, 10_000, 30_000],
                 bulk_secs: 5,
                 conns: 2_000,
                 keepalive_reqs: 20_000,
             }
         };
-        if let Err(e) = b2::run(&cfg, &cli.svc_lb, &mut report.rows) {
+        if let Err(e) = b2_b3::run(&cfg, &cli.svc_lb, &mut report.rows) {
             failures.push(format!("B2/B3: {e}"));
         }
     }
@@ -159,21 +159,21 @@ fn run() -> Result<()> {
     checkpoint(&report, &failures)?;
     if want("b5") || want("b6") {
         let cfg = if cli.quick {
-            B6Config {
+            B5B6Config {
                 services: 1_000,
                 eps: 10,
                 pods: 5_000,
                 changes: 10,
             }
         } else {
-            B6Config {
+            B5B6Config {
                 services: 10_000,
                 eps: 10,
                 pods: 50_000,
                 changes: 30,
             }
         };
-        if let Err(e) = b6::run(&cfg, &cli.svc_lb, &mut report.rows) {
+        if let Err(e) = b5_b6::run(&cfg, &cli.svc_lb, &mut report.rows) {
             failures.push(format!("B5/B6: {e}"));
         }
     }

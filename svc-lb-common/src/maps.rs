@@ -62,6 +62,8 @@ pub const ALL_MAPS: [&str; 13] = [
 /// Prefixes in `LB4_LOCAL_SRC`.
 pub const MAX_LOCAL_SRC: u32 = 1_024;
 
+/// Size of `LB4_SERVICES` (frontends and their backend slots) in the object; the agent sizes
+/// the maps it creates from its `--max-*` flags.
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` and index `LB4_BE_STATS`; 0 means "no backend".
 pub const MAX_BACKENDS: u32 = 65_536;
@@ -71,6 +73,7 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub type RevNatId = u32;
 /// Rev-NAT ids are `1..MAX_REVNAT` and index `LB4_SVC_STATS`; 0 is never allocated.
 pub const MAX_REVNAT: u32 = 65_536;
+/// Size of `LB4_CT` in the object (LRU: the least recently used flows go when it is full).
 pub const MAX_CT_ENTRIES: u32 = 262_144;
 /// Source prefixes over all LoadBalancer frontends.
 pub const MAX_SRC_RANGES: u32 = 65_536;
@@ -79,6 +82,7 @@ pub const MAX_SRC_RANGES: u32 = 65_536;
 pub const SRC_RANGE_FIXED_BITS: u32 = 32;
 /// Client/frontend pairs remembered for sessionAffinity (LRU; Cilium uses the same size).
 pub const MAX_AFFINITY_ENTRIES: u32 = 65_536;
+/// Bytes of an `LB_SVC_NAMES` value.
 pub const SVC_NAME_LEN: usize = 128;
 
 /// `LB4_SERVICES` key.
@@ -95,6 +99,7 @@ pub struct ServiceKeyV4 {
     pub proto: u8,
     /// `SCOPE_*`.
     pub scope: u8,
+    /// Zero (hashed with the key).
     pub _pad: [u8; 2],
 }
 
@@ -103,11 +108,13 @@ pub struct ServiceKeyV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceEntry {
+    /// The backend of this slot (backend slots only).
     pub backend_id: u32,
     /// Number of backend slots (slot 0 only). 0 = reject new flows.
     pub count: u16,
     /// `SVC_F_*`.
     pub flags: u16,
+    /// The frontend's rev-NAT id (all slots).
     pub rev_nat_id: RevNatId,
     /// sessionAffinity ClientIP timeout in seconds (slot 0 only), 0 = no affinity.
     pub affinity_timeout_s: u32,
@@ -121,6 +128,7 @@ pub struct BackendV4 {
     pub addr: u32,
     /// Target port, network order.
     pub port: u16,
+    /// `IPPROTO_*`.
     pub proto: u8,
     /// `BE_STATE_*`, plus `BE_F_REMOTE`.
     pub state: u8,
@@ -134,6 +142,7 @@ pub struct RevNatV4 {
     pub addr: u32,
     /// Frontend port, network order.
     pub port: u16,
+    /// Zero.
     pub _pad: u16,
 }
 
@@ -141,13 +150,19 @@ pub struct RevNatV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtKeyV4 {
+    /// Source address, network order.
     pub saddr: u32,
+    /// Destination address, network order.
     pub daddr: u32,
+    /// Source port, network order.
     pub sport: u16,
+    /// Destination port, network order.
     pub dport: u16,
+    /// `IPPROTO_*`.
     pub proto: u8,
     /// `CT_DIR_*`.
     pub dir: u8,
+    /// Zero (hashed with the key).
     pub _pad: [u8; 2],
 }
 
@@ -155,17 +170,21 @@ pub struct CtKeyV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtEntry {
+    /// The flow's backend.
     pub backend_id: u32,
+    /// The frontend replies are rewritten to.
     pub rev_nat_id: RevNatId,
     /// `bpf_ktime_get_ns()` of the last packet (monotonic since boot).
     pub last_seen_ns: u64,
     /// `CT_F_*`.
     pub flags: u8,
+    /// Zero.
     pub _pad: u8,
     /// With `CT_F_SNAT` (network order): in the forward entry the node's address and port the
     /// client's source is rewritten to; in the reply entry the client's address and port the
     /// reply's destination is rewritten back to.
     pub nat_port: u16,
+    /// With `CT_F_SNAT`: the address that goes with `nat_port` (network order).
     pub nat_addr: u32,
 }
 
@@ -173,6 +192,7 @@ pub struct CtEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SrcRangeKeyV4 {
+    /// The frontend (always matched in full, see `SRC_RANGE_FIXED_BITS`).
     pub rev_nat_id: RevNatId,
     /// Client address (prefix), network order.
     pub addr: u32,
@@ -184,6 +204,7 @@ pub struct SrcRangeKeyV4 {
 pub struct AffinityKeyV4 {
     /// Client IPv4 address, network order.
     pub client_addr: u32,
+    /// The frontend.
     pub rev_nat_id: RevNatId,
 }
 
@@ -191,7 +212,9 @@ pub struct AffinityKeyV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AffinityEntry {
+    /// The backend the client's new connections go to.
     pub backend_id: u32,
+    /// Zero.
     pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last new connection that used it; the affinity expires
     /// `affinity_timeout_s` after that (kube-proxy's "recent" list semantics).
@@ -202,6 +225,7 @@ pub struct AffinityEntry {
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct MaglevTable {
+    /// Backend id by table position.
     pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
 }
 
@@ -225,7 +249,9 @@ impl core::fmt::Debug for MaglevTable {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Counter {
+    /// Packets counted.
     pub packets: u64,
+    /// Their bytes (skb length).
     pub bytes: u64,
 }
 
@@ -233,6 +259,7 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SvcName {
+    /// The name's bytes, NUL-padded.
     pub name: [u8; SVC_NAME_LEN],
 }
 
@@ -255,6 +282,7 @@ pub fn ip_to_net(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// The address of a network-order `u32` (inverse of `ip_to_net`).
 #[inline(always)]
 pub fn ip_from_net(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
@@ -266,12 +294,14 @@ pub fn port_to_net(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
 }
 
+/// The port of a network-order `u16` (inverse of `port_to_net`).
 #[inline(always)]
 pub fn port_from_net(raw: u16) -> u16 {
     u16::from_be_bytes(raw.to_ne_bytes())
 }
 
 impl ServiceKeyV4 {
+    /// The key of `addr:port` (host order in, network order stored) for one slot.
     pub fn new(addr: Ipv4Addr, port: u16, proto: u8, scope: u8, backend_slot: u16) -> Self {
         Self {
             addr: ip_to_net(addr),
@@ -283,10 +313,12 @@ impl ServiceKeyV4 {
         }
     }
 
+    /// The frontend address.
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_net(self.addr)
     }
 
+    /// The frontend port, host order.
     pub fn port(&self) -> u16 {
         port_from_net(self.dport)
     }
@@ -299,6 +331,7 @@ impl ServiceKeyV4 {
 }
 
 impl BackendV4 {
+    /// A backend at `addr:port` (host order in, network order stored).
     pub fn new(addr: Ipv4Addr, port: u16, proto: u8, state: u8) -> Self {
         Self {
             addr: ip_to_net(addr),
@@ -308,10 +341,12 @@ impl BackendV4 {
         }
     }
 
+    /// The backend address.
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_net(self.addr)
     }
 
+    /// The backend port, host order.
     pub fn port_host(&self) -> u16 {
         port_from_net(self.port)
     }
@@ -330,6 +365,7 @@ impl BackendV4 {
 }
 
 impl RevNatV4 {
+    /// The frontend `addr:port` (host order in, network order stored).
     pub fn new(addr: Ipv4Addr, port: u16) -> Self {
         Self {
             addr: ip_to_net(addr),
@@ -338,16 +374,19 @@ impl RevNatV4 {
         }
     }
 
+    /// The frontend address.
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_net(self.addr)
     }
 
+    /// The frontend port, host order.
     pub fn port_host(&self) -> u16 {
         port_from_net(self.port)
     }
 }
 
 impl AffinityKeyV4 {
+    /// The key of `client` for one frontend.
     pub fn new(client: Ipv4Addr, rev_nat_id: RevNatId) -> Self {
         Self {
             client_addr: ip_to_net(client),
@@ -355,16 +394,19 @@ impl AffinityKeyV4 {
         }
     }
 
+    /// The client address.
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_net(self.client_addr)
     }
 }
 
 impl CtKeyV4 {
+    /// (source, destination) addresses.
     pub fn ips(&self) -> (Ipv4Addr, Ipv4Addr) {
         (ip_from_net(self.saddr), ip_from_net(self.daddr))
     }
 
+    /// (source, destination) ports, host order.
     pub fn ports(&self) -> (u16, u16) {
         (port_from_net(self.sport), port_from_net(self.dport))
     }
@@ -382,6 +424,7 @@ impl SvcName {
         Self { name }
     }
 
+    /// The name up to the first NUL (`<invalid utf-8>` if it is not UTF-8).
     pub fn as_str(&self) -> &str {
         let len = self
             .name

@@ -17,6 +17,7 @@ pub struct SockRevNatKeyV4 {
     pub addr: u32,
     /// Backend port, network order.
     pub port: u16,
+    /// Zero (hashed with the key).
     pub _pad: u16,
 }
 
@@ -28,7 +29,9 @@ pub struct SockRevNatV4 {
     pub addr: u32,
     /// Frontend port, network order.
     pub port: u16,
+    /// Zero.
     pub _pad: u16,
+    /// The frontend's rev-NAT id.
     pub rev_nat_id: RevNatId,
 }
 

@@ -108,7 +108,7 @@ fn maglev_pick(p: &Packet, rev_nat_id: RevNatId) -> Option<u32> {
     // but the verifier cannot follow that arithmetic. A volatile reload hides the range so the
     // explicit comparison stays.
     // SAFETY: reading a local.
-    let idx = unsafe { core::ptr::read_volatile(&idx) };
+    let idx = unsafe { core::ptr::read_volatile(&raw const idx) };
     // SAFETY: pointer from a successful lookup; one u32 read, bounds checked by `get`.
     let id = unsafe { *(*table).backend_ids.get(idx)? };
     (id != 0).then_some(id)
@@ -210,7 +210,7 @@ fn snat_source<C: EbpfContext>(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            &raw mut params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             flags,
         )

@@ -10,7 +10,10 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 use svc_lb_common::{IPPROTO_ICMP, IPPROTO_TCP, csum::fold};
 
-use crate::parse::{ETH_LEN, IP_LEN, IP_OFF, L4_OFF, Packet, TCP_ACK, TCP_FIN, TCP_LEN, TCP_SYN};
+use crate::parse::{
+    ETH_LEN, IP_CSUM_OFF, IP_LEN, IP_OFF, IP_SADDR_OFF, L4_OFF, Packet, TCP_ACK, TCP_CSUM_OFF,
+    TCP_FIN, TCP_LEN, TCP_SYN,
+};
 
 const RST_FRAME_LEN: usize = ETH_LEN + IP_LEN + TCP_LEN;
 const ICMP_HDR_LEN: usize = 8;
@@ -70,7 +73,7 @@ fn reply_headers<const N: usize>(buf: &mut [u8; N], eth: &EthHdr, p: &Packet, pr
     buf[26..30].copy_from_slice(&p.daddr.to_ne_bytes());
     buf[30..34].copy_from_slice(&p.saddr.to_ne_bytes());
     let s = sum_words(buf, IP_OFF, IP_LEN / 2);
-    put_csum(buf, IP_OFF + 10, s);
+    put_csum(buf, IP_CSUM_OFF, s);
 }
 
 /// Replaces the packet with `frame` (resizing it first) and redirects it out of the ingress
@@ -128,9 +131,9 @@ pub fn tcp_reset(ctx: &TcContext, p: &Packet) -> Result<i32, i64> {
     f[46] = 0x50; // data offset 5, no options
     f[47] = TCP_RST_ACK;
     // Pseudo-header: addresses (already in the IP header), zero + protocol, TCP length.
-    let pseudo = sum_words(&f, IP_OFF + 12, 4) + u32::from(IPPROTO_TCP) + TCP_LEN as u32;
+    let pseudo = sum_words(&f, IP_SADDR_OFF, 4) + u32::from(IPPROTO_TCP) + TCP_LEN as u32;
     let s = pseudo + sum_words(&f, L4_OFF, TCP_LEN / 2);
-    put_csum(&mut f, L4_OFF + 16, s);
+    put_csum(&mut f, TCP_CSUM_OFF, s);
     emit(ctx, &f)
 }
 

@@ -146,7 +146,7 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     };
     // A failed insert (only on memory pressure: the map is LRU) costs the reverse translation
     // of this socket's peer name, not its connectivity.
-    let _ = LB4_SOCK_REVNAT.insert(&rkey, &rval, 0);
+    let _ = LB4_SOCK_REVNAT.insert(rkey, rval, 0);
     // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
     unsafe {
         (*sa).user_ip4 = be.addr;
@@ -179,7 +179,7 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
         port: port as u16,
         _pad: 0,
     };
-    let Some(fe) = LB4_SOCK_REVNAT.get_ptr(&key) else {
+    let Some(fe) = LB4_SOCK_REVNAT.get_ptr(key) else {
         return ALLOW;
     };
     // SAFETY: pointer from a successful lookup; copied out at once.

@@ -6,84 +6,20 @@
 //! (svc_lb_common::csum). That is right for packets from a real NIC (full checksums) but wrong
 //! for CHECKSUM_PARTIAL packets sent by a local veth peer, which is why TC is the default.
 
-use core::mem;
-
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use svc_lb_common::{IPPROTO_TCP, IPPROTO_UDP, STAT_DNAT, STAT_SRC_RANGE_DROP, csum};
+use svc_lb_common::{IPPROTO_SCTP, IPPROTO_UDP, STAT_DNAT, STAT_SRC_RANGE_DROP, csum};
 
 use crate::{
     lb::{self, EXTERNAL_KINDS},
     maps::{count_flow, stat},
-    parse::{ETH_LEN, IP_LEN, IP_OFF, L4_OFF, Packet, TCP_LEN, UDP_LEN},
+    parse::{
+        self, IP_CSUM_OFF, IP_DADDR_OFF, L4_DPORT_OFF, Packet, Parsed, TCP_CSUM_OFF, UDP_CSUM_OFF,
+        ptr_at,
+    },
 };
 
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-
-/// Pointer to a `T` at `off`, after the bounds check the verifier requires before any direct
-/// packet access (data + off + size <= data_end).
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
-#[inline(always)]
-fn parse(ctx: &XdpContext) -> Option<Packet> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY (all reads below): bounds checked by ptr_at; unaligned reads because packet data
-    // has no alignment guarantee.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return None;
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, IP_OFF)?;
-    let ip = unsafe { ip.read_unaligned() };
-    if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return None;
-    }
-    // Bounds-check the fixed-size L4 header with a constant offset *before* looking at the IP
-    // total length: the compiler may otherwise drop this check as implied by the variable
-    // `data + 14 + tot_len <= data_end` comparison, which the verifier cannot use.
-    let (sport, dport, tcp_flags, doff) = match ip.proto {
-        IPPROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, L4_OFF)?;
-            let tcp = unsafe { tcp.read_unaligned() };
-            let flags: *const u8 = ptr_at(ctx, L4_OFF + 13)?;
-            (tcp.source, tcp.dest, unsafe { *flags }, tcp.doff() * 4)
-        }
-        IPPROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, L4_OFF)?;
-            let udp = unsafe { udp.read_unaligned() };
-            (udp.src, udp.dst, 0, UDP_LEN as u16)
-        }
-        _ => return None,
-    };
-    let tot_len = u16::from_be_bytes(ip.tot_len);
-    let frame_len = ctx.data_end() - ctx.data();
-    if ETH_LEN + usize::from(tot_len) > frame_len || tot_len < IP_LEN as u16 + doff {
-        return None;
-    }
-    if ip.proto == IPPROTO_TCP && usize::from(doff) < TCP_LEN {
-        return None;
-    }
-    let l4_hdr_len = doff;
-    Some(Packet {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
-        sport: u16::from_ne_bytes(sport),
-        dport: u16::from_ne_bytes(dport),
-        proto: ip.proto,
-        tcp_flags,
-        ip_tot_len: tot_len,
-        l4_hdr_len,
-    })
-}
 
 /// Reads, updates and writes back a native-order u16 at `off` (bounds checked).
 #[inline(always)]
@@ -108,14 +44,14 @@ fn write_u32(ctx: &XdpContext, off: usize, v: u32) -> Option<()> {
 fn dnat(ctx: &XdpContext, p: &Packet, addr: u32, port: u16) -> Option<()> {
     // Validate every location first so a failure cannot leave a half-written packet.
     let csum_off = if p.proto == IPPROTO_UDP {
-        L4_OFF + 6
+        UDP_CSUM_OFF
     } else {
-        L4_OFF + 16
+        TCP_CSUM_OFF
     };
     ptr_at::<u16>(ctx, csum_off)?;
-    ptr_at::<u32>(ctx, IP_OFF + 16)?;
-    update_u16(ctx, IP_OFF + 10, |c| csum::replace4(c, p.daddr, addr))?;
-    write_u32(ctx, IP_OFF + 16, addr)?;
+    ptr_at::<u32>(ctx, IP_DADDR_OFF)?;
+    update_u16(ctx, IP_CSUM_OFF, |c| csum::replace4(c, p.daddr, addr))?;
+    write_u32(ctx, IP_DADDR_OFF, addr)?;
     if p.proto == IPPROTO_UDP {
         update_u16(ctx, csum_off, |c| {
             csum::udp_replace2(csum::udp_replace4(c, p.daddr, addr), p.dport, port)
@@ -125,13 +61,16 @@ fn dnat(ctx: &XdpContext, p: &Packet, addr: u32, port: u16) -> Option<()> {
             csum::replace2(csum::replace4(c, p.daddr, addr), p.dport, port)
         })?;
     }
-    update_u16(ctx, L4_OFF + 2, |_| port)
+    update_u16(ctx, L4_DPORT_OFF, |_| port)
 }
 
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext) -> u32 {
-    let Some(p) = parse(ctx) else {
-        return PASS;
+    // SCTP (its CRC32c would need recomputing on a port change) and everything the parser
+    // refuses are the TC program's job, which sees the packet next.
+    let p = match parse::parse(ctx) {
+        Parsed::Ok(p) if p.proto != IPPROTO_SCTP => p,
+        _ => return PASS,
     };
     let key = lb::frontend_key(&p);
     let Some(svc) = lb::frontend(&key) else {

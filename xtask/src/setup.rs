@@ -68,7 +68,7 @@ pub fn run_build_setup(steps: &mut Steps, extra: &[&str]) -> Result<()> {
 fn setup_steps(steps: &mut Steps, packages: &[&str]) -> Result<()> {
     steps.step("apt packages", || apt_install(packages))?;
     steps.step(
-        &format!("rust toolchain {EBPF_TOOLCHAIN} + rust-src"),
+        &format!("rust toolchain {EBPF_TOOLCHAIN} + rust-src, clippy"),
         toolchain,
     )?;
     steps.step("bpf-linker 0.13 (LLVM 22)", bpf_linker)?;
@@ -109,36 +109,84 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Components of the eBPF toolchain: `rust-src` for `-Z build-std=core`, clippy for
+/// [`ebpf_clippy`].
+const EBPF_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
 fn toolchain() -> Result<()> {
     let list = run::quiet(Command::new("rustup").args(["toolchain", "list"]))?;
     let have_toolchain = list.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN));
-    let have_src = have_toolchain
-        && run::quiet(Command::new("rustup").args([
+    let missing: Vec<&str> = if have_toolchain {
+        let installed = run::quiet(Command::new("rustup").args([
             "component",
             "list",
             "--installed",
             "--toolchain",
             EBPF_TOOLCHAIN,
-        ]))?
-        .lines()
-        .any(|l| l.trim().starts_with("rust-src"));
-    if have_toolchain && have_src {
-        println!("    {EBPF_TOOLCHAIN} with rust-src already installed");
+        ]))?;
+        EBPF_COMPONENTS
+            .iter()
+            .copied()
+            .filter(|c| !installed.lines().any(|l| l.trim().starts_with(c)))
+            .collect()
+    } else {
+        EBPF_COMPONENTS.to_vec()
+    };
+    if missing.is_empty() {
+        println!(
+            "    {EBPF_TOOLCHAIN} with {} already installed",
+            EBPF_COMPONENTS.join(", ")
+        );
         return Ok(());
     }
-    run::run_ok(
-        "rustup toolchain install",
-        Command::new("rustup").args([
-            "toolchain",
-            "install",
-            EBPF_TOOLCHAIN,
-            "--profile",
-            "minimal",
-            "-c",
-            "rust-src",
-            "--no-self-update",
-        ]),
-    )
+    if have_toolchain {
+        return run::run_ok(
+            "rustup component add",
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", EBPF_TOOLCHAIN])
+                .args(&missing),
+        );
+    }
+    let mut install = Command::new("rustup");
+    install.args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--no-self-update",
+    ]);
+    for c in EBPF_COMPONENTS {
+        install.args(["-c", c]);
+    }
+    run::run_ok("rustup toolchain install", &mut install)
+}
+
+/// `cargo clippy -D warnings` on `svc-lb-ebpf` the way svc-lb/build.rs (aya-build) builds it:
+/// the pinned nightly, the BPF target, `-Z build-std=core`, release, `bpf_target_arch` set. Its
+/// own target directory (`<target>/ebpf-clippy`): the flags differ from every host build.
+pub fn ebpf_clippy() -> Result<()> {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("ebpf-clippy");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", EBPF_TOOLCHAIN, "cargo", "clippy"])
+        .args(["--package", "svc-lb-ebpf", "--lib", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .args(["--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        );
+    // As aya-build does: the outer cargo's RUSTC would replace the nightly's, and its CARGO
+    // would run the stable cargo under `rustup run`.
+    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
+        cmd.env_remove(key);
+    }
+    run::run_ok("cargo clippy (svc-lb-ebpf)", &mut cmd)
 }
 
 fn bpf_linker_version() -> Option<String> {

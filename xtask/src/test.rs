@@ -68,7 +68,7 @@ pub fn test() -> Result<()> {
         );
     }
     let started = Instant::now();
-    let mut steps = Steps::new(8);
+    let mut steps = Steps::new(9);
     if let Err(e) = setup::run_setup(&mut steps) {
         steps.summary(started);
         return Err(e.context("setup failed"));
@@ -88,6 +88,10 @@ pub fn test() -> Result<()> {
         cmd.args(["--all-targets", "--", "-D", "warnings"]);
         run::run_ok("cargo clippy", &mut cmd)
     });
+    let _ = steps.step(
+        "cargo clippy svc-lb-ebpf (BPF target) -D warnings",
+        setup::ebpf_clippy,
+    );
     let built = steps.step("cargo build --bins (svc-lb, svc-lb-echo)", || {
         run::run_ok(
             "cargo build",

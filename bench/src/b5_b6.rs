@@ -34,7 +34,7 @@ use crate::{
 };
 
 #[derive(Clone, Copy, Debug)]
-pub struct B6Config {
+pub struct B5B6Config {
     pub services: usize,
     pub eps: usize,
     pub pods: usize,
@@ -204,7 +204,7 @@ struct Measured {
     change_p99_s: f64,
 }
 
-fn measure(n: usize, cfg: &B6Config, bin: &Path) -> Result<Measured> {
+fn measure(n: usize, cfg: &B5B6Config, bin: &Path) -> Result<Measured> {
     let mut sc = Scenario::synthetic(n, cfg.eps, cfg.pods);
     let ns = TempNetns::new("b6")?;
     // A veth pair rather than a dummy interface: not every kernel has the dummy driver.
@@ -326,7 +326,7 @@ fn measure(n: usize, cfg: &B6Config, bin: &Path) -> Result<Measured> {
     })
 }
 
-pub fn run(cfg: &B6Config, bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
+pub fn run(cfg: &B5B6Config, bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
     if !bin.is_file() {
         return Err(BenchError::Check(format!(
             "{} not found (cargo build --release -p svc-lb)",

@@ -23,7 +23,7 @@ use svc_lb_tests::netns::{NODE_IP, Netns, Topology};
 
 use crate::{
     BenchError, Result,
-    b6::{Agent, open_hash, programmed_backends, write_manifests},
+    b5_b6::{Agent, open_hash, programmed_backends, write_manifests},
     kubeproxy::{iptables, nftables},
     ns::{TempDir, run_timed},
     report::Row,
@@ -56,7 +56,7 @@ impl Mode {
 }
 
 #[derive(Clone, Debug)]
-pub struct B2Config {
+pub struct B2B3Config {
     pub scales: Vec<usize>,
     /// iperf3 duration of each B3 bulk run (seconds).
     pub bulk_secs: u32,
@@ -295,7 +295,7 @@ fn programmed_frontends(services: &HashMap<MapData, ServiceKeyV4, ServiceEntry>)
         .count()
 }
 
-pub fn measure(mode: Mode, n: usize, cfg: &B2Config, svc_lb: &Path) -> Result<Measured> {
+pub fn measure(mode: Mode, n: usize, cfg: &B2B3Config, svc_lb: &Path) -> Result<Measured> {
     let topo = topology()?;
     let sc = Scenario::single_backend(n, POD);
     let programmed = program(mode, &topo, &sc, svc_lb)?;
@@ -373,7 +373,7 @@ const MODES: [Mode; 5] = [
     Mode::Direct,
 ];
 
-pub fn run(cfg: &B2Config, svc_lb: &Path, rows: &mut Vec<Row>) -> Result<()> {
+pub fn run(cfg: &B2B3Config, svc_lb: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let mut gbps = Vec::new();
     for mode in MODES {
         eprintln!("B3: bulk iperf3, {}", mode.label());
