@@ -1,15 +1,53 @@
 use std::net::Ipv4Addr;
 
 use svc_lb_common::{
-    BE_STATE_ACTIVE, BE_STATE_TERMINATING, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
-    SVC_F_MAGLEV, ServiceKeyV4, maglev::MAGLEV_TABLE_SIZE,
+    BE_STATE_ACTIVE, BE_STATE_TERMINATING, BackendV4, CtEntry, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
+    RevNatId, RevNatV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT,
+    SVC_F_SOURCE_RANGES, ServiceEntry, ServiceKeyV4, maglev::MAGLEV_TABLE_SIZE,
 };
 
-use super::*;
-use crate::{
-    maps::{FakeLbMaps, dump_text},
-    model::{BackendAddr, FrontendKind, LbAlgorithm, LbPolicy, ServicePortRef},
+use super::{
+    Limits, Outcome, PlanErrorKind, ReconcileError, Reconciler,
+    drain::Live,
+    plan::{Plan, Planner},
 };
+use crate::{
+    maps::{FakeLbMaps, LbMaps, MapState, Op, dump_text},
+    model::{
+        BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, LbAlgorithm, LbPolicy,
+        Proto, ServicePortRef,
+    },
+};
+
+mod incremental;
+
+/// A full plan with the datapath's map sizes, its writes as a list.
+fn plan(desired: &DesiredState, current: &MapState) -> Plan {
+    plan_with_limits(desired, current, Limits::default())
+}
+
+/// A full plan (no flow known to be live, so nothing drains), its writes as a list.
+fn plan_with_limits(desired: &DesiredState, current: &MapState, limits: Limits) -> Plan {
+    Planner::full(current, limits, &Live::default()).plan_full(desired)
+}
+
+/// Frontends (slot 0 entries) in a plan's target.
+fn frontend_count(p: &Plan) -> usize {
+    p.target
+        .services
+        .keys()
+        .filter(|k| k.backend_slot == 0)
+        .count()
+}
+
+/// A full reconcile through the agent's entry point, as a fresh agent runs it.
+fn reconcile(
+    maps: &mut impl LbMaps,
+    desired: &DesiredState,
+    limits: Limits,
+) -> Result<Outcome, ReconcileError> {
+    Reconciler::new(limits).full(maps, desired)
+}
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -166,13 +204,13 @@ fn apply_checked(start: &MapState, ops: &[Op]) -> MapState {
 /// Plans from `current`, applies with the consistency check, and checks the plan reached its
 /// target and a re-plan is empty.
 fn step(current: &MapState, desired: &DesiredState) -> (MapState, Vec<Op>) {
-    let plan = plan(desired, current);
-    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
-    let after = apply_checked(current, &plan.ops);
-    assert_eq!(after, plan.target);
-    let again = super::plan(desired, &after);
+    let p = plan(desired, current);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let after = apply_checked(current, &p.ops);
+    assert_eq!(after, p.target);
+    let again = plan(desired, &after);
     assert!(again.ops.is_empty(), "re-plan not empty: {:?}", again.ops);
-    (after, plan.ops)
+    (after, p.ops)
 }
 
 fn svc_key(addr: &str, port: u16, slot: u16) -> ServiceKeyV4 {
@@ -494,7 +532,7 @@ fn backend_id_exhaustion_skips_only_that_frontend() {
         p.errors[0].to_string(),
         "kube-system/dns-like:dns frontend 10.96.0.53:53/UDP: no free backend id; not programmed"
     );
-    assert_eq!(p.frontend_count(), 1);
+    assert_eq!(frontend_count(&p), 1);
     let after = apply_checked(&MapState::default(), &p.ops);
     assert_eq!(after, p.target);
 }
@@ -538,7 +576,7 @@ fn rev_nat_id_exhaustion() {
     assert_eq!(p.errors.len(), 1);
     assert_eq!(p.errors[0].kind, PlanErrorKind::RevNatIdsExhausted);
     assert_eq!(p.errors[0].frontend.port, 30080, "the last in key order");
-    assert_eq!(p.frontend_count(), 2);
+    assert_eq!(frontend_count(&p), 2);
     // The backends the failed frontend would share stay (used by the ClusterIP frontend),
     // and nothing was allocated for it alone.
     assert_eq!(p.target.backends.len(), 6);
@@ -1034,8 +1072,6 @@ fn source_ranges_are_written_before_enforcement_and_removed_after() {
     assert!(del_src < del_rev, "{t:?}");
 }
 
-mod incremental;
-
 #[test]
 fn remote_backends_are_flagged_and_the_flag_follows_the_node() {
     let with_remote = |remote: &[&str]| {
@@ -1143,4 +1179,24 @@ fn in_cluster_twin_is_programmed_in_the_internal_scope() {
     let (s3, _) = step(&s2, &state([local]));
     assert!(s3.services.keys().all(|k| k.scope == SCOPE_EXTERNAL));
     assert_eq!(s3.services[&ext0].flags, SVC_F_NODE_PORT);
+}
+
+#[test]
+fn limits_of_the_default_capacity_are_the_default_limits() {
+    let capacity = crate::dataplane::capacity::MapCapacity::default();
+    assert_eq!(Limits::from(&capacity), Limits::default());
+    let bigger = crate::dataplane::capacity::MapCapacity {
+        max_services: 131_072,
+        max_backends: 1_048_576,
+        ..capacity
+    };
+    let limits = Limits::default().with_capacity(&bigger);
+    assert_eq!(
+        (
+            limits.max_revnat,
+            limits.max_backends,
+            limits.max_service_entries
+        ),
+        (131_072, 1_048_576, bigger.service_entries())
+    );
 }
