@@ -27,7 +27,7 @@ use svc_lb::{
     dataplane::{TC_INGRESS_PROG, XDP_PROG, capacity::MapCapacity, ebpf_object},
     maps::BpfLbMaps,
     model::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbPolicy, Proto, ServicePortRef},
-    reconcile::{self, Limits},
+    reconcile::{Limits, Reconciler},
 };
 use svc_lb_common::{STAT_DNAT, TC_PASS_PROG, XDP_PASS_PROG, maps};
 use svc_lb_tests::packet::{self, TCP_ACK};
@@ -150,7 +150,8 @@ fn load(n: usize, eps: usize, pods: usize, capacity: &MapCapacity) -> Result<Loa
         desired.frontends.insert(fe.key, fe);
     }
     let mut maps = BpfLbMaps::open(&pins.0).map_err(|e| BenchError::bpf("open pins", e))?;
-    let out = reconcile::reconcile(&mut maps, &desired, capacity.limits(Limits::default()))
+    let out = Reconciler::new(Limits::from(capacity))
+        .full(&mut maps, &desired)
         .map_err(|e| BenchError::bpf("reconcile", e))?;
     if !out.errors.is_empty() || out.frontends != n + 2 {
         return Err(BenchError::Check(format!(

@@ -1,11 +1,20 @@
 //! IPv4 addresses of network interfaces: the default node IPs NodePort frontends listen on.
 
-use std::{ffi::CStr, net::Ipv4Addr};
+use std::{ffi::CStr, io, net::Ipv4Addr};
 
-use crate::{
-    dataplane::pattern::{glob_match, is_pattern},
-    error::NetifError,
-};
+use thiserror::Error;
+
+use crate::dataplane::pattern::{glob_match, is_pattern};
+
+/// Looking up interface addresses.
+#[derive(Debug, Error)]
+pub enum NetifError {
+    #[error("interface {0:?} does not exist")]
+    NoSuchInterface(String),
+
+    #[error("getifaddrs failed")]
+    Getifaddrs(#[source] io::Error),
+}
 
 /// All (interface name, IPv4 address) pairs of this network namespace, in kernel order.
 fn all_ipv4() -> Result<Vec<(String, Ipv4Addr)>, NetifError> {

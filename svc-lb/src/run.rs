@@ -38,13 +38,12 @@ use tracing::{debug, info, warn};
 use crate::{
     cli::RunArgs,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
-    error::{MapsError, NetifError},
     k8s::{
         alloc::{AllocConfig, RecordStore, StandaloneAllocator},
         manifest::{Loader, Location, ManifestError, manifest_files},
     },
-    maps::BpfLbMaps,
-    netif,
+    maps::{BpfLbMaps, MapsError},
+    netif::{self, NetifError},
     reconcile::{self, Outcome},
     translate::{SharedObjects, TranslateConfig},
 };

@@ -15,7 +15,7 @@ use svc_lb::{
     },
     maps::FakeLbMaps,
     model::DesiredState,
-    reconcile::{Limits, reconcile},
+    reconcile::{Limits, Reconciler},
     translate::{TranslateConfig, translate},
 };
 use svc_lb_tests::{
@@ -504,12 +504,14 @@ async fn one_slice_change_rewrites_only_its_services_entries() {
     let watch = env.synced_watch().await;
     let mut maps = FakeLbMaps::default();
     let first = state(&watch);
-    reconcile(&mut maps, &first, Limits::default()).unwrap();
+    // Full reconciles each time: what a restarted agent writes for the new objects.
+    let mut rec = Reconciler::new(Limits::default());
+    rec.full(&mut maps, &first).unwrap();
     let before = maps.state.clone();
 
     env.scale_web(&watch, 6, "pod-new", "web scaled").await;
     let second = state(&watch);
-    let outcome = reconcile(&mut maps, &second, Limits::default()).unwrap();
+    let outcome = rec.full(&mut maps, &second).unwrap();
     assert!(outcome.ops > 0);
     // web's frontends are its ClusterIP and its NodePort on the node address.
     let web =
@@ -532,6 +534,6 @@ async fn one_slice_change_rewrites_only_its_services_entries() {
         "new backend not programmed"
     );
     // Nothing changed in the cluster: nothing to write.
-    let again = reconcile(&mut maps, &second, Limits::default()).unwrap();
+    let again = rec.full(&mut maps, &second).unwrap();
     assert_eq!(again.ops, 0);
 }

@@ -13,13 +13,13 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use svc_lb::{
-    dataplane::capacity::{MapCapacity, pinned_limits},
-    error::MapsError,
-    maps::{BpfLbMaps, LbMaps, LbStats, MapState, Op, Purge},
+    dataplane::capacity::MapCapacity,
+    maps::{BpfLbMaps, FakeLbMaps, LbMaps, LbStats, MapsError, Op, Purge},
+    model::LbAlgorithm,
     model::{
         BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Proto, ServicePortRef,
     },
-    reconcile::{Limits, plan, reconcile},
+    reconcile::{Limits, Reconciler},
 };
 use svc_lb_common::{
     BACKENDS_MAP, BE_STATS_MAP, CT_MAP, Counter, CtEntry, CtKeyV4, MAX_BACKENDS, STAT_COUNT,
@@ -77,23 +77,30 @@ fn reconcile_dump_and_reopen_against_kernel_maps() {
     let pins = pinned_maps("maps-roundtrip");
     let mut maps = BpfLbMaps::open(&pins.0).unwrap();
     let want = desired(&[[10, 244, 1, 2], [10, 244, 2, 2], [10, 244, 3, 2]]);
-    let outcome = reconcile(&mut maps, &want, Limits::default()).unwrap();
+    let outcome = Reconciler::new(Limits::default())
+        .full(&mut maps, &want)
+        .unwrap();
     assert_eq!((outcome.frontends, outcome.backends), (1, 3));
-    let expected = plan(&want, &MapState::default()).target;
-    assert_eq!(maps.dump().unwrap(), expected);
+    // The kernel holds what the in-memory maps hold after the same reconcile.
+    let mut fake = FakeLbMaps::default();
+    Reconciler::new(Limits::default())
+        .full(&mut fake, &want)
+        .unwrap();
+    assert_eq!(maps.dump().unwrap(), fake.state);
 
     // A second process (restarted agent, `svc-lb debug`) sees the same state and has nothing to
     // do.
     drop(maps);
     let mut maps = BpfLbMaps::open(&pins.0).unwrap();
-    assert_eq!(maps.dump().unwrap(), expected);
-    assert!(plan(&want, &maps.dump().unwrap()).ops.is_empty());
+    assert_eq!(maps.dump().unwrap(), fake.state);
+    let mut restarted = Reconciler::new(Limits::default());
+    assert_eq!(restarted.full(&mut maps, &want).unwrap().ops, 0);
 
     // Scale down: the kernel agrees with the plan.
     let fewer = desired(&[[10, 244, 1, 2]]);
-    reconcile(&mut maps, &fewer, Limits::default()).unwrap();
+    restarted.full(&mut maps, &fewer).unwrap();
     assert_eq!(maps.dump().unwrap().backends.len(), 1);
-    assert!(plan(&fewer, &maps.dump().unwrap()).ops.is_empty());
+    assert_eq!(restarted.full(&mut maps, &fewer).unwrap().ops, 0);
 }
 
 #[test]
@@ -233,15 +240,22 @@ fn maps_get_the_requested_sizes_and_adopted_pins_keep_theirs() {
     assert!(small.warn_adopted(&dir.0).is_empty(), "nothing pinned yet");
     load_with(&dir.0, &small);
     assert_eq!(MapCapacity::from_pins(&dir.0).unwrap(), small);
-    let limits = pinned_limits(&dir.0, Limits::default());
+    // The reconcile limits follow the pinned sizes and keep the other settings.
+    let base = Limits {
+        default_algorithm: LbAlgorithm::Maglev,
+        ..Limits::default()
+    };
     assert_eq!(
-        (
-            limits.max_revnat,
-            limits.max_backends,
-            limits.max_service_entries
-        ),
-        (1_024, 4_096, 1_024 + 4_096)
+        base.pinned(&dir.0),
+        Limits {
+            max_revnat: 1_024,
+            max_backends: 4_096,
+            max_service_entries: 1_024 + 4_096,
+            ..base
+        }
     );
+    // Without pins the limits stay as they were (writes beyond the real sizes fail on the map).
+    assert_eq!(base.pinned(&dir.0.join("missing")), base);
 
     // A second load asking for more adopts the pins: their sizes stay and are reported.
     let bigger = MapCapacity {

@@ -8,9 +8,9 @@
 //! naming the map, both sizes and how to apply the new size (`svc-lb uninstall`, which also
 //! drops conntrack, then start again), and keeps running with the pinned size. Refusing to start
 //! instead would take the node's Service traffic down over a sizing flag. The reconcile limits
-//! are always taken from the pinned maps ([`MapCapacity::from_pins`]), so a frontend or backend
-//! beyond the real capacity is reported as "ids exhausted" / "service map full" instead of
-//! failing on a map write.
+//! are always taken from the pinned maps (`reconcile::Limits::pinned`, which reads
+//! [`MapCapacity::from_pins`]), so a frontend or backend beyond the real capacity is reported
+//! as "ids exhausted" / "service map full" instead of failing on a map write.
 
 use std::path::{Path, PathBuf};
 
@@ -21,8 +21,6 @@ use svc_lb_common::{
     MAX_REVNAT, REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 use tracing::warn;
-
-use crate::reconcile::Limits;
 
 /// Why the capacities of the pinned maps could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -272,16 +270,6 @@ impl MapCapacity {
         })
     }
 
-    /// Reconcile limits for maps of this capacity (`base` supplies the other settings).
-    pub fn limits(&self, base: Limits) -> Limits {
-        Limits {
-            max_revnat: self.max_services,
-            max_backends: self.max_backends,
-            max_service_entries: self.service_entries(),
-            ..base
-        }
-    }
-
     /// Kernel memory of the per-CPU per-backend and per-frontend counters on this machine
     /// (`LB4_BE_STATS` + `LB4_SVC_STATS`): the part of the maps that grows with the CPU count.
     pub fn per_cpu_stats_bytes(&self, possible_cpus: usize) -> u64 {
@@ -302,24 +290,6 @@ pub fn flag_of(name: &str) -> &'static str {
     }
 }
 
-/// Reconcile limits following the maps pinned under `pin_dir` (`base` supplies the other
-/// settings). Falls back to `base` with a warning when the pins cannot be read, so writes
-/// beyond the real capacity then fail on the map instead.
-pub fn pinned_limits(pin_dir: &Path, base: Limits) -> Limits {
-    let caps = match MapCapacity::from_pins(pin_dir) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %crate::error::chain(&e), "cannot read map capacities; using defaults");
-            return base;
-        }
-    };
-    let mut limits = caps.limits(base);
-    if let Ok(info) = MapInfo::from_pin(pin_dir.join(SERVICES_MAP)) {
-        limits.max_service_entries = info.max_entries();
-    }
-    limits
-}
-
 #[cfg(test)]
 mod tests {
     use svc_lb_common::MAX_SERVICE_ENTRIES;
@@ -334,11 +304,6 @@ mod tests {
         assert!(sizes.contains(&(BACKENDS_MAP, MAX_BACKENDS)));
         assert!(sizes.contains(&(REVNAT_MAP, MAX_REVNAT)));
         assert!(sizes.contains(&(CT_MAP, MAX_CT_ENTRIES)));
-        let l = c.limits(Limits::default());
-        assert_eq!(
-            (l.max_revnat, l.max_backends, l.max_service_entries),
-            (MAX_REVNAT, MAX_BACKENDS, MAX_SERVICE_ENTRIES)
-        );
     }
 
     #[test]

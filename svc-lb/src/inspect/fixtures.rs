@@ -8,7 +8,7 @@ use crate::{
     model::{
         BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Proto, ServicePortRef,
     },
-    reconcile::{Limits, reconcile},
+    reconcile::{Limits, Reconciler},
 };
 
 /// A frontend of Service port `svc` (`namespace/name:port`) with `be` as its backends
@@ -82,7 +82,9 @@ pub(crate) fn fake() -> FakeLbMaps {
         .collect(),
     };
     let mut maps = FakeLbMaps::default();
-    reconcile(&mut maps, &desired, Limits::default()).unwrap();
+    Reconciler::new(Limits::default())
+        .full(&mut maps, &desired)
+        .unwrap();
     maps.svc_stats.insert(
         1,
         Counter {

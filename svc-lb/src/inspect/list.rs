@@ -190,7 +190,7 @@ mod tests {
     use crate::{
         maps::FakeLbMaps,
         model::{DesiredState, Frontend, FrontendKind},
-        reconcile::{Limits, reconcile},
+        reconcile::{Limits, Reconciler},
     };
 
     /// A frontend of `svc` (`namespace/name:port`) with one backend.
@@ -239,7 +239,9 @@ mod tests {
             frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
         };
         let mut maps = FakeLbMaps::default();
-        reconcile(&mut maps, &desired, Limits::default()).unwrap();
+        Reconciler::new(Limits::default())
+            .full(&mut maps, &desired)
+            .unwrap();
         maps.state
     }
 

@@ -23,7 +23,7 @@ pub mod table;
 
 use thiserror::Error;
 
-use crate::error::MapsError;
+use crate::maps::MapsError;
 
 /// `svc-lb debug` and `svc-lb service`.
 #[derive(Debug, Error)]

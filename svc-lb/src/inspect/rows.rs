@@ -12,10 +12,7 @@ use svc_lb_common::{
     SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ip_from_net, port_from_net,
 };
 
-use crate::{
-    error::MapsError,
-    maps::{LbMaps, LbStats, MapState, dump},
-};
+use crate::maps::{LbMaps, LbStats, MapState, MapsError, dump};
 
 fn name_of(state: &MapState, rev_nat_id: RevNatId) -> String {
     state.names.get(&rev_nat_id).map_or_else(

@@ -15,8 +15,7 @@ use svc_lb_common::{
     ServiceEntry, ServiceKeyV4, SrcRangeKeyV4, SvcName, ip_from_net, ip_to_net,
 };
 
-use super::{LbMaps, LbStats, MapState, Op, Purge, SrcRange};
-use crate::error::MapsError;
+use super::{LbMaps, LbStats, MapState, MapsError, Op, Purge, SrcRange};
 
 type Hash<K, V> = HashMap<MapData, K, V>;
 type PerCpu<V> = PerCpuArray<MapData, V>;

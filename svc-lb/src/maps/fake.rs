@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use svc_lb_common::RevNatId;
 use svc_lb_common::{AffinityEntry, AffinityKeyV4, Counter, CtEntry, CtKeyV4};
 
+use super::MapsError;
 use super::{LbMaps, LbStats, MapState, Op};
-use crate::error::MapsError;
 
 #[derive(Clone, Debug, Default)]
 pub struct FakeLbMaps {

@@ -4,6 +4,7 @@
 
 mod bpf;
 pub(crate) mod dump;
+mod error;
 mod fake;
 
 use std::{
@@ -19,9 +20,8 @@ use svc_lb_common::{
 
 pub use bpf::{BpfLbMaps, program_local_sources};
 pub use dump::dump_text;
+pub use error::MapsError;
 pub use fake::FakeLbMaps;
-
-use crate::error::MapsError;
 
 /// Contents of the maps the agent owns. Ordered so that dumps and diffs are deterministic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

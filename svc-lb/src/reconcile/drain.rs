@@ -15,9 +15,15 @@
 
 use std::collections::BTreeSet;
 
-use svc_lb_common::{CT_DIR_FORWARD, CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP, RevNatId};
+use svc_lb_common::{
+    BE_STATE_TERMINATING, BackendV4, CT_DIR_FORWARD, CT_F_CLOSING, CtEntry, CtKeyV4, IPPROTO_TCP,
+    RevNatId, SCOPE_INTERNAL, ServiceEntry,
+};
 
-use super::Limits;
+use super::{
+    Limits,
+    plan::{KIND_FLAGS, Planner, frontend_key},
+};
 use crate::{
     maps::MapState,
     model::{DesiredState, FrontendKey, Proto},
@@ -25,20 +31,20 @@ use crate::{
 
 /// What live TCP flows use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Live {
+pub(super) struct Live {
     /// Backend ids of flows seen within `drain_idle` (`drain_closing` once a FIN or RST was
     /// seen, enough for the last segments of the close).
-    pub backends: BTreeSet<u32>,
+    pub(super) backends: BTreeSet<u32>,
     /// Rev-NAT ids of established flows within `drain_idle`: the client side (forward
     /// entry) has sent no FIN or RST yet. Closing flows do not keep a deleted Service: its
     /// address should stop answering as soon as no client uses it any more, not a minute after
     /// every short request. (The reply entry is not asked: a server whose client reset the
     /// connection never sends a FIN, so that entry would look established for an hour.)
-    pub frontends: BTreeSet<RevNatId>,
+    pub(super) frontends: BTreeSet<RevNatId>,
 }
 
 /// The ids live TCP flows use (see [`Live`]).
-pub fn live_tcp(flows: &[(CtKeyV4, CtEntry)], now_ns: u64, limits: &Limits) -> Live {
+pub(super) fn live_tcp(flows: &[(CtKeyV4, CtEntry)], now_ns: u64, limits: &Limits) -> Live {
     let idle = limits.drain_idle.as_nanos();
     let closing = limits.drain_closing.as_nanos();
     let mut live = Live::default();
@@ -58,15 +64,6 @@ pub fn live_tcp(flows: &[(CtKeyV4, CtEntry)], now_ns: u64, limits: &Limits) -> L
     live
 }
 
-/// Backend ids that live TCP flows use (see [`live_tcp`]).
-pub fn live_tcp_backends(
-    flows: &[(CtKeyV4, CtEntry)],
-    now_ns: u64,
-    limits: &Limits,
-) -> BTreeSet<u32> {
-    live_tcp(flows, now_ns, limits).backends
-}
-
 /// Whether a programmed frontend that is not desired any more might drain instead of going.
 pub(super) fn may_drain(key: &FrontendKey) -> bool {
     key.proto == Proto::Tcp
@@ -75,7 +72,7 @@ pub(super) fn may_drain(key: &FrontendKey) -> bool {
 /// Whether the plan may have to decide about draining: some programmed TCP backend or TCP
 /// frontend is not in the desired state (removed now, or already draining). Otherwise
 /// conntrack is not read.
-pub fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
+pub(super) fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
     let removed_frontend = current
         .services
         .iter()
@@ -85,7 +82,7 @@ pub fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
                 ip: k.ip(),
                 port: k.port(),
                 proto: Proto::from_number(k.proto)?,
-                internal: k.scope == svc_lb_common::SCOPE_INTERNAL,
+                internal: k.scope == SCOPE_INTERNAL,
             })
         })
         .any(|k| may_drain(&k) && !desired.frontends.contains_key(&k));
@@ -105,6 +102,80 @@ pub fn needs_flow_scan(desired: &DesiredState, current: &MapState) -> bool {
         .backends
         .values()
         .any(|b| b.proto == IPPROTO_TCP && !wanted.contains(&(b.ip(), b.port_host(), b.proto)))
+}
+
+/// The planner's drain decisions.
+impl Planner<'_> {
+    /// A programmed TCP frontend that is no longer desired but still has live flows stays as
+    /// slot 0 without slots (the datapath then serves established flows and refuses new ones)
+    /// with its rev-NAT entry and name; its backends drain in `drain_backends`. Maglev tables,
+    /// source ranges and affinity go: they only matter for new connections.
+    pub(super) fn drain_frontend(&mut self, key: &FrontendKey) {
+        let Some(p) = self.programmed.get(key) else {
+            return;
+        };
+        let rev = p.rev_nat_id;
+        let cur = self.current;
+        let k0 = frontend_key(key, 0);
+        let (Some(entry0), Some(r)) = (cur.services.get(&k0), cur.revnat.get(&rev)) else {
+            return;
+        };
+        if !may_drain(key)
+            || !self.live.frontends.contains(&rev)
+            // A desired frontend adopted the id (only in maps with duplicated ids).
+            || self.target.revnat.contains_key(&rev)
+        {
+            return;
+        }
+        tracing::info!(
+            frontend = %key,
+            rev_nat_id = rev,
+            "removed frontend kept without backends while established flows use it"
+        );
+        self.target.services.insert(
+            k0,
+            ServiceEntry {
+                count: 0,
+                rev_nat_id: rev,
+                flags: entry0.flags & KIND_FLAGS,
+                ..Default::default()
+            },
+        );
+        self.target.revnat.insert(rev, *r);
+        if let Some(n) = cur.names.get(&rev) {
+            self.target.names.insert(rev, *n);
+        }
+    }
+
+    /// Removed TCP backends that live flows still use stay, TERMINATING (in no slot, so no new
+    /// flow can pick them); the rest are deleted by the diff. Only `candidates` are looked at.
+    pub(super) fn drain_backends(&mut self, candidates: impl IntoIterator<Item = u32>) {
+        for id in candidates {
+            let Some(b) = self.current.backends.get(&id) else {
+                continue;
+            };
+            if b.proto == IPPROTO_TCP
+                && self.live.backends.contains(&id)
+                && (1..self.limits.max_backends).contains(&id)
+                && !self.target.backends.contains_key(&id)
+            {
+                let draining = BackendV4 {
+                    state: BE_STATE_TERMINATING,
+                    ..*b
+                };
+                self.target.backends.insert(id, draining);
+            }
+        }
+    }
+}
+
+/// Removed TCP backends kept for their flows.
+pub(super) fn draining(state: &MapState) -> usize {
+    state
+        .backends
+        .values()
+        .filter(|b| b.state == BE_STATE_TERMINATING)
+        .count()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 /// the free set is small (only holes left by deletions), so the agent can keep one pool per id
 /// space across syncs and clone it cheaply for each plan instead of rebuilding it from a dump.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct IdPool {
+pub(super) struct IdPool {
     /// Unused ids below `high`.
     free: BTreeSet<u32>,
     /// Every id in `high..end` is unused.
@@ -19,7 +19,7 @@ pub(crate) struct IdPool {
 }
 
 impl IdPool {
-    pub(crate) fn new(end: u32, used: impl IntoIterator<Item = u32>) -> Self {
+    pub(super) fn new(end: u32, used: impl IntoIterator<Item = u32>) -> Self {
         let mut pool = Self {
             free: BTreeSet::new(),
             high: 1,
@@ -31,7 +31,7 @@ impl IdPool {
         pool
     }
 
-    pub(crate) fn alloc(&mut self) -> Option<u32> {
+    pub(super) fn alloc(&mut self) -> Option<u32> {
         if let Some(id) = self.free.pop_first() {
             return Some(id);
         }
@@ -42,7 +42,7 @@ impl IdPool {
     }
 
     /// Marks `id` as used (ids outside `1..end` are never handed out anyway).
-    pub(crate) fn take(&mut self, id: u32) {
+    pub(super) fn take(&mut self, id: u32) {
         if id == 0 || id >= self.end {
             return;
         }
@@ -55,7 +55,7 @@ impl IdPool {
     }
 
     /// Returns `id` to the pool: handed out by `alloc` but not used after all, or deleted.
-    pub(crate) fn free(&mut self, id: u32) {
+    pub(super) fn free(&mut self, id: u32) {
         if id == 0 || id >= self.high {
             return;
         }
@@ -71,7 +71,7 @@ impl IdPool {
     }
 
     #[cfg(test)]
-    pub(crate) fn is_used(&self, id: u32) -> bool {
+    pub(super) fn is_used(&self, id: u32) -> bool {
         id != 0 && id < self.high && !self.free.contains(&id)
     }
 }

@@ -10,21 +10,21 @@ use svc_lb_common::{IPPROTO_TCP, RevNatId};
 use tracing::debug;
 
 use super::{
-    BackendIdent, Limits, Outcome, PlanError, ReconcileError, apply, backend_index,
-    drain::{Live, live_tcp, may_drain},
-    draining, id_pools,
+    ApplyError, Limits, Outcome, PlanError, ReconcileError,
+    diff::{OpSink, diff},
+    drain::{self, Live, draining, live_tcp, may_drain},
     ids::IdPool,
-    plan_changed, programmed_frontend, reconcile_full,
+    plan::{BackendIdent, Planner, backend_index, id_pools, programmed_frontend, src_ranges_of},
 };
 use crate::{
-    maps::{LbMaps, MapState, Op},
+    maps::{LbMaps, MapState, MapsError, Op},
     model::{DesiredState, FrontendKey},
 };
 
 /// What the maps hold (as far as the agent knows: it wrote all of it), with the indexes a
 /// scoped plan needs so that it never has to walk every entry.
 #[derive(Debug)]
-pub(crate) struct Memory {
+pub(super) struct Memory {
     pub(super) maps: MapState,
     /// Backend address -> id (lowest id if an address is there twice).
     pub(super) backend_ids: HashMap<BackendIdent, u32>,
@@ -39,7 +39,7 @@ pub(crate) struct Memory {
 
 impl Memory {
     /// The record of `maps`, which the maps hold right now.
-    pub(crate) fn new(maps: MapState, limits: Limits) -> Self {
+    pub(super) fn new(maps: MapState, limits: Limits) -> Self {
         let mut backend_refs: HashMap<u32, u32> = HashMap::new();
         let mut frontends = 0;
         for (k, v) in &maps.services {
@@ -61,12 +61,8 @@ impl Memory {
         }
     }
 
-    pub(crate) fn maps(&self) -> &MapState {
-        &self.maps
-    }
-
     /// Records a write that reached the maps, keeping the indexes in step.
-    pub(crate) fn apply(&mut self, op: &Op) {
+    pub(super) fn apply(&mut self, op: &Op) {
         match op {
             Op::UpsertService(k, v) => match self.maps.services.get(k) {
                 None if k.backend_slot == 0 => self.frontends += 1,
@@ -156,10 +152,7 @@ impl Memory {
         let named = m.revnat.contains_key(&id)
             || m.names.contains_key(&id)
             || m.maglev.contains_key(&id)
-            || m.src_ranges
-                .range(super::src_ranges_of(id))
-                .next()
-                .is_some();
+            || m.src_ranges.range(src_ranges_of(id)).next().is_some();
         if !named {
             self.rev_pool.free(id);
         }
@@ -218,14 +211,11 @@ impl Reconciler {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// What the maps hold, as recorded (`None` before the first full reconcile or after a
     /// failed write).
-    pub fn programmed(&self) -> Option<&MapState> {
-        self.memory.as_ref().map(Memory::maps)
+    #[cfg(test)]
+    pub(super) fn programmed(&self) -> Option<&MapState> {
+        self.memory.as_ref().map(|m| &m.maps)
     }
 
     /// Dump -> plan everything -> apply: adopts what is programmed and repairs any drift.
@@ -265,7 +255,7 @@ impl Reconciler {
         } else {
             Live::default()
         };
-        let plan = plan_changed(memory, desired, &keys, self.limits, &live);
+        let plan = Planner::scoped(memory, &keys, self.limits, &live).plan_scoped(desired);
         if let Err(e) = apply(maps, &plan.ops) {
             self.memory = None;
             return Err(e.into());
@@ -285,5 +275,96 @@ impl Reconciler {
             errors: self.errors.values().cloned().collect(),
             draining: draining(&memory.maps),
         })
+    }
+}
+
+/// Dump -> plan -> apply: adopts whatever is programmed (a previous agent's ids included).
+/// Conntrack is read only when a TCP backend or frontend is removed or draining, to find live
+/// flows. Returns what the maps hold afterwards (and the plan's errors) with the outcome.
+fn reconcile_full(
+    maps: &mut impl LbMaps,
+    desired: &DesiredState,
+    limits: Limits,
+) -> Result<(Outcome, MapState, Vec<PlanError>), ReconcileError> {
+    let current = maps.dump().map_err(ReconcileError::Dump)?;
+    let live = if drain::needs_flow_scan(desired, &current) {
+        let (now_ns, flows) = maps.flows().map_err(ReconcileError::Dump)?;
+        live_tcp(&flows, now_ns, &limits)
+    } else {
+        Live::default()
+    };
+    let p = Planner::full(&current, limits, &live).planned_full(desired);
+    let mut sink = ApplySink {
+        maps,
+        count: 0,
+        failed: None,
+    };
+    diff(
+        &current,
+        &p.target,
+        &p.new_backend_ids,
+        &p.new_rev_ids,
+        &mut sink,
+    );
+    let ops = sink.finish()?;
+    let outcome = Outcome {
+        frontends: p
+            .target
+            .services
+            .keys()
+            .filter(|k| k.backend_slot == 0)
+            .count(),
+        backends: p.target.backends.len(),
+        ops,
+        errors: p.errors.clone(),
+        draining: draining(&p.target),
+    };
+    Ok((outcome, p.target, p.errors))
+}
+
+/// Applies `ops` in order, stopping at the first error.
+fn apply(maps: &mut impl LbMaps, ops: &[Op]) -> Result<(), ApplyError> {
+    for (index, op) in ops.iter().enumerate() {
+        maps.apply(op).map_err(|source| ApplyError {
+            index,
+            total: ops.len(),
+            op: Box::new(op.clone()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Applies each write as `diff` produces it, so a full sync never holds all of them (one per
+/// map entry: ~240k for 10k Services x 10 endpoints). Stops writing at the first failure and
+/// keeps counting, so the error can say how many writes the plan had.
+struct ApplySink<'m, M: LbMaps> {
+    maps: &'m mut M,
+    count: usize,
+    failed: Option<(usize, Op, MapsError)>,
+}
+
+impl<M: LbMaps> OpSink for ApplySink<'_, M> {
+    fn push(&mut self, op: Op) {
+        if self.failed.is_none()
+            && let Err(e) = self.maps.apply(&op)
+        {
+            self.failed = Some((self.count, op, e));
+        }
+        self.count += 1;
+    }
+}
+
+impl<M: LbMaps> ApplySink<'_, M> {
+    fn finish(self) -> Result<usize, ApplyError> {
+        match self.failed {
+            None => Ok(self.count),
+            Some((index, op, source)) => Err(ApplyError {
+                index,
+                total: self.count,
+                op: Box::new(op),
+                source,
+            }),
+        }
     }
 }

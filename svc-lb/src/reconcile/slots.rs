@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 /// `old[i]` is the backend id in slot `i + 1` now (`None` = slot missing); `desired` are the
 /// backend ids the frontend must have. Returns the backend id for slots `1..=n`.
-pub(crate) fn layout(old: &[Option<u32>], desired: &[u32]) -> Vec<u32> {
+pub(super) fn layout(old: &[Option<u32>], desired: &[u32]) -> Vec<u32> {
     let want: BTreeSet<u32> = desired.iter().copied().collect();
     let mut placed = BTreeSet::new();
     let mut slots: Vec<Option<u32>> = old

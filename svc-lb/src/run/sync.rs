@@ -63,13 +63,11 @@ impl MapSync {
         telemetry: Telemetry,
     ) -> Self {
         // The limits follow the pinned maps' real sizes (an adopted map keeps its size).
-        let limits = crate::dataplane::capacity::pinned_limits(
-            maps.pin_dir(),
-            Limits {
-                default_algorithm: args.lb_algorithm,
-                ..Limits::default()
-            },
-        );
+        let limits = Limits {
+            default_algorithm: args.lb_algorithm,
+            ..Limits::default()
+        }
+        .pinned(maps.pin_dir());
         Self {
             maps,
             translator: IncrementalTranslator::new(translate_cfg),

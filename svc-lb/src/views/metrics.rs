@@ -8,12 +8,11 @@ use svc_lb_common::{BACKENDS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, STAT_NAMES, 
 
 use super::telemetry::{SYNC_BUCKETS, State};
 use crate::{
-    error::MapsError,
     inspect::{
         list::split_name,
         rows::{backend_rows, service_reports},
     },
-    maps::{LbMaps, LbStats},
+    maps::{LbMaps, LbStats, MapsError},
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -228,7 +227,7 @@ mod tests {
         inspect::fixtures::frontend,
         maps::FakeLbMaps,
         model::{DesiredState, FrontendKind, Proto},
-        reconcile::{Limits, reconcile},
+        reconcile::{Limits, Reconciler},
         translate::Rejected,
     };
 
@@ -260,7 +259,9 @@ mod tests {
             .collect(),
         };
         let mut m = FakeLbMaps::default();
-        reconcile(&mut m, &desired, Limits::default()).unwrap();
+        Reconciler::new(Limits::default())
+            .full(&mut m, &desired)
+            .unwrap();
         m.svc_stats.insert(
             1,
             Counter {

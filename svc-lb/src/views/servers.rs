@@ -15,7 +15,10 @@ use super::{
     telemetry::Telemetry,
     ui,
 };
-use crate::{cli::ViewArgs, error::MapsError, maps::BpfLbMaps};
+use crate::{
+    cli::ViewArgs,
+    maps::{BpfLbMaps, MapsError},
+};
 
 /// The pinned maps, opened on first use: the servers bind before the datapath is loaded (a
 /// taken address must fail before the node is touched), when the pins may not exist yet.

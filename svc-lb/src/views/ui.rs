@@ -16,12 +16,11 @@ use svc_lb_common::{BACKENDS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP};
 
 use super::telemetry::State;
 use crate::{
-    error::MapsError,
     inspect::{
         list::{self, split_name},
         rows::{backend_rows, service_reports},
     },
-    maps::{LbMaps, LbStats},
+    maps::{LbMaps, LbStats, MapsError},
 };
 
 /// The page itself.
@@ -247,7 +246,7 @@ mod tests {
         inspect::fixtures::frontend,
         maps::FakeLbMaps,
         model::{DesiredState, FrontendKind, Proto},
-        reconcile::{Limits, reconcile},
+        reconcile::{Limits, Reconciler},
     };
 
     #[test]
@@ -296,7 +295,9 @@ mod tests {
             .collect(),
         };
         let mut m = FakeLbMaps::default();
-        reconcile(&mut m, &desired, Limits::default()).unwrap();
+        Reconciler::new(Limits::default())
+            .full(&mut m, &desired)
+            .unwrap();
         m.be_stats.insert(
             1,
             Counter {

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
+use crate::reconcile::reconciler::Memory;
 
 /// Frontend keys whose desired value differs between `a` and `b`.
 fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<FrontendKey> {
