@@ -47,12 +47,11 @@ impl AllowedHosts {
                 "Host {host:?} is not this dashboard's (allow it with --ui-allowed-host)"
             ));
         }
-        if req.path.starts_with("/api/") {
-            if let Some(origin) = req.origin.as_deref() {
-                if !same_origin(origin, host) {
-                    return Err(format!("cross-origin request from {origin:?}"));
-                }
-            }
+        if let Some(origin) = req.origin.as_deref()
+            && req.path.starts_with("/api/")
+            && !same_origin(origin, host)
+        {
+            return Err(format!("cross-origin request from {origin:?}"));
         }
         Ok(())
     }
