@@ -204,6 +204,12 @@ pub struct ViewArgs {
     /// 127.0.0.1:9964. It has no authentication: keep it on loopback (or tunnel to it).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_UI_ADDR)]
     pub ui: Option<SocketAddr>,
+
+    /// A host name the dashboard answers to besides IP addresses and `localhost` (e.g. the
+    /// node's DNS name); repeatable. Requests naming any other host get 403, so a web page
+    /// of another site cannot read the dashboard through DNS rebinding.
+    #[arg(long = "ui-allowed-host", value_name = "NAME")]
+    pub ui_allowed_hosts: Vec<String>,
 }
 
 /// Where `--ui` without an address listens.

@@ -3,7 +3,6 @@
 pub mod cli;
 pub mod dataplane;
 pub mod error;
-pub mod healthcheck;
 pub mod inspect;
 pub mod k8s;
 pub mod kube_proxy;
@@ -12,5 +11,5 @@ pub mod model;
 pub mod netif;
 pub mod reconcile;
 pub mod run;
+pub mod serve;
 pub mod translate;
-pub mod views;

@@ -49,7 +49,6 @@ use crate::{
 };
 
 mod api;
-mod health;
 mod sync;
 
 use sync::{MapSync, Scope};
@@ -99,7 +98,7 @@ pub enum RunError {
     Client(#[from] crate::k8s::client::ClientError),
 
     #[error(transparent)]
-    Views(#[from] crate::views::ViewsError),
+    Views(#[from] crate::serve::ServeError),
 
     #[error("cannot serve the health endpoint on {addr}")]
     Health {
@@ -684,8 +683,8 @@ async fn run_async(args: &RunArgs, dir: &Path) -> Result<(), RunError> {
     }
     sync::release_free_memory();
     // Bound before the datapath is touched, so a taken address leaves the node as it was.
-    let telemetry = crate::views::Telemetry::new();
-    crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
+    let telemetry = crate::serve::Telemetry::new();
+    crate::serve::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
     let (dataplane, maps) = load_datapath(args)?;
     let translate_cfg = TranslateConfig {

@@ -69,7 +69,11 @@ impl<'t> KubeAgent<'t> {
             .in_ns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
             .ok()?;
         conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut out = String::new();
         conn.read_to_string(&mut out).ok()?;
         out.split_whitespace().nth(1)?.parse().ok()

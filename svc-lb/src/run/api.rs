@@ -22,14 +22,13 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    RunError, Trigger,
-    health::{self, HealthState},
-    load_datapath, log_exit, node_ips,
+    RunError, Trigger, load_datapath, log_exit, node_ips,
     sync::{self, MapSync, Scope},
 };
 use crate::{
     cli::RunArgs,
     k8s::{client::client, watch::ClusterWatch},
+    serve::health::{self, HealthState},
     translate::TranslateConfig,
 };
 
@@ -99,8 +98,8 @@ pub(super) async fn run(args: &RunArgs) -> Result<(), RunError> {
             source,
         })?;
     info!(addr = %health_addr, "health endpoint: /healthz (503 until synced), /livez");
-    let telemetry = crate::views::Telemetry::new();
-    crate::views::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
+    let telemetry = crate::serve::Telemetry::new();
+    crate::serve::servers::start(&args.views, &args.pin.pin_dir, &telemetry).await?;
 
     let (dataplane, maps) = load_datapath(args)?;
     let watch = ClusterWatch::start(client, &node_name);

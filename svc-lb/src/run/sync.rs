@@ -18,13 +18,12 @@ use super::{Dedup, RunError, Trigger};
 use crate::{
     cli::RunArgs,
     error::chain,
-    healthcheck::HealthChecks,
     k8s::manifest::Objects,
     maps::BpfLbMaps,
     model::FrontendKey,
     reconcile::{Limits, Outcome, Reconciler},
+    serve::{Telemetry, healthcheck::HealthChecks},
     translate::{IncrementalTranslator, SharedObjects, TranslateConfig},
-    views::Telemetry,
 };
 
 /// How much a reconcile covers.

@@ -4,8 +4,7 @@
 //!   succeeded, 503 before (readiness);
 //! - `/livez`: 200 while the agent's event loop runs (liveness).
 //!
-//! Served on a tokio listener with the request reading and response writing of `views::http`:
-//! two fixed GET routes do not justify an HTTP server crate.
+//! Served by the agent's one HTTP server ([`super::http`]).
 
 use std::{
     net::SocketAddr,
@@ -13,13 +12,10 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::net::{TcpListener, TcpStream};
-use tracing::debug;
-
-use crate::views::http::{self, Response};
+use super::http::{self, Handler, Limits, Request, Response};
 
 /// Shared between the agent loop (writer) and the server (reader).
 #[derive(Debug, Default)]
@@ -50,40 +46,20 @@ impl HealthState {
 
 /// Binds `addr` (so a taken port is a startup error) and serves in a background task.
 pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((conn, _)) = listener.accept().await else {
-                // EMFILE and the like: back off instead of spinning.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), answer(conn, &state)).await;
-            });
-        }
-    });
+    let handler: Handler = Arc::new(move |req: &Request| route(req, &state));
+    http::serve(addr, handler, Limits::HEALTH).await?;
     Ok(())
 }
 
-async fn answer(mut conn: TcpStream, state: &HealthState) -> std::io::Result<()> {
-    let (method, path) = http::read_request(&mut conn, 8192).await?;
-    let (status, body) = route(&method, &path, state);
-    debug!(method, path, status, "health request");
-    let response = Response {
-        status,
-        content_type: "application/json",
-        body: body.into_bytes(),
-    };
-    http::write_response(&mut conn, &response, method == "HEAD").await
+fn json(status: u16, body: impl Into<Vec<u8>>) -> Response {
+    Response::with(status, "application/json", body)
 }
 
-fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
-    if method != "GET" && method != "HEAD" {
-        return (405, "{}".into());
+fn route(req: &Request, state: &HealthState) -> Response {
+    if !req.is_read() {
+        return Response::only_get("application/json", "{}");
     }
-    match path {
+    match req.path.as_str() {
         "/healthz" => {
             let ready = state.ready();
             let body = format!(
@@ -91,10 +67,10 @@ fn route(method: &str, path: &str, state: &HealthState) -> (u16, String) {
                 ready,
                 state.last_ok.load(Ordering::Relaxed)
             );
-            (if ready { 200 } else { 503 }, body)
+            json(if ready { 200 } else { 503 }, body)
         }
-        "/livez" => (200, "{\"alive\":true}\n".into()),
-        _ => (404, "{}".into()),
+        "/livez" => json(200, "{\"alive\":true}\n"),
+        _ => json(404, "{}"),
     }
 }
 

@@ -15,17 +15,13 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
-use tracing::{debug, info, warn};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
-use crate::{translate::HealthCheck, views::http};
+use super::http::{self, Handler, Limits, Request, Response};
+use crate::translate::HealthCheck;
 
 /// What one Service's server answers with; the counts change under a running server.
 #[derive(Debug)]
@@ -154,23 +150,23 @@ impl HealthChecks {
 
     fn open(&self, port: u16, served: Arc<Served>) -> std::io::Result<JoinHandle<()>> {
         // Bound synchronously so a taken port is reported by this sync, not lost in a task.
-        let std = std::net::TcpListener::bind(SocketAddr::from((self.addr, port)))?;
-        std.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std)?;
-        Ok(tokio::spawn(async move {
-            loop {
-                let Ok((conn, _)) = listener.accept().await else {
-                    // EMFILE and the like: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let served = served.clone();
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(5), answer(conn, &served)).await;
-                });
+        let listener = http::bind_now(SocketAddr::from((self.addr, port)))?;
+        // kube-proxy answers every method and path the same way.
+        let handler: Handler = Arc::new(move |_: &Request| {
+            let (status, body) = response(
+                &served.namespace,
+                &served.name,
+                served.local_endpoints.load(Ordering::Relaxed),
+                served.proxy_healthy.load(Ordering::Relaxed),
+            );
+            Response {
+                status,
+                content_type: "application/json",
+                body: body.into_bytes(),
+                headers: vec![("x-content-type-options", "nosniff")],
             }
-        }))
+        });
+        Ok(http::spawn(listener, handler, Limits::HEALTH))
     }
 }
 
@@ -178,33 +174,6 @@ impl Default for HealthChecks {
     fn default() -> Self {
         Self::new()
     }
-}
-
-async fn answer(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
-    let (method, path) = http::read_request(&mut conn, 8192).await?;
-    let (status, body) = response(
-        &served.namespace,
-        &served.name,
-        served.local_endpoints.load(Ordering::Relaxed),
-        served.proxy_healthy.load(Ordering::Relaxed),
-    );
-    debug!(method, path, status, service = %served.name, "health check request");
-    // kube-proxy answers every method and path the same way.
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\n\
-         X-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        if status == 200 {
-            "OK"
-        } else {
-            "Service Unavailable"
-        },
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    if method != "HEAD" {
-        conn.write_all(body.as_bytes()).await?;
-    }
-    conn.shutdown().await
 }
 
 /// Status and body exactly as kube-proxy writes them (tab-indented, no trailing newline).
@@ -230,8 +199,10 @@ fn json_string(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::http::tests::get;
     use super::*;
-    use crate::views::http::tests::get;
+    use std::time::Duration;
+    use tokio::net::TcpStream;
 
     fn check(name: &str, port: u16, n: usize) -> HealthCheck {
         HealthCheck {
