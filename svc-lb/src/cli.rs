@@ -297,14 +297,15 @@ pub struct KubeProxyArgs {
 }
 
 impl DebugCommand {
-    /// The pin directory the command reads (`None` for `env`, which reads manifests).
+    /// The pin directory the command reads (`None` for `env`, which reads manifests, and
+    /// `kube-proxy`, which reads the node's packet filter).
     pub fn pin_dir(&self) -> Option<&std::path::Path> {
         match self {
             DebugCommand::Services(a) => Some(&a.common.pin.pin_dir),
             DebugCommand::Backends(a) | DebugCommand::Conntrack(a) | DebugCommand::Stats(a) => {
                 Some(&a.pin.pin_dir)
             }
-            DebugCommand::Env(_) => None,
+            DebugCommand::Env(_) | DebugCommand::KubeProxy(_) => None,
         }
     }
 }
