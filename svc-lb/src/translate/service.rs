@@ -269,7 +269,7 @@ pub(super) fn plan<'a>(
                 // A LoadBalancer may opt out of node ports (allocateLoadBalancerNodePorts).
                 None if !load_balancer => reject(format!(
                     "port {label}: type NodePort without spec.ports[].nodePort \
-                     (there is no allocator in standalone mode); no NodePort frontend"
+                     (none was allocated); no NodePort frontend"
                 )),
                 None => {}
             }

@@ -232,7 +232,7 @@ fn invalid_services_are_rejected_and_the_rest_works() {
             "Service bad/g-bad-external: spec.externalIPs: invalid IP address \"not-an-ip\"; \
              Service skipped",
             "Service bad/h-nodeport-unset: port 80: type NodePort without spec.ports[].nodePort \
-             (there is no allocator in standalone mode); no NodePort frontend",
+             (none was allocated); no NodePort frontend",
             "Service bad/j-loopback: spec.externalIPs: 127.0.0.1 cannot be a Service address; \
              Service skipped",
         ]

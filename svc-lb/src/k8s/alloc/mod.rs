@@ -279,6 +279,10 @@ struct Work<'r> {
     /// Per kept spec port.
     node_ports: Vec<Option<u16>>,
     np_refused: Vec<bool>,
+    /// Spec ports whose given nodePort is outside `--nodeport-range`: the value stays in the
+    /// Service so translation rejects that frontend with its own reason (also counted in
+    /// `svc_lb_rejected_objects`), instead of reading as "no nodePort".
+    np_out_of_range: Vec<bool>,
     hcnp: Option<u16>,
     hc_refused: bool,
     /// (ip, port, protocol) → granted.
@@ -438,6 +442,7 @@ pub fn allocate<'a>(
             ip_refused: BTreeSet::new(),
             node_ports: vec![None; ports],
             np_refused,
+            np_out_of_range: vec![false; ports],
             hcnp: None,
             hc_refused,
             externals: Vec::new(),
@@ -885,6 +890,7 @@ fn claim_explicit(
                         effect: format!("no NodePort frontend for {label}"),
                     });
                     w.np_refused[i] = true;
+                    w.np_out_of_range[i] = true;
                 }
             }
         }
@@ -1156,8 +1162,10 @@ fn write_back(svc: &mut Service, w: &Work<'_>) {
         }
     }
     if let Some(ports) = spec.ports.as_mut() {
-        for (p, np) in ports.iter_mut().zip(&w.node_ports) {
-            p.node_port = np.map(i32::from);
+        for ((p, np), out_of_range) in ports.iter_mut().zip(&w.node_ports).zip(&w.np_out_of_range) {
+            if !out_of_range {
+                p.node_port = np.map(i32::from);
+            }
         }
     }
     spec.health_check_node_port = w.hcnp.map(i32::from);
