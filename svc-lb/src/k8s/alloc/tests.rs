@@ -520,7 +520,9 @@ fn node_ports_api_server_rules() {
          nodePort: 30050}\n- {name: c, port: 82, protocol: UDP, nodePort: 30050}",
     );
     let a3 = run(&[&bad], &Record::new(), &c);
-    assert_eq!(node_ports(&a3, "bad"), vec![None, Some(30050), None]);
+    // The out-of-range value stays in the Service: translation rejects that frontend with its
+    // own reason (what `svc_lb_rejected_objects` reports); it is never allocated or recorded.
+    assert_eq!(node_ports(&a3, "bad"), vec![Some(29999), Some(30050), None]);
     let msgs = messages(&a3);
     assert!(
         msgs[0].contains("29999 is outside the node port range 30000-30099 (--nodeport-range)"),
