@@ -188,6 +188,9 @@ fn a_cgroup_path_that_is_not_cgroup2_is_refused_naming_it() {
             .arg(format!("/sys/fs/bpf/{}-refused", topo.prefix))
             .arg("--cgroup-path")
             .arg(path)
+            // Never the machine's /var/lib/svc-lb.
+            .arg("--state-dir")
+            .arg(topo.dir.join("state"))
             .stdin(Stdio::null());
         topo.node.enter(&mut cmd);
         let out = cmd.output().unwrap();
@@ -223,6 +226,9 @@ fn an_agent_mounting_bpffs_in_a_private_mount_namespace_warns_and_its_pins_vanis
         .arg(&dir.path)
         .args(["--node-ip", &NODE_IP.to_string(), "--no-socket-lb"])
         .args(["--pin-dir", &pin_dir])
+        // Never the machine's /var/lib/svc-lb.
+        .arg("--state-dir")
+        .arg(topo.dir.join("state"))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -273,6 +279,11 @@ fn an_agent_mounting_bpffs_in_a_private_mount_namespace_warns_and_its_pins_vanis
     // Its pins are not on the bpffs everyone else sees ...
     assert!(!Path::new(&pin_dir).exists());
     stop_gracefully(child);
+    // The agent lock and sysctl record in /run/svc-lb (the host's /run): no uninstall can reach
+    // the vanished pins, so remove them here.
+    if let Ok(state) = svc_lb::dataplane::state::state_dir(Path::new(&pin_dir)) {
+        let _ = fs::remove_dir_all(state);
+    }
     // ... and when it is gone, so is its datapath (no uninstall ran: the pins died with the
     // namespace's bpffs, and the links with them).
     wait_for(
