@@ -132,11 +132,14 @@ pub struct RunArgs {
     #[arg(long, default_value = "random", value_name = "ALGO", value_parser = parse_lb_algorithm)]
     pub lb_algorithm: LbAlgorithm,
 
-    /// Socket LB: cgroup v2 directory whose processes (the node's own, with the default root
-    /// cgroup) reach Services by connect()-time translation to a backend, which TC ingress
-    /// cannot do for locally originated traffic.
-    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "PATH")]
-    pub cgroup_path: PathBuf,
+    /// Socket LB: cgroup v2 directory whose processes reach Services by connect()-time
+    /// translation to a backend, which TC ingress cannot do for locally originated traffic.
+    /// Must be cgroup v2. Default: the root of the node's cgroup v2 hierarchy (every process),
+    /// found in /proc/self/mountinfo (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+    /// hybrid cgroup v1/v2 host), or mounted by svc-lb on /run/svc-lb/cgroupv2 when cgroup v2
+    /// is mounted nowhere (`svc-lb uninstall` unmounts it).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_path: Option<PathBuf>,
 
     /// Do not attach the socket LB (node processes then cannot reach Services); also detaches
     /// the one a previous agent attached.
@@ -173,9 +176,14 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The cgroup the socket LB attaches to, `None` with `--no-socket-lb`.
-    pub fn socket_lb_cgroup(&self) -> Option<&std::path::Path> {
-        (!self.no_socket_lb).then_some(self.cgroup_path.as_path())
+    /// The cgroup the socket LB attaches to (`--cgroup-path`, or found), `None` with
+    /// `--no-socket-lb`.
+    pub fn socket_lb_cgroup(&self) -> Option<crate::dataplane::cgroup::CgroupChoice<'_>> {
+        use crate::dataplane::cgroup::CgroupChoice;
+        (!self.no_socket_lb).then_some(match &self.cgroup_path {
+            Some(p) => CgroupChoice::Given(p),
+            None => CgroupChoice::Discover,
+        })
     }
 }
 
@@ -554,9 +562,10 @@ mod tests {
             }
         );
         assert_eq!(run.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        // No --cgroup-path: found (or mounted) at start.
         assert_eq!(
             run.socket_lb_cgroup(),
-            Some(std::path::Path::new("/sys/fs/cgroup"))
+            Some(crate::dataplane::cgroup::CgroupChoice::Discover)
         );
     }
 
@@ -620,7 +629,9 @@ mod tests {
         };
         assert_eq!(
             run.socket_lb_cgroup(),
-            Some(std::path::Path::new("/sys/fs/cgroup/kubepods"))
+            Some(crate::dataplane::cgroup::CgroupChoice::Given(
+                std::path::Path::new("/sys/fs/cgroup/kubepods")
+            ))
         );
         let cli =
             Cli::try_parse_from(["svc-lb", "run", "--iface", "eth0", "--no-socket-lb"]).unwrap();

@@ -552,19 +552,36 @@ fn node_ips(args: &RunArgs) -> Result<Vec<std::net::Ipv4Addr>, NetifError> {
 /// Loads the datapath (reusing the pinned maps, so programmed frontends keep working) and
 /// opens its maps.
 fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
-    if let Some(cgroup) = args.socket_lb_cgroup() {
-        crate::dataplane::check_cgroup(cgroup)?;
-    }
-    let dataplane = Dataplane::load_with_options(
+    // Before anything is loaded: a wrong --cgroup-path leaves the node untouched.
+    let cgroup = args
+        .socket_lb_cgroup()
+        .map(crate::dataplane::cgroup::resolve)
+        .transpose()?;
+    // A failed start also undoes a cgroup v2 mount made for it just now.
+    let undo_cgroup = || {
+        if cgroup
+            .as_ref()
+            .is_some_and(|c| c.origin == crate::dataplane::cgroup::CgroupOrigin::Mounted)
+        {
+            let _ = crate::dataplane::cgroup::unmount_own();
+        }
+    };
+    let dataplane = match Dataplane::load_with_options(
         &DataplaneConfig {
             pin_dir: args.pin.pin_dir.clone(),
             ifaces: args.ifaces.clone(),
         },
         &(&args.capacity).into(),
         args.xdp,
-    )?;
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            undo_cgroup();
+            return Err(e.into());
+        }
+    };
     let rest = || -> Result<BpfLbMaps, RunError> {
-        dataplane.set_socket_lb(args.socket_lb_cgroup())?;
+        dataplane.set_socket_lb(cgroup.as_ref().map(|c| c.path.as_path()))?;
         program_local_sources(args)?;
         Ok(BpfLbMaps::open(&args.pin.pin_dir)?)
     };
@@ -573,6 +590,7 @@ fn load_datapath(args: &RunArgs) -> Result<(Dataplane, BpfLbMaps), RunError> {
         Err(e) => {
             // A failed start leaves the node as it found it.
             dataplane.roll_back();
+            undo_cgroup();
             Err(e)
         }
     }

@@ -222,13 +222,20 @@ fn daemonset_runs_the_agent_in_api_mode_with_probes_on_its_health_endpoint() {
     assert_eq!(sc.privileged, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
 
-    // The socket LB attaches to the host's cgroup v2 root, mounted where --cgroup-path points.
+    // The socket LB attaches to the host's cgroup v2 root: no --cgroup-path (the pod's own
+    // /sys/fs/cgroup is its cgroup namespace), the host's /sys/fs/cgroup mounted elsewhere, where
+    // the agent's discovery finds it above the pod's namespace (dataplane/cgroup.rs).
+    assert_eq!(
+        run.cgroup_path, None,
+        "the agent finds the host's cgroup v2 itself"
+    );
     let cgroup = c
         .volume_mounts
         .iter()
         .flatten()
-        .find(|m| m.mount_path == run.cgroup_path.to_string_lossy())
-        .unwrap_or_else(|| panic!("no mount at --cgroup-path {}", run.cgroup_path.display()));
+        .find(|m| m.name == "cgroup")
+        .expect("a mount of the host's cgroup hierarchy");
+    assert_ne!(cgroup.mount_path, "/sys/fs/cgroup", "that is the pod's own");
     assert_eq!(cgroup.read_only, Some(true));
     let cg_vol = spec
         .volumes

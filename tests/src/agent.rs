@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{bin_path, ensure_bpffs, netns::Topology};
+use crate::{bin_path, cgroup::MountSetup, ensure_bpffs, netns::Topology};
 
 /// A running `svc-lb run` in the node namespace of a topology, pinning under its own directory.
 /// Drop stops it (SIGTERM, then SIGKILL) and runs `svc-lb uninstall` on its pin directory, so no
@@ -31,11 +31,32 @@ pub struct AgentProcess<'t> {
     log_filter: Option<String>,
     child: Option<Child>,
     starts: usize,
+    /// A mount namespace of its own for the agent (see [`AgentProcess::start_in`]).
+    mount_setup: Option<MountSetup>,
 }
 
 impl<'t> AgentProcess<'t> {
     /// Starts `svc-lb run <args> --pin-dir /sys/fs/bpf/<prefix> --iface <each node iface>`.
     pub fn start(topo: &'t Topology, args: Vec<OsString>) -> AgentProcess<'t> {
+        Self::start_with_mounts(topo, args, None)
+    }
+
+    /// [`AgentProcess::start`] in a private mount namespace set up by `setup` (at every start),
+    /// which confines the socket LB to a test cgroup: the agent runs with the default socket LB
+    /// (no `--cgroup-path`, no `--no-socket-lb`) and finds that cgroup as the node's.
+    pub fn start_in(
+        topo: &'t Topology,
+        args: Vec<OsString>,
+        setup: MountSetup,
+    ) -> AgentProcess<'t> {
+        Self::start_with_mounts(topo, args, Some(setup))
+    }
+
+    fn start_with_mounts(
+        topo: &'t Topology,
+        args: Vec<OsString>,
+        mount_setup: Option<MountSetup>,
+    ) -> AgentProcess<'t> {
         ensure_bpffs();
         let mut agent = AgentProcess {
             topo,
@@ -46,6 +67,7 @@ impl<'t> AgentProcess<'t> {
             log_filter: None,
             child: None,
             starts: 0,
+            mount_setup,
         };
         agent.spawn();
         agent
@@ -69,7 +91,7 @@ impl<'t> AgentProcess<'t> {
         // The socket LB attaches to a cgroup, by default the machine's root one: it would
         // balance every process of the machine (other tests included) into this test's
         // Services. Only tests that give their own child cgroup get it.
-        if !self.args.iter().any(|a| a == "--cgroup-path") {
+        if self.mount_setup.is_none() && !self.args.iter().any(|a| a == "--cgroup-path") {
             cmd.arg("--no-socket-lb");
         }
         // Standalone mode keeps its allocation record in a state directory: one per test, never
@@ -85,6 +107,9 @@ impl<'t> AgentProcess<'t> {
             cmd.env("RUST_LOG", "info,svc_lb=debug");
         }
         self.topo.node.enter(&mut cmd);
+        if let Some(setup) = &self.mount_setup {
+            setup.apply(&mut cmd);
+        }
         // Append: a restarted agent's log follows the first one's.
         let log = fs::OpenOptions::new()
             .create(true)
@@ -216,6 +241,27 @@ impl<'t> AgentGuard<'t> {
 
     /// [`AgentGuard::start`] with further `svc-lb run` arguments (e.g. `--metrics-addr`).
     pub fn start_with(topo: &'t Topology, manifests: &Path, extra_args: &[&str]) -> AgentGuard<'t> {
+        AgentGuard {
+            manifests: manifests.to_path_buf(),
+            process: AgentProcess::start(topo, Self::args(manifests, extra_args)),
+        }
+    }
+
+    /// [`AgentGuard::start_with`] with the default socket LB, in a mount namespace set up by
+    /// `setup` (see [`AgentProcess::start_in`]).
+    pub fn start_in(
+        topo: &'t Topology,
+        manifests: &Path,
+        extra_args: &[&str],
+        setup: MountSetup,
+    ) -> AgentGuard<'t> {
+        AgentGuard {
+            manifests: manifests.to_path_buf(),
+            process: AgentProcess::start_in(topo, Self::args(manifests, extra_args), setup),
+        }
+    }
+
+    fn args(manifests: &Path, extra_args: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--manifests".into(),
             manifests.into(),
@@ -223,10 +269,7 @@ impl<'t> AgentGuard<'t> {
             crate::netns::NODE_IP.to_string().into(),
         ];
         args.extend(extra_args.iter().map(OsString::from));
-        AgentGuard {
-            manifests: manifests.to_path_buf(),
-            process: AgentProcess::start(topo, args),
-        }
+        args
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod cgroup;
 pub mod client;
 pub mod container;
 pub mod kube_agent;

@@ -8,96 +8,20 @@
 
 use std::{
     collections::BTreeSet,
-    fs::{self, File},
-    io,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    fs,
     path::{Path, PathBuf},
-    process::{Command, Output},
-    thread,
+    process::Output,
     time::{Duration, Instant},
 };
 
 use svc_lb_tests::{
     agent::AgentGuard,
-    bin_path, fixture,
+    cgroup::{TestCgroup, attached_progs},
+    fixture,
     manifests::{self, FRONTEND_PORTS, FRONTEND_VIP},
     netns::{NODE_IP, Netns},
     wait_for,
 };
-
-/// A cgroup v2 directory for one test; removed on drop (its processes are killed first).
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    /// A child of the cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
-    /// hybrid layout: the first cgroup2 mount).
-    fn new(prefix: &str) -> TestCgroup {
-        let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
-        let root = mounts
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-            })
-            .next()
-            .expect("no cgroup v2 mounted: the socket LB needs one");
-        let path = root.join(format!("svc-lb-test-{prefix}"));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
-        TestCgroup { path }
-    }
-
-    /// Runs `svc-lb-sockclient <args>` inside this cgroup (`in_cgroup`) and `ns`.
-    fn client(&self, ns: &Netns, in_cgroup: bool, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin_path("svc-lb-sockclient", "SVC_LB_SOCKCLIENT_BIN"));
-        cmd.args(args);
-        let procs = in_cgroup.then(|| {
-            File::options()
-                .write(true)
-                .open(self.path.join("cgroup.procs"))
-                .expect("open cgroup.procs")
-        });
-        if let Some(procs) = &procs {
-            let fd = procs.as_raw_fd();
-            // SAFETY: only write(2) between fork and exec ("0" = the writing process itself);
-            // `procs` stays open until the command finished.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        ns.enter(&mut cmd);
-        let out = cmd.output().expect("run svc-lb-sockclient");
-        drop(procs);
-        out
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(e) if Instant::now() > deadline => {
-                    eprintln!("warning: could not remove {}: {e}", self.path.display());
-                    return;
-                }
-                // Busy: a client is still in it (a failed test); kill what is left.
-                Err(_) => {
-                    let _ = fs::write(self.path.join("cgroup.kill"), "1");
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-}
 
 fn lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
@@ -321,38 +245,6 @@ fn sock_pin_count(pin_dir: &Path) -> usize {
             .count()
         })
         .unwrap_or(0)
-}
-
-/// Hooks of the programs attached to `cgroup`, sorted (from `bpftool cgroup show`).
-fn attached_progs(cgroup: &Path) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // "ID  AttachType  AttachFlags  Name"
-            f.get(1)
-                .filter(|_| f[0].parse::<u32>().is_ok())
-                // bpftool versions spell them differently (connect4, cgroup_inet4_connect, ...).
-                .map(|s| {
-                    ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
-                        .into_iter()
-                        .find(|h| s.contains(h.trim_end_matches('4')))
-                        .map_or_else(|| s.to_string(), String::from)
-                })
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// externalTrafficPolicy Local does not restrict the node's own processes (kube-proxy sends

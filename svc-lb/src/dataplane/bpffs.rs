@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::DataplaneError;
 
@@ -55,14 +55,75 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
             path: pin_dir.to_path_buf(),
         });
     }
-    mount_bpffs(root)
+    if mount_bpffs(root)?
+        && let Some(why) = private_mount_ns()
+    {
+        warn!(
+            pin_dir = %pin_dir.display(),
+            why,
+            "svc-lb mounted bpffs inside a private mount namespace: its pins (maps, programs, \
+             links) vanish when this process exits, so the datapath will NOT survive an agent \
+             restart and Services stop working when the agent stops. To make pins outlive the \
+             agent, mount bpffs on the host first (`mount -t bpf bpf /sys/fs/bpf`), or pass \
+             --pin-dir on a bpffs the host mounted, or start svc-lb in the host's mount \
+             namespace (`nsenter --mount=/proc/1/ns/mnt --net=/run/netns/NAME svc-lb run ...` \
+             rather than `ip netns exec`, which remounts /sys privately)"
+        );
+    }
+    Ok(())
 }
 
-/// Mounts bpffs on `root`. Several agents (or test processes) may start at once; two mounts
+/// Why a bpffs this process mounts would vanish with it, if it would: its mount namespace is
+/// not the host's (pid 1's), or, where pid 1's cannot be read (some sandboxes and containers),
+/// no other process shares it. The usual cases: `ip netns exec` (a mount namespace of its own
+/// with /sys remounted) and a container without the host's /sys/fs/bpf.
+fn private_mount_ns() -> Option<String> {
+    let ours = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    classify_mount_ns(&ours, std::fs::read_link("/proc/1/ns/mnt"), || {
+        shared_with_another_process(&ours)
+    })
+}
+
+fn classify_mount_ns(
+    ours: &Path,
+    pid1: std::io::Result<PathBuf>,
+    shared: impl FnOnce() -> bool,
+) -> Option<String> {
+    match pid1 {
+        Ok(host) if host == ours => None,
+        Ok(host) => Some(format!(
+            "this process's mount namespace {} is not the host's (pid 1: {})",
+            ours.display(),
+            host.display()
+        )),
+        Err(_) if shared() => None,
+        Err(_) => Some(format!(
+            "no other process shares this process's mount namespace {}",
+            ours.display()
+        )),
+    }
+}
+
+/// Whether a process other than this one is in the mount namespace `ns`.
+fn shared_with_another_process(ns: &Path) -> bool {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true; // cannot tell: do not cry wolf
+    };
+    dir.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name != me.as_str()
+            && name.bytes().all(|b| b.is_ascii_digit())
+            && std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|other| other == ns)
+    })
+}
+
+/// Mounts bpffs on `root`; `false` if another process mounted it meanwhile. Several agents (or test processes) may start at once; two mounts
 /// would stack and hide the first one's pins, so the check-and-mount runs under an exclusive
 /// flock on the mount point directory (a process arriving after the mount locks the new bpffs
 /// root instead and then sees it mounted).
-fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
+fn mount_bpffs(root: &Path) -> Result<bool, DataplaneError> {
     let mount_err = |source| DataplaneError::Mount {
         path: root.to_path_buf(),
         source,
@@ -74,7 +135,7 @@ fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
         return Err(mount_err(std::io::Error::last_os_error()));
     }
     if is_bpffs(root).unwrap_or(false) {
-        return Ok(());
+        return Ok(false);
     }
     let target = CString::new(root.as_os_str().as_bytes())
         .map_err(|e| mount_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
@@ -93,7 +154,7 @@ fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
         return Err(mount_err(std::io::Error::last_os_error()));
     }
     info!(path = %root.display(), "mounted bpffs");
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -113,6 +174,35 @@ mod tests {
     fn procfs_is_not_bpffs() {
         assert!(!is_bpffs(Path::new("/proc")).unwrap());
         assert!(is_bpffs(Path::new("/does-not-exist-svc-lb")).is_err());
+    }
+
+    #[test]
+    fn a_mount_namespace_other_than_the_hosts_is_private() {
+        let ours = Path::new("mnt:[4026532900]");
+        let host = || Ok(PathBuf::from("mnt:[4026531841]"));
+        let unreadable = || Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        // pid 1's namespace decides when it can be read, whoever else shares ours.
+        assert_eq!(
+            classify_mount_ns(ours, Ok(ours.to_path_buf()), || false),
+            None
+        );
+        let why = classify_mount_ns(ours, host(), || true).unwrap();
+        assert!(
+            why.contains("4026532900") && why.contains("4026531841"),
+            "{why}"
+        );
+        // Otherwise: private when no other process is in it (`ip netns exec` execs the agent).
+        assert_eq!(classify_mount_ns(ours, unreadable(), || true), None);
+        let why = classify_mount_ns(ours, unreadable(), || false).unwrap();
+        assert!(why.contains("no other process"), "{why}");
+    }
+
+    #[test]
+    fn this_test_shares_its_mount_namespace() {
+        // cargo (our parent) is in the same one.
+        let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        assert!(shared_with_another_process(&ours));
+        assert!(!shared_with_another_process(Path::new("mnt:[1]")));
     }
 
     #[test]

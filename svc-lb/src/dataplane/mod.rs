@@ -14,6 +14,7 @@
 
 mod bpffs;
 pub mod capacity;
+pub mod cgroup;
 mod error;
 pub mod footprint;
 pub mod health;
@@ -44,7 +45,7 @@ use sysctl::Sysctls;
 
 pub use error::DataplaneError;
 pub use health::{Loss, OnDatapathLoss};
-pub use socklb::{SOCK_PROGS, check_cgroup};
+pub use socklb::SOCK_PROGS;
 pub use state::{Holder, running_agent};
 pub use uninstall::{
     Inventory, UninstallOptions, Uninstalled, inventory, uninstall, uninstall_with,

@@ -1,16 +1,15 @@
 //! Socket LB: the cgroup v2 `connect4`/`sendmsg4`/`recvmsg4`/`getpeername4` programs that
 //! balance connections made by processes of the node itself (which TC ingress never sees).
 //!
-//! They attach to one cgroup (default the root, `/sys/fs/cgroup`, i.e. every process of the
-//! node) through pinned links `<pin_dir>/links/sock-<hook>`, so they keep working when the agent
+//! They attach to one cgroup (default the root of the node's cgroup v2 hierarchy, i.e. every
+//! process of the node; see [`super::cgroup`] for how it is found) through pinned links `<pin_dir>/links/sock-<hook>`, so they keep working when the agent
 //! exits; a restarted agent attaches its programs first and then drops its predecessor's links
 //! (for a moment both run; the second finds a backend address, not a frontend, and does
 //! nothing). `--no-socket-lb` and `svc-lb uninstall` detach them.
 
 use std::{
     fs::File,
-    io,
-    os::{fd::AsFd as _, unix::ffi::OsStrExt as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -37,8 +36,6 @@ pub const SOCK_PROGS: [(&str, &str); 4] = [
 /// Pin names of socket-LB links start with this (TC link pins end in `-tc-ingress`).
 const PIN_PREFIX: &str = "sock-";
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 pub fn link_pin_path(links_dir: &Path, hook: &str) -> PathBuf {
     links_dir.join(format!("{PIN_PREFIX}{hook}"))
 }
@@ -49,68 +46,10 @@ pub fn is_pin_name(name: &str) -> bool {
         .is_some_and(|hook| SOCK_PROGS.iter().any(|(_, h)| *h == hook))
 }
 
-fn is_cgroup2(path: &Path) -> io::Result<bool> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statfs is plain data; zeroed is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every target
-    Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
-}
-
-/// Mount points of cgroup v2 in `mounts` (the text of /proc/self/mounts).
-fn cgroup2_mounts(mounts: &str) -> Vec<String> {
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
-        })
-        .collect()
-}
-
-/// The cgroup v2 directory the socket LB attaches to for `--cgroup-path` (checked before
-/// anything is attached, so a wrong path leaves the node untouched). On a hybrid layout
-/// (systemd's: tmpfs on /sys/fs/cgroup with v1 controllers and cgroup v2 on
-/// `/sys/fs/cgroup/unified`), `<path>/unified` is used.
-pub fn check_cgroup(path: &Path) -> Result<PathBuf, DataplaneError> {
-    let err = |reason: String| DataplaneError::Cgroup {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if is_cgroup2(path).map_err(|e| err(e.to_string()))? {
-        return Ok(path.to_path_buf());
-    }
-    let unified = path.join("unified");
-    if is_cgroup2(&unified).unwrap_or(false) {
-        info!(
-            cgroup = %unified.display(),
-            "hybrid cgroup layout: the socket LB uses the cgroup v2 hierarchy under it"
-        );
-        return Ok(unified);
-    }
-    let mounts = cgroup2_mounts(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default());
-    Err(err(if mounts.is_empty() {
-        "not a cgroup v2 directory and no cgroup v2 is mounted (mount one with \
-         `mount -t cgroup2 none /sys/fs/cgroup`, or pass --no-socket-lb)"
-            .into()
-    } else {
-        format!(
-            "not a cgroup v2 directory (cgroup v2 is mounted on {}; pass one of those or a \
-             directory below it, or --no-socket-lb)",
-            mounts.join(", ")
-        )
-    }))
-}
-
-/// Loads the socket-LB programs and attaches them to `cgroup` with pinned links, replacing
-/// links a previous agent pinned (possibly on another cgroup).
+/// Loads the socket-LB programs and attaches them to `cgroup` (resolved by
+/// [`super::cgroup::resolve`]) with pinned links, replacing links a previous agent pinned
+/// (possibly on another cgroup).
 pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), DataplaneError> {
-    let cgroup = &check_cgroup(cgroup)?;
     let dir = File::open(cgroup).map_err(|e| DataplaneError::Cgroup {
         path: cgroup.to_path_buf(),
         reason: e.to_string(),
@@ -191,26 +130,5 @@ mod tests {
         let p = link_pin_path(Path::new("/sys/fs/bpf/x/links"), "connect4");
         assert_eq!(p, PathBuf::from("/sys/fs/bpf/x/links/sock-connect4"));
         assert!(!p.to_string_lossy().ends_with("-tc-ingress"));
-    }
-
-    #[test]
-    fn cgroup2_mounts_are_found_in_mount_tables() {
-        let t = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                 cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mounts(t), ["/sys/fs/cgroup/unified"]);
-        assert!(cgroup2_mounts("proc /proc proc rw 0 0\n").is_empty());
-    }
-
-    #[test]
-    fn cgroup_check_names_the_problem() {
-        let err = check_cgroup(Path::new("/proc")).unwrap_err().to_string();
-        assert!(
-            err.contains("/proc") && err.contains("not a cgroup v2"),
-            "{err}"
-        );
-        let err = check_cgroup(Path::new("/nonexistent-cgroup"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("No such file"), "{err}");
     }
 }

@@ -230,6 +230,8 @@ pub fn uninstall_with(
         }
     }
     done.sysctls_restored = Sysctls::new(&state_dir).restore()?.restored.len();
+    // The node's, not the pin dir's: only a cgroup v2 mount svc-lb made (dataplane/cgroup.rs).
+    super::cgroup::unmount_own()?;
     if let Some(lock) = lock {
         lock.remove_state()?;
     }
