@@ -27,7 +27,13 @@ fn metrics_follow_traffic_and_rejections() {
         }],
     );
     dir.write("bad.yaml", &bad);
-    let mut agent = AgentGuard::start_with(&topo, &dir.path, &["--metrics-addr", METRICS]);
+    // An explicit --max-conntrack: the default follows the node's memory (docs/operating.md),
+    // and the capacity row must report the size of the map in use.
+    let mut agent = AgentGuard::start_with(
+        &topo,
+        &dir.path,
+        &["--metrics-addr", METRICS, "--max-conntrack", "262144"],
+    );
     fixture::wait_serving(&topo, &mut agent);
 
     for i in 0..6 {
